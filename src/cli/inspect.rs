@@ -1,0 +1,81 @@
+//! `kiln inspect`: what a model directory holds.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::model::weights::WeightFiles;
+use crate::model::ModelConfig;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A Hugging Face model directory.
+    path: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let dir = &args.path;
+    if !dir.is_dir() {
+        anyhow::bail!("{}: not a directory (kiln inspect takes a Hugging Face model directory)", dir.display());
+    }
+    let cfg = ModelConfig::from_dir(dir)?;
+    let files = WeightFiles::open(dir).with_context(|| format!("reading weights of {}", dir.display()))?;
+    let params: usize = files.names().filter_map(|n| files.shape(n)).map(|s| s.iter().product::<usize>()).sum();
+    let stored_dtype = files.main_dtype().unwrap_or_else(|| cfg.dtype.clone());
+    let tokenizer = Tokenizer::load(dir).ok();
+    let chat_template = tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
+    let sliding = cfg.layers.iter().filter(|l| l.sliding_window.is_some()).count();
+    let info = json!({
+        "path": dir.display().to_string(),
+        "architecture": cfg.arch.name(),
+        "model_type": cfg.model_type,
+        "parameters": params,
+        "dtype": stored_dtype,
+        "config_dtype": cfg.dtype,
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "attention_heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "sliding_window_layers": sliding,
+        "rope_theta": cfg.ropes.iter().map(|r| r.theta).collect::<Vec<_>>(),
+        "eos_token_ids": cfg.eos_token_ids,
+        "tokenizer": tokenizer.is_some(),
+        "chat_template": chat_template,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("{}", dir.display());
+    println!("  architecture     {} ({})", cfg.arch.name(), cfg.model_type);
+    println!("  parameters       {} ({})", human_count(params), params);
+    println!("  dtype            {stored_dtype}");
+    println!("  layers           {}{}", cfg.num_layers, if sliding > 0 { format!(" ({sliding} sliding-window)") } else { String::new() });
+    println!("  hidden / mlp     {} / {}", cfg.hidden_size, cfg.intermediate_size);
+    println!("  heads            {} query, {} key/value, head_dim {}", cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    println!("  vocab            {}", cfg.vocab_size);
+    println!("  context length   {}", cfg.max_position_embeddings);
+    println!("  tied embeddings  {}", if cfg.tie_word_embeddings { "yes" } else { "no" });
+    println!("  tokenizer        {}", if tokenizer.is_some() { "tokenizer.json" } else { "missing" });
+    println!("  chat template    {}", if chat_template { "yes" } else { "no" });
+    Ok(())
+}
+
+pub fn human_count(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}

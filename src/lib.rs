@@ -1,0 +1,11 @@
+//! kiln: a workbench for fine-tuning open-weight language models.
+//!
+//! The library holds everything; the `kiln` binary only parses arguments (`cli`). Data flows
+//! one way: model directory → (model, tokenizer) → forward / generate.
+
+pub mod backend;
+pub mod cli;
+pub mod fsutil;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;

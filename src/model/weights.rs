@@ -1,0 +1,205 @@
+//! Reading and writing Hugging Face safetensors: one file or a sharded index.
+//!
+//! Tensors are memory-mapped and converted to f32 one at a time, so loading never holds two
+//! copies of the checkpoint. Every way a file can be wrong (truncated, a shard outside the
+//! model directory, a missing or mis-shaped tensor, an unsupported dtype) is a [`ModelError`]
+//! naming the file and tensor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::SafeTensors;
+
+use super::ModelError;
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    /// Byte offset of the data section (after the 8-byte length and the JSON header).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// The safetensors files of one model directory, indexed by tensor name.
+pub struct WeightFiles {
+    shards: Vec<Shard>,
+    index: HashMap<String, usize>,
+}
+
+impl WeightFiles {
+    /// Opens `dir/model.safetensors` or, failing that, the shards listed in
+    /// `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files = if single.exists() {
+            vec![single]
+        } else if index_path.exists() {
+            shard_paths(dir, &index_path)?
+        } else {
+            return Err(ModelError::NoWeights { dir: dir.to_path_buf() });
+        };
+        Self::open_files(&files)
+    }
+
+    /// Opens the given safetensors files as one collection.
+    pub fn open_files(files: &[PathBuf]) -> Result<Self, ModelError> {
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in files {
+            let file = File::open(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            // SAFETY: the map is read-only; a file changed by another process while we read it
+            // gives wrong numbers, not memory unsafety in our code (we copy out of it at once).
+            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| ModelError::BadSafetensors {
+                path: path.clone(),
+                message: describe_safetensors_error(&e),
+            })?;
+            for name in metadata.tensors().keys() {
+                index.insert(name.clone(), shards.len());
+            }
+            shards.push(Shard { path: path.clone(), map, data_start: 8 + header_len, metadata });
+        }
+        Ok(Self { shards, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The stored dtype of a tensor (`F32`, `BF16`, ...).
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.info(name).map(|(_, info)| info.dtype)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.info(name).map(|(_, info)| info.shape.clone())
+    }
+
+    fn info(&self, name: &str) -> Option<(&Shard, &TensorInfo)> {
+        let shard = &self.shards[*self.index.get(name)?];
+        Some((shard, shard.metadata.info(name)?))
+    }
+
+    /// The tensor `name` as f32, checked against `expected` shape.
+    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let (shard, info) = self.info(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+        })?;
+        if info.shape != expected {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                path: shard.path.clone(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = &shard.map[shard.data_start + start..shard.data_start + end];
+        bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
+            name: name.to_string(),
+            path: shard.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })
+    }
+
+    /// The dtype most tensors are stored in, for `kiln inspect`.
+    pub fn main_dtype(&self) -> Option<String> {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for shard in &self.shards {
+            for info in shard.metadata.tensors().values() {
+                *counts.entry(format!("{:?}", info.dtype)).or_default() += info.shape.iter().product::<usize>();
+            }
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+    }
+}
+
+/// Shard file names from an index, each checked to stay inside the model directory.
+fn shard_paths(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let text = std::fs::read_to_string(index_path)
+        .map_err(|source| ModelError::Io { path: index_path.to_path_buf(), source })?;
+    let bad = |message: String| ModelError::BadSafetensors { path: index_path.to_path_buf(), message };
+    let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut files: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| bad(format!("weight_map[{tensor:?}] is not a file name")))?;
+        let rel = Path::new(file);
+        let escapes = rel.is_absolute()
+            || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+        if escapes {
+            return Err(ModelError::ShardOutsideModel {
+                index: index_path.to_path_buf(),
+                shard: file.to_string(),
+            });
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+    }
+    files.sort();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer | E::InvalidHeaderLength | E::HeaderTooSmall => {
+            format!("the file is truncated or corrupt ({e:?}); download it again")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// Converts little-endian stored values to f32; `None` for dtypes a float weight cannot have.
+pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    let out = match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+        _ => return None,
+    };
+    Some(out)
+}
+
+/// Writes f32 tensors as one safetensors file, through a temporary name and a rename.
+pub fn save_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(), ModelError> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::BadSafetensors { path: path.to_path_buf(), message: format!("{e:?}") })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let data = safetensors::serialize(views, None)
+        .map_err(|e| ModelError::BadSafetensors { path: path.to_path_buf(), message: format!("{e:?}") })?;
+    crate::fsutil::write_atomic(path, &data).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+}

@@ -1,0 +1,66 @@
+//! Helpers shared by the integration tests: fixture paths, reference tensors, and the list of
+//! backends to run on.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixture(&format!("models/{name}"))
+}
+
+/// A tensor from a reference file as (shape, values as f64).
+pub fn reference(model: &str, name: &str) -> (Vec<usize>, Vec<f64>) {
+    let path = model_dir(model).join("reference.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} missing from {}", path.display()));
+    let data = t.data();
+    let values: Vec<f64> = match t.dtype() {
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+        Dtype::F64 => data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+        Dtype::I64 => data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+        other => panic!("unexpected dtype {other:?}"),
+    };
+    (t.shape().to_vec(), values)
+}
+
+pub fn reference_ids(model: &str, name: &str) -> (Vec<usize>, Vec<u32>) {
+    let (shape, v) = reference(model, name);
+    (shape, v.into_iter().map(|x| x as u32).collect())
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
+}
+
+/// Whether the wgpu tests should run: a Vulkan driver is installed (Mesa's lavapipe in CI),
+/// or `KILN_TEST_WGPU=1` forces them. `KILN_TEST_WGPU=0` turns them off.
+pub fn wgpu_available() -> bool {
+    match std::env::var("KILN_TEST_WGPU").as_deref() {
+        Ok("1") => return true,
+        Ok("0") => return false,
+        _ => {}
+    }
+    ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"].iter().any(|d| {
+        std::fs::read_dir(d).map(|mut r| r.next().is_some()).unwrap_or(false)
+    })
+}
+
+/// Runs the kiln binary with `args`, returning (exit code, stdout, stderr).
+pub fn kiln(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
