@@ -1,0 +1,206 @@
+//! The command-line contract and bad input: each mistake ends in one clear message and a
+//! non-zero exit code, never a panic.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use safetensors::SafeTensors;
+
+fn copy_model(name: &str, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(model_dir(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn assert_clean_error(code: i32, stderr: &str, needles: &[&str]) {
+    assert_ne!(code, 0, "expected failure, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
+    }
+}
+
+#[test]
+fn forward_writes_logits_like_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let (_, ids) = reference_ids("qwen2", "input_ids");
+    let first: Vec<String> = ids[..24].iter().map(|i| i.to_string()).collect();
+    let dir = model_dir("qwen2");
+    let (code, stdout, stderr) = kiln(&["forward", "--model", dir.to_str().unwrap(), "--ids", &first.join(","), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("top-5"), "{stdout}");
+    let bytes = std::fs::read(&out).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.shape(), &[1, 24, 384]);
+    let got: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let (_, want) = reference("qwen2", "logits");
+    assert!(max_abs_diff(&got, &want[..24 * 384]) < 1e-4);
+}
+
+#[test]
+fn generate_json_reproduces_greedy_ids() {
+    let (_, prompt) = reference_ids("llama", "greedy_prompt");
+    let (_, expected) = reference_ids("llama", "greedy_ids");
+    let prompt_arg: Vec<String> = prompt.iter().map(|i| i.to_string()).collect();
+    let dir = model_dir("llama");
+    let (code, stdout, stderr) = kiln(&[
+        "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", &prompt_arg.join(","),
+        "--max-new-tokens", "16", "--temperature", "0", "--ignore-eos", "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let ids: Vec<u32> = last["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, expected[prompt.len()..]);
+    assert!(last["text"].is_string());
+}
+
+#[test]
+fn generate_streams_chat_text() {
+    let dir = model_dir("qwen3");
+    let (code, stdout, stderr) = kiln(&[
+        "generate", "--model", dir.to_str().unwrap(), "--chat", r#"[{"role":"user","content":"Hi"}]"#,
+        "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.is_empty());
+}
+
+#[test]
+fn inspect_json_describes_the_model() {
+    let dir = model_dir("gemma3");
+    let (code, stdout, stderr) = kiln(&["inspect", dir.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["architecture"], "gemma3");
+    assert_eq!(v["layers"], 2);
+    assert_eq!(v["vocab_size"], 384);
+    assert_eq!(v["chat_template"], true);
+    assert_eq!(v["parameters"], 111232);
+}
+
+#[test]
+fn missing_config_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model("llama", tmp.path());
+    let cfg = tmp.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("num_attention_heads");
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let (code, _, stderr) = kiln(&["forward", "--model", tmp.path().to_str().unwrap(), "--ids", "1,2"]);
+    assert_clean_error(code, &stderr, &["config.json", "num_attention_heads"]);
+}
+
+#[test]
+fn unknown_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model("llama", tmp.path());
+    let cfg = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"llama\"", "\"falcon_mamba\"");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, _, stderr) = kiln(&["inspect", tmp.path().to_str().unwrap()]);
+    assert_clean_error(code, &stderr, &["falcon_mamba", "not supported"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model("llama", tmp.path());
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, _, stderr) = kiln(&["forward", "--model", tmp.path().to_str().unwrap(), "--ids", "1,2"]);
+    assert_clean_error(code, &stderr, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn shard_escaping_the_model_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    copy_model("llama", &dir);
+    std::fs::rename(dir.join("model.safetensors"), tmp.path().join("outside.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../outside.safetensors"}});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (code, _, stderr) = kiln(&["forward", "--model", dir.to_str().unwrap(), "--ids", "1,2"]);
+    assert_clean_error(code, &stderr, &["../outside.safetensors", "outside the model directory"]);
+}
+
+#[test]
+fn sharded_checkpoint_loads() {
+    // Split the llama fixture into two shards with an index, as large checkpoints come.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model("llama", tmp.path());
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &tmp.path().join(file)).unwrap();
+        for n in part {
+            map.insert(n.clone(), serde_json::Value::String(file.into()));
+        }
+    }
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string()).unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let (code, _, stderr) = kiln(&["forward", "--model", tmp.path().to_str().unwrap(), "--ids", "1,2,3", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn wrong_shaped_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model("llama", tmp.path());
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let name = "model.layers.0.self_attn.k_proj.weight";
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            if n == name {
+                let reshaped = safetensors::tensor::TensorView::new(v.dtype(), vec![64, 32], v.data()).unwrap();
+                (n, reshaped)
+            } else {
+                (n, v)
+            }
+        })
+        .collect();
+    let data = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&path, data).unwrap();
+    let (code, _, stderr) = kiln(&["forward", "--model", tmp.path().to_str().unwrap(), "--ids", "1,2"]);
+    assert_clean_error(code, &stderr, &[name, "[64, 32]", "expected [32, 64]"]);
+}
+
+#[test]
+fn token_id_outside_vocabulary() {
+    let dir = model_dir("llama");
+    let (code, _, stderr) = kiln(&["forward", "--model", dir.to_str().unwrap(), "--ids", "1,99999"]);
+    assert_clean_error(code, &stderr, &["99999", "vocabulary"]);
+}
+
+#[test]
+fn backend_not_compiled_in_names_the_feature() {
+    if cfg!(feature = "rocm") {
+        return;
+    }
+    let dir = model_dir("llama");
+    let (code, _, stderr) = kiln(&["forward", "--model", dir.to_str().unwrap(), "--ids", "1", "--device", "rocm"]);
+    assert_clean_error(code, &stderr, &["`rocm` feature"]);
+}
+
+#[test]
+fn missing_model_directory() {
+    let (code, _, stderr) = kiln(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"]);
+    assert_clean_error(code, &stderr, &["/nonexistent/model", "not a model directory"]);
+}
