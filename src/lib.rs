@@ -5,7 +5,12 @@
 
 pub mod backend;
 pub mod cli;
+pub mod data;
 pub mod fsutil;
 pub mod generate;
+pub mod lora;
 pub mod model;
+pub mod run;
+pub mod recipe;
 pub mod tokenizer;
+pub mod train;

@@ -4,12 +4,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use burn::prelude::*;
 
 use super::{model_dir, DeviceArg};
 use crate::generate::ids_tensor;
-use crate::model::{weights, Model};
+use crate::model::weights;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, clap::Args)]
@@ -17,6 +16,9 @@ pub struct Args {
     /// Hugging Face model directory.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
@@ -37,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
-    let model = Model::<B>::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?;
+    let model = super::load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
     let vocab = model.config.vocab_size;
     if let Some(bad) = args.ids.iter().find(|&&i| i as usize >= vocab) {
         anyhow::bail!("token id {bad} is outside the vocabulary (size {vocab})");

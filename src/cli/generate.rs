@@ -12,7 +12,6 @@ use serde_json::{json, Value};
 
 use super::{model_dir, DeviceArg};
 use crate::generate::{generate, Sampler, SamplingConfig, StopConfig};
-use crate::model::Model;
 use crate::tokenizer::{ChatOptions, Tokenizer};
 
 #[derive(Debug, clap::Args)]
@@ -20,6 +19,9 @@ pub struct Args {
     /// Hugging Face model directory.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Plain-text prompt (tokenised with the tokenizer's special tokens, e.g. BOS).
     #[arg(long, conflicts_with_all = ["chat", "prompt_ids"])]
     prompt: Option<String>,
@@ -117,7 +119,7 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty after tokenisation");
     }
-    let model = Model::<B>::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?;
+    let model = super::load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
     if let Some(bad) = prompt.iter().find(|&&i| i as usize >= model.config.vocab_size) {
         anyhow::bail!("token id {bad} is outside the vocabulary (size {})", model.config.vocab_size);
     }

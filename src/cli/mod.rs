@@ -3,9 +3,13 @@
 //! once and picks the exit code.
 
 mod bench;
+mod eval;
 mod forward;
+mod fuse;
 mod generate;
 mod inspect;
+mod recipe;
+mod train;
 
 use std::path::PathBuf;
 
@@ -22,6 +26,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune a model as a recipe describes; leaves a run directory.
+    Train(train::Args),
+    /// Validate or print a recipe.
+    Recipe(recipe::Args),
+    /// Loss and perplexity of a model on a dataset.
+    Eval(eval::Args),
+    /// Fold a LoRA adapter into its base model.
+    Fuse(fuse::Args),
     /// Run one forward pass over token ids and print the most likely next tokens.
     Forward(forward::Args),
     /// Generate text from a prompt, streaming tokens to stdout.
@@ -46,6 +58,10 @@ fn parse_device(s: &str) -> Result<DeviceSpec, String> {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Recipe(args) => recipe::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Fuse(args) => fuse::run(args),
         Command::Forward(args) => forward::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
@@ -60,4 +76,17 @@ pub fn model_dir(path: &PathBuf) -> anyhow::Result<&PathBuf> {
         anyhow::bail!("{}: not a model directory (expected config.json and model.safetensors in it)", path.display());
     }
     Ok(path)
+}
+
+/// Loads a model directory and, when given, a PEFT adapter on top.
+pub fn load_model<B: burn::prelude::Backend>(dir: &std::path::Path, adapter: Option<&std::path::Path>, device: &B::Device) -> anyhow::Result<crate::model::Model<B>> {
+    use anyhow::Context;
+    let model = crate::model::Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    match adapter {
+        Some(a) => {
+            let (model, _) = crate::lora::peft::load(model, a).with_context(|| format!("loading adapter {}", a.display()))?;
+            Ok(model)
+        }
+        None => Ok(model),
+    }
 }

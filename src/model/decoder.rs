@@ -11,7 +11,7 @@ use burn::prelude::*;
 use burn::tensor::activation;
 
 use super::config::{Activation, ModelConfig};
-use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, repeat_kv, rope_tables, Linear, RmsNorm};
+use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask, repeat_kv, rope_tables, Linear, RmsNorm};
 use super::weights::WeightFiles;
 use super::ModelError;
 
@@ -76,12 +76,13 @@ impl<B: Backend> Attention<B> {
         })
     }
 
-    /// `x` `[b, s, e]`; `rope` the (cos, sin) tables of these positions; `mask` `[s, t]`.
+    /// `x` `[b, s, e]`; `rope` the (cos, sin) tables `[b or 1, s, r]` of these positions; `mask`
+    /// `[b or 1, s, t]`.
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
-        mask: &Tensor<B, 2>,
+        rope: &(Tensor<B, 3>, Tensor<B, 3>),
+        mask: &Tensor<B, 3>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
@@ -115,7 +116,7 @@ impl<B: Backend> Attention<B> {
         if self.logit_softcap > 0.0 {
             scores = scores.div_scalar(self.logit_softcap).tanh().mul_scalar(self.logit_softcap);
         }
-        let scores = scores + mask.clone().unsqueeze::<4>(); // [s, t] -> [1, 1, s, t]
+        let scores = scores + mask.clone().unsqueeze_dim::<4>(1); // [b, s, t] -> [b, 1, s, t]
         let probs = activation::softmax(scores, 3);
         let out = probs.matmul(v); // [b, h, s, d]
         let out = out.swap_dims(1, 2).reshape([b, s, h * d]); // [b, h, s, d] -> [b, s, h*d]
@@ -190,8 +191,8 @@ impl<B: Backend> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
-        mask: &Tensor<B, 2>,
+        rope: &(Tensor<B, 3>, Tensor<B, 3>),
+        mask: &Tensor<B, 3>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
@@ -259,30 +260,54 @@ impl<B: Backend> Model<B> {
 
     /// Final hidden states `[b, s, e]` for token ids `[b, s]`; with a cache, the ids continue
     /// the cached sequence and the cache is extended.
-    pub fn forward_hidden(&self, ids: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn forward_hidden(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [_, s] = ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let positions: Vec<usize> = (past..past + s).collect();
+        let device = ids.device();
+        let masks = |window| causal_mask::<B>(s, past, window, &device);
+        self.run_layers(ids, &positions, 1, masks, cache)
+    }
+
+    /// Final hidden states `[b, s, e]` of packed rows: `positions` and `segments` (`[b, s]`,
+    /// row-major) restart the rope positions per example and keep attention inside each
+    /// segment, so a packed row computes exactly what its examples would alone.
+    pub fn forward_packed_hidden(&self, ids: Tensor<B, 2, Int>, positions: &[u32], segments: &[u32]) -> Tensor<B, 3> {
+        let [b, _] = ids.dims();
+        let device = ids.device();
+        let pos: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+        let masks = |window| packed_mask::<B>(segments, positions, b, window, &device);
+        self.run_layers(ids, &pos, b, masks, None)
+    }
+
+    fn run_layers(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: &[usize],
+        rope_rows: usize,
+        make_mask: impl Fn(Option<usize>) -> Tensor<B, 3>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let [_, s] = ids.dims();
         let device = ids.device();
-        let past = cache.as_ref().map_or(0, |c| c.len);
         let cfg = &self.config;
-
         let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), ids); // [b, s, e]
         if let Some(scale) = cfg.embed_scale {
-            // Gemma rounds the scale to the activation dtype before multiplying.
+            // Gemma rounds the scale to the activation dtype (f32 here) before multiplying.
             x = x.mul_scalar(scale as f32);
         }
-        let ropes: Vec<_> = cfg.ropes.iter().map(|r| rope_tables::<B>(&inv_freq(r), past, s, &device)).collect();
-        // One mask per distinct window (global layers share one, sliding layers another).
-        let mut masks: Vec<(Option<usize>, Tensor<B, 2>)> = Vec::new();
+        let ropes: Vec<_> = cfg.ropes.iter().map(|r| rope_tables::<B>(&inv_freq(r), positions, rope_rows, &device)).collect();
+        // One mask per distinct window: global layers share one, sliding layers another.
+        let mut windows: Vec<Option<usize>> = Vec::new();
         for spec in &cfg.layers {
-            if !masks.iter().any(|(w, _)| *w == spec.sliding_window) {
-                masks.push((spec.sliding_window, causal_mask::<B>(s, past, spec.sliding_window, &device)));
+            if !windows.contains(&spec.sliding_window) {
+                windows.push(spec.sliding_window);
             }
         }
+        let masks: Vec<Tensor<B, 3>> = windows.iter().map(|&w| make_mask(w)).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let spec = &cfg.layers[i];
-            let Some((_, mask)) = masks.iter().find(|(w, _)| *w == spec.sliding_window) else {
-                unreachable!("a mask was built for every layer's window above")
-            };
+            let mask = &masks[windows.iter().position(|w| *w == spec.sliding_window).unwrap_or(0)];
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &ropes[spec.rope], mask, slot);
         }

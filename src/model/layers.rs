@@ -30,6 +30,8 @@ pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// [out]
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A low-rank update added to the output when this layer is adapted.
+    pub lora: Option<crate::lora::Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -41,14 +43,31 @@ impl<B: Backend> Linear<B> {
         } else {
             None
         };
-        Ok(Self { weight: Param::from_tensor(weight.transpose()), bias })
+        Ok(Self { weight: Param::from_tensor(weight.transpose()), bias, lora: None })
+    }
+
+    /// A layer from an HF-layout weight `[out, in]` and optional bias.
+    pub fn from_hf(weight_out_in: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self { weight: Param::from_tensor(weight_out_in.transpose()), bias: bias.map(Param::from_tensor), lora: None }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.weight.dims()[1]
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let w = self.weight.val().unsqueeze::<D>(); // [in, out] -> [1.., in, out]
-        let y = x.matmul(w);
-        match &self.bias {
+        let y = x.clone().matmul(w);
+        let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze::<D>(),
+            None => y,
+        };
+        match &self.lora {
+            Some(lora) => y + lora.forward(x),
             None => y,
         }
     }
@@ -110,13 +129,13 @@ pub fn inv_freq(rope: &RopeConfig) -> Vec<f32> {
     }
 }
 
-/// cos and sin tables for positions `start..start + len`, each `[len, rotary_dim]` laid out as
-/// transformers' `cat(freqs, freqs)` (rotate-half convention).
-pub fn rope_tables<B: Backend>(inv_freq: &[f32], start: usize, len: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+/// cos and sin tables `[rows, len, rotary_dim]` for the given positions (`rows · len` of them,
+/// row-major), laid out as transformers' `cat(freqs, freqs)` (rotate-half convention).
+pub fn rope_tables<B: Backend>(inv_freq: &[f32], positions: &[usize], rows: usize, device: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
     let half = inv_freq.len();
-    let mut cos = Vec::with_capacity(len * half * 2);
-    let mut sin = Vec::with_capacity(len * half * 2);
-    for p in start..start + len {
+    let mut cos = Vec::with_capacity(positions.len() * half * 2);
+    let mut sin = Vec::with_capacity(positions.len() * half * 2);
+    for &p in positions {
         for _ in 0..2 {
             for &f in inv_freq {
                 let angle = (p as f32 * f) as f64;
@@ -125,18 +144,18 @@ pub fn rope_tables<B: Backend>(inv_freq: &[f32], start: usize, len: usize, devic
             }
         }
     }
-    let shape = [len, half * 2];
+    let shape = [rows, positions.len() / rows.max(1), half * 2];
     (
         Tensor::from_data(TensorData::new(cos, shape), device),
         Tensor::from_data(TensorData::new(sin, shape), device),
     )
 }
 
-/// Applies rotate-half rope to `x` `[b, h, s, d]` with tables `[s, r]` (r ≤ d rotate, the rest
-/// pass through unchanged).
-pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+/// Applies rotate-half rope to `x` `[b, h, s, d]` with tables `[b or 1, s, r]` (r ≤ d rotate,
+/// the rest pass through unchanged).
+pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
     let [b, h, s, d] = x.dims();
-    let r = cos.dims()[1];
+    let r = cos.dims()[2];
     let (rot, pass) = if r < d {
         (x.clone().narrow(3, 0, r), Some(x.narrow(3, r, d - r)))
     } else {
@@ -145,8 +164,8 @@ pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<
     let x1 = rot.clone().narrow(3, 0, r / 2);
     let x2 = rot.clone().narrow(3, r / 2, r / 2);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // [b, h, s, r]
-    let cos = cos.clone().unsqueeze::<4>(); // [s, r] -> [1, 1, s, r]
-    let sin = sin.clone().unsqueeze::<4>();
+    let cos = cos.clone().unsqueeze_dim::<4>(1); // [b, s, r] -> [b, 1, s, r]
+    let sin = sin.clone().unsqueeze_dim::<4>(1);
     let out = rot * cos + rotated * sin;
     let out = match pass {
         Some(p) => Tensor::cat(vec![out, p], 3), // [b, h, s, d]
@@ -156,23 +175,44 @@ pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<
     out
 }
 
-/// Additive attention mask `[s, t]` for `s` queries at positions `past..past + s` over `t = past
-/// + s` keys: 0 where a query may look, -inf elsewhere (the future, and keys `window` or more
-/// positions back).
-pub fn causal_mask<B: Backend>(s: usize, past: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 2> {
+/// Additive attention mask `[1, s, t]` for `s` queries at positions `past..past + s` over `t =
+/// past + s` keys: 0 where a query may look, -inf elsewhere (the future, and keys `window` or
+/// more positions back).
+pub fn causal_mask<B: Backend>(s: usize, past: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 3> {
     let t = past + s;
     let mut data = vec![0f32; s * t];
     for i in 0..s {
         let q = past + i;
         for k in 0..t {
-            let future = k > q;
-            let too_far = window.is_some_and(|w| q >= k + w);
-            if future || too_far {
+            if !may_attend(q, k, window) {
                 data[i * t + k] = f32::NEG_INFINITY;
             }
         }
     }
-    Tensor::from_data(TensorData::new(data, [s, t]), device)
+    Tensor::from_data(TensorData::new(data, [1, s, t]), device)
+}
+
+/// Block-diagonal causal mask `[b, s, s]` for packed rows: a query sees earlier keys of its own
+/// segment only, so examples packed into one row never attend to each other.
+pub fn packed_mask<B: Backend>(segments: &[u32], positions: &[u32], rows: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 3> {
+    let s = segments.len() / rows.max(1);
+    let mut data = vec![f32::NEG_INFINITY; rows * s * s];
+    for r in 0..rows {
+        let seg = &segments[r * s..(r + 1) * s];
+        let pos = &positions[r * s..(r + 1) * s];
+        for q in 0..s {
+            for k in 0..=q {
+                if seg[k] == seg[q] && may_attend(pos[q] as usize, pos[k] as usize, window) {
+                    data[(r * s + q) * s + k] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [rows, s, s]), device)
+}
+
+fn may_attend(q: usize, k: usize, window: Option<usize>) -> bool {
+    k <= q && window.is_none_or(|w| q < k + w)
 }
 
 /// Repeats each of `kv` key/value heads `n_rep` times: `[b, kv, t, d] -> [b, kv·n_rep, t, d]`.
@@ -194,6 +234,7 @@ mod tests {
     #[test]
     fn sliding_mask_keeps_window_including_self() {
         let m = causal_mask::<Cpu>(4, 0, Some(2), &Default::default());
+        assert_eq!(m.dims(), [1, 4, 4]);
         let v = m.into_data().to_vec::<f32>().unwrap();
         let allowed: Vec<bool> = v.iter().map(|x| x.is_finite()).collect();
         #[rustfmt::skip]

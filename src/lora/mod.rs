@@ -1,0 +1,169 @@
+//! LoRA: a trainable low-rank update `scale · B(A(dropout(x)))` beside a frozen linear layer.
+//!
+//! As in mlx-lm's `LoRALinear`: the adapter wraps an existing layer ([`Linear::lora`]), B starts
+//! at zero so the adapted model equals the base at step 0, and [`fuse`] folds `scale · A·B`
+//! into the base weight. Which layers get an adapter is [`targets`]; the PEFT file format is
+//! [`peft`].
+
+pub mod peft;
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::{Distribution, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::model::layers::Linear;
+use crate::model::Model;
+
+/// The projections an adapter can wrap, in PEFT's names.
+pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// The adapter of one linear layer.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// [in, r] (PEFT's `lora_A.weight` transposed)
+    pub a: Param<Tensor<B, 2>>,
+    /// [r, out] (PEFT's `lora_B.weight` transposed)
+    pub b: Param<Tensor<B, 2>>,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// PEFT's initialisation: A Kaiming-uniform with a = √5 (bound 1/√in), B zero.
+    pub fn init(d_in: usize, d_out: usize, rank: usize, scale: f64, dropout: f64, rng: &mut StdRng, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let a: Vec<f32> = (0..d_in * rank).map(|_| rng.random_range(-bound..bound)).collect();
+        Self {
+            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [d_in, rank]), device)),
+            b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
+            scale,
+            dropout,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // Dropout only while training (autodiff on), as nn.Dropout in train mode.
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = Tensor::<B, D>::random(x.shape(), Distribution::Bernoulli(1.0 - self.dropout), &x.device());
+            x * keep.div_scalar(1.0 - self.dropout)
+        } else {
+            x
+        };
+        let a = self.a.val().unsqueeze::<D>(); // [in, r] -> [1.., in, r]
+        let b = self.b.val().unsqueeze::<D>(); // [r, out] -> [1.., r, out]
+        x.matmul(a).matmul(b).mul_scalar(self.scale)
+    }
+
+    /// `scale · A·B`, `[in, out]`: what fusing adds to the base weight.
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
+    }
+}
+
+/// What to adapt and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    /// Projection names from [`TARGETS`].
+    pub targets: Vec<String>,
+    /// Half-open layer range; all layers when None.
+    pub layers: Option<(usize, usize)>,
+}
+
+impl LoraSpec {
+    /// alpha / r, or alpha / √r with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.rslora { self.alpha / (self.rank as f64).sqrt() } else { self.alpha / self.rank as f64 }
+    }
+
+    /// Expands `all-linear` into every projection.
+    pub fn target_names(&self) -> Vec<String> {
+        if self.targets.iter().any(|t| t == "all-linear") {
+            TARGETS.iter().map(|s| s.to_string()).collect()
+        } else {
+            self.targets.clone()
+        }
+    }
+
+    pub fn covers_layer(&self, i: usize) -> bool {
+        self.layers.is_none_or(|(a, b)| i >= a && i < b)
+    }
+}
+
+/// The linear layers of decoder layer `layer` under their PEFT names, mutably.
+pub fn projections_mut<B: Backend>(model: &mut Model<B>, layer: usize) -> Vec<(&'static str, &mut Linear<B>)> {
+    let l = &mut model.layers[layer];
+    vec![
+        ("q_proj", &mut l.self_attn.q_proj),
+        ("k_proj", &mut l.self_attn.k_proj),
+        ("v_proj", &mut l.self_attn.v_proj),
+        ("o_proj", &mut l.self_attn.o_proj),
+        ("gate_proj", &mut l.mlp.gate_proj),
+        ("up_proj", &mut l.mlp.up_proj),
+        ("down_proj", &mut l.mlp.down_proj),
+    ]
+}
+
+/// The linear layers of decoder layer `layer` under their PEFT names.
+pub fn projections<B: Backend>(model: &Model<B>, layer: usize) -> Vec<(&'static str, &Linear<B>)> {
+    let l = &model.layers[layer];
+    vec![
+        ("q_proj", &l.self_attn.q_proj),
+        ("k_proj", &l.self_attn.k_proj),
+        ("v_proj", &l.self_attn.v_proj),
+        ("o_proj", &l.self_attn.o_proj),
+        ("gate_proj", &l.mlp.gate_proj),
+        ("up_proj", &l.mlp.up_proj),
+        ("down_proj", &l.mlp.down_proj),
+    ]
+}
+
+/// Freezes the model and attaches fresh adapters to the targeted layers; returns the model
+/// with only adapter parameters trainable. Initialisation is fixed by `seed`.
+pub fn attach<B: Backend>(model: Model<B>, spec: &LoraSpec, seed: u64) -> Model<B> {
+    let mut model = model.no_grad();
+    let device = model.embed_tokens.device();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x4c6f5241);
+    let targets = spec.target_names();
+    for i in 0..model.layers.len() {
+        if !spec.covers_layer(i) {
+            continue;
+        }
+        for (name, linear) in projections_mut(&mut model, i) {
+            if targets.iter().any(|t| t == name) {
+                let (d_in, d_out) = (linear.d_in(), linear.d_out());
+                linear.lora = Some(Lora::init(d_in, d_out, spec.rank, spec.scale(), spec.dropout, &mut rng, &device));
+            }
+        }
+    }
+    model
+}
+
+/// Folds every adapter into its base weight (`W + scale·A·B`) and removes it.
+pub fn fuse<B: Backend>(mut model: Model<B>) -> Model<B> {
+    for i in 0..model.layers.len() {
+        for (_, linear) in projections_mut(&mut model, i) {
+            if let Some(lora) = linear.lora.take() {
+                let merged = linear.weight.val() + lora.delta();
+                linear.weight = Param::from_tensor(merged);
+            }
+        }
+    }
+    model
+}
+
+/// Number of adapters attached.
+pub fn count<B: Backend>(model: &Model<B>) -> usize {
+    (0..model.layers.len())
+        .map(|i| projections(model, i).iter().filter(|(_, l)| l.lora.is_some()).count())
+        .sum()
+}

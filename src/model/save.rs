@@ -1,0 +1,187 @@
+//! Writing a model back out as a Hugging Face directory (fuse, full fine-tuning) and creating a
+//! fresh, randomly initialised one (the quickstart's `[model.init]`).
+
+use std::path::Path;
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+use super::decoder::{Attention, DecoderLayer, Mlp};
+use super::layers::{Linear, RmsNorm};
+use super::{Model, ModelConfig, ModelError};
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
+    let shape = t.dims().to_vec();
+    (shape, t.into_data().convert::<f32>().into_vec().unwrap_or_default())
+}
+
+/// Every weight under its Hugging Face name, in HF layout (linear weights `[out, in]`).
+/// Adapters must be fused first: a layer with an adapter contributes its base weight only.
+pub fn hf_tensors<B: Backend>(model: &Model<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut out = Vec::new();
+    let mut push = |name: String, (shape, data): (Vec<usize>, Vec<f32>)| out.push((name, shape, data));
+    let linear = |push: &mut dyn FnMut(String, (Vec<usize>, Vec<f32>)), prefix: String, l: &Linear<B>| {
+        push(format!("{prefix}.weight"), host(l.weight.val().transpose()));
+        if let Some(b) = &l.bias {
+            push(format!("{prefix}.bias"), host(b.val()));
+        }
+    };
+    let norm = |push: &mut dyn FnMut(String, (Vec<usize>, Vec<f32>)), prefix: String, n: &RmsNorm<B>| {
+        push(format!("{prefix}.weight"), host(n.weight.val()));
+    };
+    push("model.embed_tokens.weight".into(), host(model.embed_tokens.val()));
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let a = &layer.self_attn;
+        for (name, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            linear(&mut push, format!("{p}.self_attn.{name}"), l);
+        }
+        if let (Some(q), Some(k)) = (&a.q_norm, &a.k_norm) {
+            norm(&mut push, format!("{p}.self_attn.q_norm"), q);
+            norm(&mut push, format!("{p}.self_attn.k_norm"), k);
+        }
+        for (name, l) in [("gate_proj", &layer.mlp.gate_proj), ("up_proj", &layer.mlp.up_proj), ("down_proj", &layer.mlp.down_proj)] {
+            linear(&mut push, format!("{p}.mlp.{name}"), l);
+        }
+        norm(&mut push, format!("{p}.input_layernorm"), &layer.input_layernorm);
+        norm(&mut push, format!("{p}.post_attention_layernorm"), &layer.post_attention_layernorm);
+        if let Some(n) = &layer.pre_feedforward_layernorm {
+            norm(&mut push, format!("{p}.pre_feedforward_layernorm"), n);
+        }
+        if let Some(n) = &layer.post_feedforward_layernorm {
+            norm(&mut push, format!("{p}.post_feedforward_layernorm"), n);
+        }
+    }
+    push("model.norm.weight".into(), host(model.norm.weight.val()));
+    if let Some(head) = &model.lm_head {
+        push("lm_head.weight".into(), host(head.weight.val().transpose()));
+    }
+    out
+}
+
+/// Tokenizer and generation files copied from a source model directory when present.
+const SIDE_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Writes `model` as a Hugging Face directory at `out`: model.safetensors (f32), config.json
+/// (`config_json` with `dtype` set to float32), and the tokenizer files of `side_files_from`.
+/// Everything is written into a temporary sibling directory first and renamed into place, so
+/// a crash never leaves half a model at `out`.
+pub fn save_hf_dir<B: Backend>(model: &Model<B>, config_json: &Value, side_files_from: &Path, out: &Path) -> Result<(), ModelError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    super::weights::save_f32(&tmp.join("model.safetensors"), &hf_tensors(model))?;
+    let mut config = config_json.clone();
+    if let Some(map) = config.as_object_mut() {
+        map.remove("torch_dtype");
+        map.insert("dtype".into(), Value::String("float32".into()));
+        map.remove("quantization_config");
+    }
+    let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    std::fs::write(tmp.join("config.json"), text).map_err(io(&tmp))?;
+    for file in SIDE_FILES {
+        let src = side_files_from.join(file);
+        if src.exists() {
+            std::fs::copy(&src, tmp.join(file)).map_err(io(&src))?;
+        }
+    }
+    if out.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(out, &old).map_err(io(out))?;
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    } else {
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+    }
+    Ok(())
+}
+
+/// Normal(0, std) samples from a seeded generator (Box-Muller), for reproducible init.
+fn normal(rng: &mut StdRng, n: usize, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+            let u2: f32 = rng.random();
+            std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+impl<B: Backend> Model<B> {
+    /// A fresh model with transformers' default initialisation: linear and embedding weights
+    /// Normal(0, 0.02), biases zero, norm weights one (zero for Gemma's offset norms).
+    pub fn init_random(config: ModelConfig, seed: u64, device: &B::Device) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let cfg = &config;
+        let mut lin = |d_in: usize, d_out: usize, bias: bool| -> Linear<B> {
+            let w = Tensor::from_data(TensorData::new(normal(&mut rng, d_out * d_in, 0.02), [d_out, d_in]), device);
+            Linear::from_hf(w, bias.then(|| Tensor::zeros([d_out], device)))
+        };
+        let norm = |d: usize| RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([d], device).mul_scalar(1.0 - cfg.norm_weight_offset)),
+            eps: cfg.rms_norm_eps,
+            offset: cfg.norm_weight_offset,
+        };
+        let (e, d, h, kv, f) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        let mut layers = Vec::new();
+        for _ in 0..cfg.num_layers {
+            let self_attn = Attention {
+                q_proj: lin(e, h * d, cfg.qkv_bias),
+                k_proj: lin(e, kv * d, cfg.qkv_bias),
+                v_proj: lin(e, kv * d, cfg.qkv_bias),
+                o_proj: lin(h * d, e, cfg.o_bias),
+                q_norm: cfg.qk_norm.then(|| norm(d)),
+                k_norm: cfg.qk_norm.then(|| norm(d)),
+                num_heads: h,
+                num_kv_heads: kv,
+                head_dim: d,
+                scale: cfg.attn_scale,
+                logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
+            };
+            let mlp = Mlp {
+                gate_proj: lin(e, f, cfg.mlp_bias),
+                up_proj: lin(e, f, cfg.mlp_bias),
+                down_proj: lin(f, e, cfg.mlp_bias),
+                activation: cfg.activation,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: norm(e),
+                post_attention_layernorm: norm(e),
+                pre_feedforward_layernorm: cfg.sandwich_norms.then(|| norm(e)),
+                post_feedforward_layernorm: cfg.sandwich_norms.then(|| norm(e)),
+            });
+        }
+        let lm_head = (!cfg.tie_word_embeddings).then(|| lin(e, cfg.vocab_size, false));
+        drop(lin);
+        let embed = normal(&mut rng, cfg.vocab_size * e, 0.02);
+        Self {
+            embed_tokens: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [cfg.vocab_size, e]), device)),
+            layers,
+            norm: norm(e),
+            lm_head,
+            config,
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The run directory and its event stream.
+//!
+//! Events are the contract between the trainer, the dashboard and reports: the trainer emits
+//! typed [`Event`]s into an [`EventSink`] and never knows who listens. [`JsonlSink`] appends them
+//! to `events.jsonl` (one object a line, flushed as written), [`ProgressSink`] shows them on the
+//! terminal, [`Tee`] sends them to several sinks.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// One thing that happened in a run. Serialised with `"kind"` naming the variant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    Start { step: usize, total_steps: usize, run: String, method: String, model: String, device: String, trainable_params: usize, total_params: usize, train_examples: usize, valid_examples: usize, resumed: bool },
+    Train { step: usize, epoch: usize, loss: f64, lr: f64, grad_norm: f64, tokens: usize, tokens_per_s: f64, elapsed_s: f64 },
+    Eval { step: usize, loss: f64, ppl: f64, tokens: usize, best: bool },
+    /// Exact-match accuracy of greedy answers on held-out prompts.
+    Accuracy { step: usize, correct: usize, total: usize, accuracy: f64 },
+    Sample { step: usize, prompt: String, completion: String, expected: Option<String> },
+    Checkpoint { step: usize, path: String },
+    Warning { step: usize, message: String },
+    End { step: usize, reason: String, elapsed_s: f64 },
+    Error { step: usize, message: String },
+}
+
+impl Event {
+    pub fn step(&self) -> usize {
+        match self {
+            Event::Start { step, .. }
+            | Event::Train { step, .. }
+            | Event::Eval { step, .. }
+            | Event::Accuracy { step, .. }
+            | Event::Sample { step, .. }
+            | Event::Checkpoint { step, .. }
+            | Event::Warning { step, .. }
+            | Event::End { step, .. }
+            | Event::Error { step, .. } => *step,
+        }
+    }
+
+    /// The JSON line written to events.jsonl: the event's fields plus `t` (unix seconds).
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or_else(|_| json!({}));
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        if let Some(map) = v.as_object_mut() {
+            map.insert("t".into(), json!(t));
+        }
+        v
+    }
+}
+
+/// Where events go.
+pub trait EventSink {
+    fn emit(&mut self, event: &Event);
+}
+
+/// Appends events to `events.jsonl`.
+pub struct JsonlSink {
+    file: File,
+    path: PathBuf,
+}
+
+impl JsonlSink {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self { file, path: path.to_path_buf() })
+    }
+}
+
+impl EventSink for JsonlSink {
+    fn emit(&mut self, event: &Event) {
+        let line = format!("{}\n", event.to_json());
+        if let Err(e) = self.file.write_all(line.as_bytes()).and_then(|_| self.file.flush()) {
+            tracing::warn!("cannot write {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Keeps events in memory (tests, benchmarks).
+#[derive(Default)]
+pub struct Recorder {
+    pub events: Vec<Event>,
+}
+
+impl EventSink for Recorder {
+    fn emit(&mut self, event: &Event) {
+        self.events.push(event.clone());
+    }
+}
+
+/// Sends every event to each sink in turn.
+pub struct Tee<'a>(pub Vec<&'a mut dyn EventSink>);
+
+impl EventSink for Tee<'_> {
+    fn emit(&mut self, event: &Event) {
+        for sink in self.0.iter_mut() {
+            sink.emit(event);
+        }
+    }
+}
+
+/// Progress for people: an indicatif bar on a terminal, plain lines otherwise (logs, CI).
+pub struct ProgressSink {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl ProgressSink {
+    pub fn new() -> Self {
+        Self { bar: None }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+impl Default for ProgressSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventSink for ProgressSink {
+    fn emit(&mut self, event: &Event) {
+        match event {
+            Event::Start { step, total_steps, run, method, model, device, trainable_params, total_params, train_examples, valid_examples, resumed } => {
+                self.line(format!(
+                    "{} {run}: {method} on {model} ({device}); {trainable_params} of {total_params} parameters trainable; {train_examples} train / {valid_examples} valid examples",
+                    if *resumed { "resuming" } else { "training" }
+                ));
+                if std::io::stderr().is_terminal() {
+                    let bar = indicatif::ProgressBar::new(*total_steps as u64);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar.set_position(*step as u64);
+                    self.bar = Some(bar);
+                }
+            }
+            Event::Train { step, epoch, loss, lr, grad_norm, tokens_per_s, .. } => {
+                let msg = format!("loss {loss:.4}  lr {lr:.2e}  |g| {grad_norm:.3}  {tokens_per_s:.0} tok/s");
+                match &self.bar {
+                    Some(bar) => {
+                        bar.set_position(*step as u64);
+                        bar.set_message(msg);
+                    }
+                    None => eprintln!("step {step:>6}  epoch {epoch}  {msg}"),
+                }
+            }
+            Event::Eval { step, loss, ppl, best, .. } => {
+                self.line(format!("step {step:>6}  eval loss {loss:.4}  ppl {ppl:.3}{}", if *best { "  (best)" } else { "" }))
+            }
+            Event::Accuracy { step, correct, total, accuracy } => {
+                self.line(format!("step {step:>6}  exact match {correct}/{total} = {:.1}%", accuracy * 100.0))
+            }
+            Event::Sample { prompt, completion, expected, .. } => self.line(format!(
+                "  sample: {prompt:?} -> {completion:?}{}",
+                expected.as_ref().map(|e| format!(" (expected {e:?})")).unwrap_or_default()
+            )),
+            Event::Checkpoint { step, path } => self.line(format!("step {step:>6}  checkpoint {path}")),
+            Event::Warning { step, message } => self.line(format!("step {step:>6}  warning: {message}")),
+            Event::End { step, reason, elapsed_s } => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+                eprintln!("finished at step {step} ({reason}) in {elapsed_s:.1}s");
+            }
+            Event::Error { step, message } => self.line(format!("step {step:>6}  error: {message}")),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Evaluation: masked cross-entropy and perplexity over a dataset, and exact-match accuracy of
+//! greedy answers to held-out prompts. Both run on a non-autodiff model.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::TensorData;
+
+use crate::data::{make_batches, Batch, Example, PromptAnswer};
+use crate::generate::{generate, Sampler, SamplingConfig, StopConfig};
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+
+/// Sum over target tokens of −log p(target), for one batch: a scalar tensor. Dividing by the
+/// number of target tokens gives the mean loss.
+pub fn loss_sum<B: Backend>(model: &Model<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
+    let (b, s) = (batch.batch, batch.seq);
+    let ids: Vec<i64> = batch.ids.iter().map(|&i| i as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), device);
+    let hidden = model.forward_packed_hidden(ids, &batch.positions, &batch.segments);
+    let logits = model.lm_head(hidden); // [b, s, v]
+    let logp = log_softmax(logits, 2);
+    let targets: Vec<i64> = batch.targets.iter().map(|&t| t as i64).collect();
+    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, s, 1]), device);
+    let picked = logp.gather(2, targets).reshape([b * s]); // [b, s, 1] -> [b*s]
+    let mask = Tensor::<B, 1>::from_data(TensorData::new(batch.loss_mask.clone(), [b * s]), device);
+    picked.mul(mask).sum().neg()
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub ppl: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+}
+
+/// Mean loss and perplexity over `examples` (file order, padded batches), at most
+/// `max_batches` batches when non-zero.
+pub fn evaluate<B: Backend>(model: &Model<B>, examples: &[Example], batch_size: usize, max_seq_len: usize, max_batches: usize) -> EvalResult {
+    let device = model.embed_tokens.device();
+    let mut batches = make_batches(examples, batch_size, max_seq_len, false, None);
+    if max_batches > 0 {
+        batches.truncate(max_batches);
+    }
+    let start = Instant::now();
+    let mut total = 0.0f64;
+    let mut tokens = 0usize;
+    for batch in &batches {
+        if batch.tokens == 0 {
+            continue;
+        }
+        total += loss_sum(model, batch, &device).into_scalar().elem::<f64>();
+        tokens += batch.tokens;
+    }
+    let loss = if tokens > 0 { total / tokens as f64 } else { f64::NAN };
+    // Count every position processed (prompt tokens too) for throughput.
+    let processed: usize = batches.iter().map(|b| b.batch * b.seq).sum();
+    EvalResult { loss, ppl: loss.exp(), tokens, tokens_per_s: processed as f64 / start.elapsed().as_secs_f64().max(1e-9) }
+}
+
+/// One answered prompt.
+pub struct Answer {
+    pub prompt: String,
+    pub completion: String,
+    pub expected: String,
+    pub correct: bool,
+}
+
+/// Greedy answers to `prompts`, compared with the expected answers after trimming whitespace.
+pub fn exact_match<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, prompts: &[PromptAnswer], eos_ids: &[u32], max_new_tokens: usize) -> Vec<Answer> {
+    let stop = StopConfig { max_new_tokens, eos_ids: eos_ids.to_vec() };
+    prompts
+        .iter()
+        .map(|p| {
+            let mut sampler = Sampler::new(SamplingConfig::default());
+            let ids = generate(model, &p.prompt_ids, &mut sampler, &stop, |_| true);
+            let completion = tokenizer.decode(&ids, true).unwrap_or_default();
+            let prompt = tokenizer.decode(&p.prompt_ids, false).unwrap_or_default();
+            let correct = completion.trim() == p.answer.trim();
+            Answer { prompt, completion, expected: p.answer.clone(), correct }
+        })
+        .collect()
+}

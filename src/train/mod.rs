@@ -1,0 +1,457 @@
+//! The step loop shared by every training method: batches in, gradient accumulation, global
+//! clipping, AdamW, schedule, eval, checkpoints, resume and the stop check.
+//!
+//! Kept small enough to hold in one's head, as mlx-lm's trainer: [`train`] prepares the run
+//! (model, data, adapter, optimizer, or a checkpoint to resume), then each step is: take
+//! `grad_accum` micro-batches at the data cursor, sum their token losses (divided by the step's
+//! target-token count, so accumulation equals one big batch), clip by the global norm, update.
+//! Everything the loop reports goes out as [`Event`]s; nothing here prints.
+
+pub mod checkpoint;
+pub mod eval;
+pub mod optim;
+pub mod schedule;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde_json::json;
+
+use self::checkpoint::LoopState;
+use self::optim::{AdamW, AdamWConfig};
+use self::schedule::LrSchedule;
+use crate::data::{self, Batch, Example, LoadOptions, PromptAnswer};
+use crate::lora::{self, LoraSpec};
+use crate::model::{Model, ModelConfig, ModelError};
+use crate::recipe::{Method, Recipe};
+use crate::run::{Event, EventSink, JsonlSink, Tee};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Adapter(#[from] crate::lora::peft::AdapterError),
+    #[error("{path}: corrupt checkpoint: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("{dir} already holds a run; pass --resume to continue it or --overwrite to start over")]
+    RunExists { dir: PathBuf },
+    #[error("--resume: {dir} has no complete checkpoint to resume from")]
+    NothingToResume { dir: PathBuf },
+    #[error("{path}: no training examples")]
+    NoExamples { path: PathBuf },
+    #[error("stopped after {count} steps in a row with a non-finite loss or gradient (train.max_bad_steps); lower train.learning_rate or check the data")]
+    Diverged { count: usize },
+}
+
+/// Command-line choices that are not part of the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub resume: bool,
+    pub overwrite: bool,
+    /// Stop (with a checkpoint) once this many steps are done; the schedule is unchanged, so
+    /// `--resume` later continues the same run.
+    pub max_steps: Option<usize>,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub run_dir: PathBuf,
+    pub steps: usize,
+    pub reason: String,
+    pub final_eval: Option<eval::EvalResult>,
+    pub accuracy_before: Option<f64>,
+    pub accuracy_after: Option<f64>,
+}
+
+/// The base model's directory and its config.json as JSON (written again by fuse/export).
+struct Base {
+    dir: PathBuf,
+    config: ModelConfig,
+    config_json: serde_json::Value,
+}
+
+/// For `[model.init]`: trains a tokenizer on the recipe's data and writes config.json into
+/// `RUN/base/`, so the fresh model has a directory like any downloaded one.
+fn prepare_init_base(recipe: &Recipe, run_dir: &Path) -> Result<Base, TrainError> {
+    let Some(init) = &recipe.model.init else { unreachable!("checked by the caller") };
+    let dir = run_dir.join("base");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
+    };
+    if !dir.join("tokenizer.json").exists() {
+        let mut files = vec![recipe.data.train.clone()];
+        files.extend(recipe.data.valid.clone());
+        data::train_tokenizer(&files, init.vocab_size, &dir)?;
+    }
+    let tokenizer = Tokenizer::load(&dir)?;
+    let eos = tokenizer.eos_ids().first().copied();
+    let config_json = json!({
+        "architectures": [match init.arch.as_str() { "qwen2" => "Qwen2ForCausalLM", "qwen3" => "Qwen3ForCausalLM", "gemma3" => "Gemma3ForCausalLM", _ => "LlamaForCausalLM" }],
+        "model_type": if init.arch == "gemma3" { "gemma3_text" } else { init.arch.as_str() },
+        "vocab_size": tokenizer.vocab_size(),
+        "hidden_size": init.hidden_size,
+        "intermediate_size": init.intermediate_size,
+        "num_hidden_layers": init.num_layers,
+        "num_attention_heads": init.num_heads,
+        "num_key_value_heads": init.num_kv_heads,
+        "head_dim": init.hidden_size / init.num_heads,
+        "max_position_embeddings": init.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": init.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "bos_token_id": null,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "dtype": "float32",
+    });
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&config_json).unwrap_or_default()).map_err(io(&path))?;
+    let config = ModelConfig::from_dir(&dir)?;
+    Ok(Base { dir, config, config_json })
+}
+
+fn load_base(dir: &Path) -> Result<Base, TrainError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    let config_json = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), message: e.to_string() })?;
+    Ok(Base { dir: dir.to_path_buf(), config: ModelConfig::from_dir(dir)?, config_json })
+}
+
+pub fn lora_spec(recipe: &Recipe) -> LoraSpec {
+    let l = &recipe.lora;
+    LoraSpec {
+        rank: l.rank,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        rslora: l.rslora,
+        targets: l.targets.clone(),
+        layers: l.layers.map(|[a, b]| (a, b)),
+    }
+}
+
+/// The data of a run, tokenised.
+struct RunData {
+    train: Vec<Example>,
+    valid: Vec<Example>,
+    prompts: Vec<PromptAnswer>,
+}
+
+fn load_data(recipe: &Recipe, tokenizer: &Tokenizer, eos: Option<u32>) -> Result<RunData, TrainError> {
+    let d = &recipe.data;
+    let opts = LoadOptions { format: d.format, train_on: d.train_on, add_eos: d.add_eos, max_seq_len: d.max_seq_len };
+    let all = data::load_examples(&d.train, &opts, tokenizer, eos)?;
+    let (train, valid) = match &d.valid {
+        Some(path) => (all, data::load_examples(path, &opts, tokenizer, eos)?),
+        None => data::split_valid(all, d.valid_fraction, recipe.run.seed),
+    };
+    if train.is_empty() {
+        return Err(TrainError::NoExamples { path: d.train.clone() });
+    }
+    let mut prompts = match (&d.test, recipe.eval.exact_match) {
+        (Some(path), true) => data::load_prompts(path, d.format, tokenizer)?,
+        _ => Vec::new(),
+    };
+    prompts.truncate(recipe.eval.exact_match_samples);
+    Ok(RunData { train, valid, prompts })
+}
+
+/// The micro-batches of one epoch: shuffled by `seed + epoch`, so any epoch can be rebuilt on
+/// resume.
+fn epoch_batches(recipe: &Recipe, train: &[Example], epoch: usize) -> Vec<Batch> {
+    let d = &recipe.data;
+    data::make_batches(train, recipe.train.batch_size, d.max_seq_len, d.packing, Some(recipe.run.seed.wrapping_add(epoch as u64)))
+}
+
+/// Runs (or resumes) the recipe's training on backend `B`; events go to `sink` and to
+/// `RUN/events.jsonl`. `stop` is checked once per step (Ctrl-C, the dashboard).
+pub fn train<B: AutodiffBackend>(recipe: &Recipe, options: &TrainOptions, device: &B::Device, sink: &mut dyn EventSink, stop: &AtomicBool) -> Result<TrainOutcome, TrainError> {
+    let run_dir = recipe.run_dir();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
+    };
+    let resuming = options.resume && !checkpoint::list(&run_dir).is_empty();
+    if options.resume && !resuming && run_dir.join("events.jsonl").exists() {
+        return Err(TrainError::NothingToResume { dir: run_dir });
+    }
+    if !options.resume && run_dir.join("events.jsonl").exists() {
+        if !options.overwrite {
+            return Err(TrainError::RunExists { dir: run_dir });
+        }
+        std::fs::remove_dir_all(&run_dir).map_err(io(&run_dir))?;
+    }
+    std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
+    let recipe_copy = run_dir.join("recipe.toml");
+    crate::fsutil::write_atomic(&recipe_copy, recipe.to_toml().as_bytes()).map_err(io(&recipe_copy))?;
+    let mut jsonl = JsonlSink::open(&run_dir.join("events.jsonl")).map_err(io(&run_dir))?;
+    let mut sink = Tee(vec![sink, &mut jsonl]);
+
+    let result = run_loop::<B>(recipe, options, device, &run_dir, resuming, &mut sink, stop);
+    if let Err(e) = &result {
+        sink.emit(&Event::Error { step: 0, message: e.to_string() });
+    }
+    result
+}
+
+fn run_loop<B: AutodiffBackend>(
+    recipe: &Recipe,
+    options: &TrainOptions,
+    device: &B::Device,
+    run_dir: &Path,
+    resuming: bool,
+    sink: &mut dyn EventSink,
+    stop: &AtomicBool,
+) -> Result<TrainOutcome, TrainError> {
+    let started = Instant::now();
+    let seed = recipe.run.seed;
+    B::seed(device, seed);
+
+    // Model and tokenizer.
+    let base = match &recipe.model.path {
+        Some(path) => load_base(path)?,
+        None => prepare_init_base(recipe, run_dir)?,
+    };
+    let tokenizer = Tokenizer::load(&base.dir)?;
+    let mut eos_ids = base.config.eos_token_ids.clone();
+    eos_ids.extend(tokenizer.eos_ids().into_iter().filter(|id| !base.config.eos_token_ids.contains(id)));
+    let model: Model<B> = match &recipe.model.path {
+        Some(path) => Model::load(path, device)?,
+        None => Model::init_random(base.config.clone(), seed, device),
+    };
+    let spec = lora_spec(recipe);
+    let mut model = match recipe.method {
+        Method::Lora => lora::attach(model, &spec, seed),
+        Method::Full => model,
+    };
+    let data = load_data(recipe, &tokenizer, eos_ids.first().copied())?;
+
+    // Schedule.
+    let t = &recipe.train;
+    let batches_per_epoch = epoch_batches(recipe, &data.train, 0).len().max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum);
+    let total_steps = if t.steps > 0 { t.steps } else { t.epochs.max(1) * steps_per_epoch };
+    let schedule = LrSchedule { kind: t.lr_schedule, lr: t.learning_rate, warmup: t.warmup_steps, total: total_steps, min_ratio: t.min_lr_ratio };
+    let mut opt = AdamW::<B::InnerBackend>::new(AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
+
+    let mut state = LoopState::default();
+    if resuming {
+        let (_, dir) = checkpoint::list(run_dir).pop().ok_or_else(|| TrainError::NothingToResume { dir: run_dir.to_path_buf() })?;
+        let loaded = checkpoint::load(&dir)?;
+        let (m, n) = optim::load_named(model, &loaded.trainable, device);
+        if n != loaded.trainable.len() {
+            return Err(TrainError::Checkpoint { path: dir, message: format!("{} saved tensors, {n} matched the model (was the recipe changed?)", loaded.trainable.len()) });
+        }
+        model = m;
+        checkpoint::restore_moments(&mut opt, loaded.moments, device);
+        opt.step = loaded.state.adam_step;
+        state = loaded.state;
+    }
+
+    let (trainable, total) = optim::param_counts(&model);
+    sink.emit(&Event::Start {
+        step: state.step,
+        total_steps,
+        run: recipe.run.name.clone(),
+        method: format!("{:?}", recipe.method).to_lowercase(),
+        model: recipe.model.path.as_ref().map_or_else(|| "init".to_string(), |p| p.display().to_string()),
+        device: recipe.run.device.clone(),
+        trainable_params: trainable,
+        total_params: total,
+        train_examples: data.train.len(),
+        valid_examples: data.valid.len(),
+        resumed: resuming,
+    });
+
+    let mut accuracy_before = None;
+    if !resuming {
+        accuracy_before = report_accuracy(&model.valid(), &tokenizer, &data.prompts, &eos_ids, recipe, 0, sink);
+    }
+
+    let mut epoch_cache: Option<(usize, Vec<Batch>)> = None;
+    let mut train_time = 0.0f64;
+    let mut reason = "completed".to_string();
+    let mut last_eval = None;
+    while state.step < total_steps {
+        if stop.load(Ordering::Relaxed) {
+            reason = "interrupted".into();
+            break;
+        }
+        if options.max_steps.is_some_and(|m| state.step >= m) {
+            reason = "max_steps".into();
+            break;
+        }
+        let step_start = Instant::now();
+        // Dropout masks depend on the step only, so a resumed run draws the same ones.
+        B::seed(device, seed.wrapping_add(state.step as u64).wrapping_mul(0x9E37_79B9));
+
+        // The step's micro-batches.
+        let mut micro = Vec::with_capacity(t.grad_accum);
+        for _ in 0..t.grad_accum {
+            let epoch = state.cursor / batches_per_epoch;
+            if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                epoch_cache = Some((epoch, epoch_batches(recipe, &data.train, epoch)));
+            }
+            let batches = &epoch_cache.as_ref().map(|(_, b)| b).unwrap_or_else(|| unreachable!());
+            micro.push(batches[(state.cursor % batches_per_epoch).min(batches.len() - 1)].clone());
+            state.cursor += 1;
+        }
+        let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
+        let epoch = (state.cursor - 1) / batches_per_epoch;
+
+        let mut grads: Option<GradientsParams> = None;
+        let mut loss_value = 0.0f64;
+        for batch in &micro {
+            if batch.tokens == 0 {
+                continue;
+            }
+            let loss = eval::loss_sum(&model, batch, device).div_scalar(step_tokens.max(1) as f64);
+            loss_value += loss.clone().into_scalar().elem::<f64>();
+            let g = GradientsParams::from_grads(loss.backward(), &model);
+            match &mut grads {
+                Some(acc) => optim::accumulate(&model, acc, g),
+                None => grads = Some(g),
+            }
+        }
+        let Some(mut grads) = grads else {
+            sink.emit(&Event::Warning { step: state.step, message: "step had no target tokens; skipped".into() });
+            state.step += 1;
+            continue;
+        };
+        let grad_norm = optim::global_grad_norm(&model, &grads);
+        if !loss_value.is_finite() || !grad_norm.is_finite() {
+            state.bad_in_row += 1;
+            sink.emit(&Event::Warning { step: state.step, message: format!("non-finite loss ({loss_value}) or gradient norm ({grad_norm}); step skipped") });
+            if state.bad_in_row >= t.max_bad_steps.max(1) {
+                return Err(TrainError::Diverged { count: state.bad_in_row });
+            }
+            state.step += 1;
+            continue;
+        }
+        state.bad_in_row = 0;
+        let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm { t.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
+        let lr = schedule.at(state.step);
+        model = opt.update(model, &mut grads, lr, clip);
+        state.adam_step = opt.step;
+        state.step += 1;
+        train_time += step_start.elapsed().as_secs_f64();
+
+        state.window_loss += loss_value;
+        state.window_steps += 1;
+        state.window_tokens += micro.iter().map(|b| b.batch * b.seq).sum::<usize>();
+        if state.step % t.log_every == 0 || state.step == total_steps {
+            sink.emit(&Event::Train {
+                step: state.step,
+                epoch,
+                loss: state.window_loss / state.window_steps as f64,
+                lr,
+                grad_norm,
+                tokens: state.window_tokens,
+                tokens_per_s: state.window_tokens as f64 / train_time.max(1e-9),
+                elapsed_s: started.elapsed().as_secs_f64(),
+            });
+            state.window_loss = 0.0;
+            state.window_steps = 0;
+            state.window_tokens = 0;
+            train_time = 0.0;
+        }
+
+        let every = recipe.eval.every;
+        if every > 0 && state.step % every == 0 && state.step < total_steps && !data.valid.is_empty() {
+            let r = eval_step(&model.valid(), &data.valid, recipe, &mut state, sink);
+            last_eval = Some(r);
+            if recipe.checkpoint.early_stop_patience > 0 && state.evals_since_best >= recipe.checkpoint.early_stop_patience {
+                reason = "early_stop".into();
+                break;
+            }
+        }
+        let ck = recipe.checkpoint.every;
+        if ck > 0 && state.step % ck == 0 && state.step < total_steps {
+            save_checkpoint(&model, &opt, &state, recipe, run_dir, sink)?;
+        }
+    }
+
+    // The end: a last eval and checkpoint, then the exports.
+    let valid_model = model.valid();
+    if !data.valid.is_empty() && reason != "interrupted" {
+        last_eval = Some(eval_step(&valid_model, &data.valid, recipe, &mut state, sink));
+    }
+    save_checkpoint(&model, &opt, &state, recipe, run_dir, sink)?;
+    let mut accuracy_after = None;
+    if reason == "completed" || reason == "early_stop" {
+        accuracy_after = report_accuracy(&valid_model, &tokenizer, &data.prompts, &eos_ids, recipe, state.step, sink);
+        export(&valid_model, &base, recipe, &spec, run_dir, sink, state.step)?;
+    }
+    sink.emit(&Event::End { step: state.step, reason: reason.clone(), elapsed_s: started.elapsed().as_secs_f64() });
+    Ok(TrainOutcome { run_dir: run_dir.to_path_buf(), steps: state.step, reason, final_eval: last_eval, accuracy_before, accuracy_after })
+}
+
+fn eval_step<B: Backend>(model: &Model<B>, valid: &[Example], recipe: &Recipe, state: &mut LoopState, sink: &mut dyn EventSink) -> eval::EvalResult {
+    let r = eval::evaluate(model, valid, recipe.train.batch_size, recipe.data.max_seq_len, recipe.eval.max_batches);
+    let best = state.best_eval.is_none_or(|b| r.loss < b);
+    if best {
+        state.best_eval = Some(r.loss);
+        state.best_step = Some(state.step);
+        state.evals_since_best = 0;
+    } else {
+        state.evals_since_best += 1;
+    }
+    sink.emit(&Event::Eval { step: state.step, loss: r.loss, ppl: r.ppl, tokens: r.tokens, best });
+    r
+}
+
+fn report_accuracy<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, prompts: &[PromptAnswer], eos_ids: &[u32], recipe: &Recipe, step: usize, sink: &mut dyn EventSink) -> Option<f64> {
+    if prompts.is_empty() {
+        return None;
+    }
+    let answers = eval::exact_match(model, tokenizer, prompts, eos_ids, recipe.eval.max_new_tokens);
+    for a in answers.iter().take(3) {
+        sink.emit(&Event::Sample { step, prompt: a.prompt.clone(), completion: a.completion.clone(), expected: Some(a.expected.clone()) });
+    }
+    let correct = answers.iter().filter(|a| a.correct).count();
+    let accuracy = correct as f64 / answers.len() as f64;
+    sink.emit(&Event::Accuracy { step, correct, total: answers.len(), accuracy });
+    Some(accuracy)
+}
+
+fn save_checkpoint<B: AutodiffBackend>(model: &Model<B>, opt: &AdamW<B::InnerBackend>, state: &LoopState, recipe: &Recipe, run_dir: &Path, sink: &mut dyn EventSink) -> Result<(), TrainError> {
+    let path = checkpoint::save(run_dir, optim::trainable_tensors(model), opt, state)?;
+    let best = if recipe.checkpoint.keep_best { state.best_step } else { None };
+    checkpoint::prune(run_dir, recipe.checkpoint.keep_last, best);
+    sink.emit(&Event::Checkpoint { step: state.step, path: path.display().to_string() });
+    Ok(())
+}
+
+/// Writes the results: the PEFT adapter (LoRA) and/or a fused or fully trained HF directory.
+fn export<B: Backend>(model: &Model<B>, base: &Base, recipe: &Recipe, spec: &LoraSpec, run_dir: &Path, sink: &mut dyn EventSink, step: usize) -> Result<(), TrainError> {
+    let base_name = base.dir.display().to_string();
+    if recipe.method == Method::Lora && recipe.export.adapter {
+        let dir = run_dir.join("adapter");
+        lora::peft::save(model, spec, &base_name, &dir)?;
+        sink.emit(&Event::Checkpoint { step, path: dir.display().to_string() });
+    }
+    if recipe.method == Method::Full || recipe.export.fused {
+        let dir = run_dir.join("final");
+        let fused = lora::fuse(model.clone());
+        crate::model::save::save_hf_dir(&fused, &base.config_json, &base.dir, &dir)?;
+        sink.emit(&Event::Checkpoint { step, path: dir.display().to_string() });
+    }
+    Ok(())
+}
