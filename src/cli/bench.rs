@@ -18,14 +18,22 @@ enum What {
     Forward,
     /// Prefill, then greedy decoding one token at a time with the KV cache.
     Decode,
+    /// Training steps of a recipe (`--recipe`): tokens/s and peak memory.
+    Train,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     what: What,
-    /// Hugging Face model directory.
+    /// Hugging Face model directory (forward, decode).
+    #[arg(long, required_unless_present = "recipe")]
+    model: Option<PathBuf>,
+    /// The recipe to time (train).
     #[arg(long)]
-    model: PathBuf,
+    recipe: Option<PathBuf>,
+    /// Training steps to time (train); the first two are warm-up and not counted.
+    #[arg(long, default_value_t = 12)]
+    steps: usize,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
@@ -44,7 +52,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.device.device.check()?;
-    model_dir(&args.model)?;
+    if args.what == What::Train {
+        return bench_train(&args);
+    }
+    let Some(model) = &args.model else { anyhow::bail!("--model is required for `bench forward|decode`") };
+    model_dir(model)?;
     if args.prompt_len == 0 || args.runs == 0 {
         anyhow::bail!("--prompt-len and --runs must be at least 1");
     }
@@ -57,7 +69,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
-    let model = Model::<B>::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?;
+    let dir = args.model.as_deref().unwrap_or(std::path::Path::new("."));
+    let model = Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
     let vocab = model.config.vocab_size as u32;
     // A fixed pseudo-random prompt: the same tokens on every backend and run.
     let prompt: Vec<u32> = (0..args.prompt_len as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
@@ -90,7 +103,7 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
     }
     let prefill_tps = args.prompt_len as f64 / median(prefill_times);
     let mut result = json!({
-        "model": args.model.display().to_string(),
+        "model": dir.display().to_string(),
         "device": args.device.device.to_string(),
         "prompt_len": args.prompt_len,
         "runs": args.runs,
@@ -111,10 +124,77 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
     if args.json {
         println!("{result}");
     } else {
-        println!("model   {}  ({} params, device {})", args.model.display(), super::inspect::human_count(model.config.num_params_estimate()), args.device.device);
+        println!("model   {}  ({} params, device {})", dir.display(), super::inspect::human_count(model.config.num_params_estimate()), args.device.device);
         println!("prefill {:>10.1} tokens/s  (prompt {} tokens, median of {})", prefill_tps, args.prompt_len, args.runs);
         if let Some(d) = result.get("decode_tokens_per_s").and_then(|v| v.as_f64()) {
             println!("decode  {:>10.1} tokens/s  ({} new tokens, median of {})", d, args.new_tokens, args.runs);
+        }
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs `--steps` training steps of the recipe in a scratch run directory (no evals, no
+/// exports) and reports the median tokens/s of the steps after a two-step warm-up.
+fn bench_train(args: &Args) -> anyhow::Result<()> {
+    use crate::recipe::Recipe;
+    use crate::run::{Event, Recorder};
+    use crate::train::{train, TrainOptions};
+    let Some(path) = &args.recipe else { anyhow::bail!("`bench train` needs --recipe FILE") };
+    if args.steps < 3 {
+        anyhow::bail!("--steps must be at least 3 (two are warm-up)");
+    }
+    let mut recipe = Recipe::load(path)?;
+    let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    recipe.run.output_dir = scratch.clone();
+    recipe.run.name = "bench".into();
+    recipe.train.log_every = 1;
+    recipe.eval.every = 0;
+    recipe.eval.exact_match = false;
+    recipe.data.test = None;
+    recipe.checkpoint.every = 0;
+    recipe.export.adapter = false;
+    recipe.export.fused = false;
+    if recipe.train.steps > 0 && recipe.train.steps < args.steps {
+        recipe.train.steps = args.steps;
+    }
+    let options = TrainOptions { max_steps: Some(args.steps), overwrite: true, ..Default::default() };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut rec = Recorder::default();
+    let device = args.device.device;
+    let result = crate::with_backend!(device, |B, dev| train::<burn::backend::Autodiff<B>>(&recipe, &options, &dev, &mut rec, &stop));
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
+    let mut rates: Vec<f64> = rec.events.iter().filter_map(|e| match e { Event::Train { step, tokens_per_s, .. } if *step > 2 => Some(*tokens_per_s), _ => None }).collect();
+    if rates.is_empty() {
+        anyhow::bail!("no timed steps");
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    let peak = peak_rss().map(|b| b as f64 / (1024.0 * 1024.0));
+    let out = json!({
+        "recipe": path.display().to_string(),
+        "device": device.to_string(),
+        "method": recipe.method.as_str(),
+        "steps_timed": rates.len(),
+        "batch_size": recipe.train.batch_size,
+        "max_seq_len": recipe.data.max_seq_len,
+        "train_tokens_per_s": median,
+        "peak_host_rss_mib": peak,
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("train   {median:>10.1} tokens/s  (median of {} steps after 2 warm-up, {} on {})", rates.len(), recipe.method.as_str(), device);
+        if let Some(p) = peak {
+            println!("memory  {p:>10.1} MiB peak resident (host; GPU memory is not included)");
         }
     }
     Ok(())
