@@ -7,18 +7,15 @@ use anyhow::Context;
 use burn::prelude::*;
 use serde_json::json;
 
-use super::{model_dir, DeviceArg};
+use super::{DeviceArg, ModelArgs};
 use crate::data::{load_examples, DataFormat, LoadOptions, TrainOn};
 use crate::tokenizer::Tokenizer;
 use crate::train::eval::evaluate;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[arg(long)]
-    model: PathBuf,
-    /// A PEFT adapter directory to apply.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// A JSONL dataset (text, prompt/completion or messages).
     #[arg(long)]
     data: PathBuf,
@@ -38,7 +35,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.device.device.check()?;
-    model_dir(&args.model)?;
+    args.model.check()?;
     if args.batch_size == 0 || args.max_seq_len == 0 {
         anyhow::bail!("--batch-size and --max-seq-len must be at least 1");
     }
@@ -46,8 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
-    let tokenizer = Tokenizer::load(&args.model)?;
-    let model = super::load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
+    let tokenizer = Tokenizer::load(&args.model.model)?;
+    let model = args.model.load::<B>(device)?;
     let eos = model.config.eos_token_ids.first().copied().or_else(|| tokenizer.eos_ids().first().copied());
     let opts = LoadOptions {
         format: DataFormat::Auto,

@@ -6,19 +6,15 @@ use std::path::PathBuf;
 
 use burn::prelude::*;
 
-use super::{model_dir, DeviceArg};
+use super::{DeviceArg, ModelArgs};
 use crate::generate::ids_tensor;
 use crate::model::weights;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Hugging Face model directory.
-    #[arg(long)]
-    model: PathBuf,
-    /// A PEFT adapter directory to apply on top of the model.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
@@ -31,7 +27,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.device.device.check()?;
-    model_dir(&args.model)?;
+    args.model.check()?;
     if args.ids.is_empty() {
         anyhow::bail!("--ids is empty: give at least one token id");
     }
@@ -39,7 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
-    let model = super::load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
+    let model = args.model.load::<B>(device)?;
     let vocab = model.config.vocab_size;
     if let Some(bad) = args.ids.iter().find(|&&i| i as usize >= vocab) {
         anyhow::bail!("token id {bad} is outside the vocabulary (size {vocab})");
@@ -54,7 +50,7 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
     let last = &values[(n - 1) * vocab..];
     let mut order: Vec<usize> = (0..vocab).collect();
     order.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
-    let tokenizer = Tokenizer::load(&args.model).ok();
+    let tokenizer = Tokenizer::load(&args.model.model).ok();
     println!("top-5 next tokens after {n} ids:");
     for &id in order.iter().take(5) {
         let text = tokenizer

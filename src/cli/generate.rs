@@ -4,24 +4,19 @@
 //! (generated ids, prompt excluded) and `text`.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use burn::prelude::*;
 use serde_json::{json, Value};
 
-use super::{model_dir, DeviceArg};
+use super::{DeviceArg, ModelArgs};
 use crate::generate::{generate, Sampler, SamplingConfig, StopConfig};
 use crate::tokenizer::{ChatOptions, Tokenizer};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Hugging Face model directory.
-    #[arg(long)]
-    model: PathBuf,
-    /// A PEFT adapter directory to apply on top of the model.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Plain-text prompt (tokenised with the tokenizer's special tokens, e.g. BOS).
     #[arg(long, conflicts_with_all = ["chat", "prompt_ids"])]
     prompt: Option<String>,
@@ -63,7 +58,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.device.device.check()?;
-    model_dir(&args.model)?;
+    args.model.check()?;
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
@@ -77,7 +72,7 @@ fn prompt_ids(args: &Args, tokenizer: Option<&Tokenizer>) -> anyhow::Result<Vec<
     if let Some(ids) = &args.prompt_ids {
         return Ok(ids.clone());
     }
-    let tokenizer = tokenizer.with_context(|| format!("{}: no usable tokenizer.json; pass --prompt-ids instead", args.model.display()))?;
+    let tokenizer = tokenizer.with_context(|| format!("{}: no usable tokenizer.json; pass --prompt-ids instead", args.model.model.display()))?;
     if let Some(chat) = &args.chat {
         let text = if chat.trim_start().starts_with(['[', '{']) {
             chat.clone()
@@ -107,7 +102,7 @@ fn prompt_ids(args: &Args, tokenizer: Option<&Tokenizer>) -> anyhow::Result<Vec<
 }
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
-    let tokenizer = match Tokenizer::load(&args.model) {
+    let tokenizer = match Tokenizer::load(&args.model.model) {
         Ok(t) => Some(t),
         Err(e) if args.prompt_ids.is_some() => {
             tracing::warn!("{e}; output text will be empty");
@@ -119,7 +114,7 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty after tokenisation");
     }
-    let model = super::load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
+    let model = args.model.load::<B>(device)?;
     if let Some(bad) = prompt.iter().find(|&&i| i as usize >= model.config.vocab_size) {
         anyhow::bail!("token id {bad} is outside the vocabulary (size {})", model.config.vocab_size);
     }

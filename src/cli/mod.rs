@@ -52,6 +52,28 @@ pub struct DeviceArg {
     pub device: DeviceSpec,
 }
 
+/// A model directory and an optional adapter on top; shared by the commands that run a model.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter directory to apply on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Checks the directory exists before a backend starts.
+    pub fn check(&self) -> anyhow::Result<()> {
+        model_dir(&self.model).map(|_| ())
+    }
+
+    pub fn load<B: burn::prelude::Backend>(&self, device: &B::Device) -> anyhow::Result<crate::model::Model<B>> {
+        load_model(&self.model, self.adapter.as_deref(), device)
+    }
+}
+
 fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     s.parse::<DeviceSpec>().map_err(|e| e.to_string())
 }

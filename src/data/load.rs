@@ -145,13 +145,7 @@ pub fn split_valid(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Exa
 /// The non-blank lines of a data file with their 1-based line numbers.
 pub(super) fn read_lines(path: &Path) -> Result<Vec<(usize, String)>, DataError> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
-        return Err(DataError::Unsupported {
-            path: path.to_path_buf(),
-            message: "Parquet input is not built in this version; convert the file to JSONL, e.g. \
-                      python -c \"import pandas as pd; pd.read_parquet('x.parquet').to_json('x.jsonl', \
-                      orient='records', lines=True)\""
-                .into(),
-        });
+        return read_parquet_rows(path);
     }
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     // Editors on Windows may start the file with a byte-order mark, which JSON does not allow.
@@ -401,4 +395,23 @@ fn locate_content(full: &str, from: usize, content: &str, eos: Option<&str>) -> 
         }
     }
     Some((start, end))
+}
+
+/// The rows of a Parquet file as JSON objects, numbered from 1 like lines, so every format and
+/// error path is the one JSONL takes (list and struct columns become JSON arrays and objects:
+/// a `messages` column of `list<struct<role, content>>` reads as a chat).
+fn read_parquet_rows(path: &Path) -> Result<Vec<(usize, String)>, DataError> {
+    use parquet::file::reader::SerializedFileReader;
+    let bad = |message: String| DataError::Parquet { path: path.to_path_buf(), message };
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(e.to_string()))?;
+    let mut rows = Vec::new();
+    for (i, row) in reader.into_iter().enumerate() {
+        let row = row.map_err(|e| bad(format!("row {}: {e}", i + 1)))?;
+        rows.push((i + 1, row.to_json_value().to_string()));
+    }
+    if rows.is_empty() {
+        return Err(DataError::Empty { path: path.to_path_buf() });
+    }
+    Ok(rows)
 }

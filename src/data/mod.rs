@@ -1,6 +1,8 @@
-//! Training data: JSONL files → tokenised examples with loss masks → batches for the model.
+//! Training data: JSONL or Parquet files → tokenised examples with loss masks → batches for the
+//! model.
 //!
-//! A data file holds one JSON object per line in one of three formats, told apart by the keys
+//! A data file holds one JSON object per line (or one Parquet row, read as the same object) in
+//! one of three formats, told apart by the keys
 //! of its first line (or set explicitly): `{"text"}` (plain language modelling), `{"prompt",
 //! "completion"}` and `{"messages"}` (chat, rendered with the model's own chat template). Each
 //! line becomes an [`Example`]: the token ids plus a mask saying which tokens are targets, so
@@ -91,6 +93,8 @@ pub enum DataError {
     Tokenizer { path: PathBuf, line: usize, source: TokenizerError },
     #[error("{path}: {message}")]
     Unsupported { path: PathBuf, message: String },
+    #[error("{path}: not a readable Parquet file: {message}")]
+    Parquet { path: PathBuf, message: String },
     #[error("{path}: no example has a training target (in its first max_seq_len + 1 tokens; max_seq_len = {max_seq_len})")]
     NoTargets { path: PathBuf, max_seq_len: usize },
     #[error("training the tokenizer failed: {0}")]

@@ -187,9 +187,26 @@ fn malformed_lines_name_the_file_and_line() {
     assert!(matches!(err, DataError::Io { .. }) && err.to_string().contains("nope.jsonl"), "{err}");
 
     let parquet = tmp.path().join("x.parquet");
+    std::fs::write(&parquet, "not parquet").unwrap();
     let err = load_examples(&parquet, &o, &tok, None).unwrap_err();
-    assert!(matches!(err, DataError::Unsupported { .. }), "{err}");
-    assert!(err.to_string().contains("pd.read_parquet"), "{err}");
+    assert!(matches!(err, DataError::Parquet { .. }) && err.to_string().contains("x.parquet"), "{err}");
+}
+
+#[test]
+fn parquet_rows_read_like_jsonl_lines() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tok = Tokenizer::load(&root.join("tests/fixtures/models/qwen2")).unwrap();
+    let o = LoadOptions { format: DataFormat::Auto, train_on: TrainOn::Completion, add_eos: true, max_seq_len: 512 };
+    let tmp = tempfile::tempdir().unwrap();
+    for (parquet, jsonl, n) in [("arith.parquet", "datasets/arith/valid.jsonl", 20), ("chat.parquet", "datasets/chat-small/valid.jsonl", 10)] {
+        let from_parquet = load_examples(&root.join("tests/fixtures/data").join(parquet), &o, &tok, Some(2)).unwrap();
+        let lines: Vec<String> = std::fs::read_to_string(root.join(jsonl)).unwrap().lines().take(n).map(String::from).collect();
+        let copy = tmp.path().join(format!("{parquet}.jsonl"));
+        std::fs::write(&copy, lines.join("\n")).unwrap();
+        let from_jsonl = load_examples(&copy, &o, &tok, Some(2)).unwrap();
+        assert_eq!(from_parquet.len(), n);
+        assert_eq!(from_parquet, from_jsonl, "{parquet}");
+    }
 }
 
 fn example(len: usize, first_target: usize, seed: u32) -> Example {
