@@ -50,6 +50,8 @@ pub enum TrainError {
     RunExists { dir: PathBuf },
     #[error("--resume: {dir} has no complete checkpoint to resume from")]
     NothingToResume { dir: PathBuf },
+    #[error("{path}: the recipe names no model: set `model.path` or a `[model.init]` table")]
+    NoModel { path: PathBuf },
     #[error("{path}: no training examples")]
     NoExamples { path: PathBuf },
     #[error("stopped after {count} steps in a row with a non-finite loss or gradient (train.max_bad_steps); lower train.learning_rate or check the data")]
@@ -86,8 +88,7 @@ struct Base {
 
 /// For `[model.init]`: trains a tokenizer on the recipe's data and writes config.json into
 /// `RUN/base/`, so the fresh model has a directory like any downloaded one.
-fn prepare_init_base(recipe: &Recipe, run_dir: &Path) -> Result<Base, TrainError> {
-    let Some(init) = &recipe.model.init else { unreachable!("checked by the caller") };
+fn prepare_init_base(recipe: &Recipe, init: &crate::recipe::InitSection, run_dir: &Path) -> Result<Base, TrainError> {
     let dir = run_dir.join("base");
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -225,9 +226,11 @@ fn run_loop<B: AutodiffBackend>(
     B::seed(device, seed);
 
     // Model and tokenizer.
-    let base = match &recipe.model.path {
-        Some(path) => load_base(path)?,
-        None => prepare_init_base(recipe, run_dir)?,
+    let base = match (&recipe.model.path, &recipe.model.init) {
+        (Some(path), _) => load_base(path)?,
+        (None, Some(init)) => prepare_init_base(recipe, init, run_dir)?,
+        // Recipe validation guarantees one of the two.
+        (None, None) => return Err(TrainError::NoModel { path: recipe.path.clone() }),
     };
     let tokenizer = Tokenizer::load(&base.dir)?;
     let mut eos_ids = base.config.eos_token_ids.clone();
@@ -306,10 +309,11 @@ fn run_loop<B: AutodiffBackend>(
         let mut micro = Vec::with_capacity(t.grad_accum);
         for _ in 0..t.grad_accum {
             let epoch = state.cursor / batches_per_epoch;
-            if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                epoch_cache = Some((epoch, epoch_batches(recipe, &data.train, epoch)));
+            if epoch_cache.as_ref().is_some_and(|(e, _)| *e != epoch) {
+                epoch_cache = None;
             }
-            let batches = &epoch_cache.as_ref().map(|(_, b)| b).unwrap_or_else(|| unreachable!());
+            let (_, batches) = epoch_cache.get_or_insert_with(|| (epoch, epoch_batches(recipe, &data.train, epoch)));
+            // Packing a different shuffle can give an epoch one batch fewer than epoch 0.
             micro.push(batches[(state.cursor % batches_per_epoch).min(batches.len() - 1)].clone());
             state.cursor += 1;
         }
