@@ -343,5 +343,29 @@ print(float((logits - ours).abs().max()))
     let r = std::process::Command::new("python3").args(["-c", &script]).output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let diff: f64 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    eprintln!("PEFT vs kiln logits with a kiln-trained adapter: max |Δ| = {diff:e}");
     assert!(diff < 1e-4, "PEFT logits differ from kiln's by {diff:e}");
+
+    // And the fused model loads in transformers and computes what kiln computes.
+    let fused = tmp.path().join("fused");
+    let (code, _, stderr) = kiln(&["fuse", "--model", model_dir("llama").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", fused.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    let script = format!(
+        r#"
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{fused}", dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(torch.tensor([[5,6,7,8,9]])).logits
+print(float((logits - load_file("{out}")["logits"]).abs().max()))
+"#,
+        fused = fused.display(),
+        out = out.display()
+    );
+    let r = std::process::Command::new("python3").args(["-c", &script]).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let diff: f64 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    eprintln!("transformers on the fused directory vs kiln with the adapter: max |Δ| = {diff:e}");
+    assert!(diff < 1e-4, "fused model in transformers differs by {diff:e}");
 }
