@@ -321,7 +321,14 @@ impl<B: Backend> Model<B> {
     pub fn lm_head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let logits = match &self.lm_head {
             Some(head) => head.forward(h),
-            None => h.matmul(self.embed_tokens.val().transpose().unsqueeze::<3>()), // [b, s, e] x [1, e, v]
+            // E·hᵀ rather than h·Eᵀ: the embedding stays in its stored layout, so the backend
+            // never copies a transposed [e, v] matrix (113 MB for a 49k vocabulary) per call.
+            None => self
+                .embed_tokens
+                .val()
+                .unsqueeze::<3>() // [v, e] -> [1, v, e]
+                .matmul(h.swap_dims(1, 2)) // [1, v, e] x [b, e, s] -> [b, v, s]
+                .swap_dims(1, 2), // [b, v, s] -> [b, s, v]
         };
         match self.config.final_logit_softcap {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
