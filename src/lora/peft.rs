@@ -11,6 +11,7 @@ use burn::tensor::TensorData;
 use serde_json::{json, Value};
 
 use super::{projections, projections_mut, Lora, LoraSpec, TARGETS};
+use crate::model::layers::transpose_host;
 use crate::model::weights::{save_f32, WeightFiles};
 use crate::model::{Model, ModelError};
 
@@ -141,8 +142,9 @@ pub fn load<B: Backend>(model: Model<B>, dir: &Path) -> Result<(Model<B>, LoraSp
             let (d_in, d_out) = (linear.d_in(), linear.d_out());
             let a = files.f32(&a_key, &[spec.rank, d_in])?;
             let b = files.f32(&format!("{key}.lora_B.weight"), &[d_out, spec.rank])?;
-            let a = Tensor::<B, 2>::from_data(TensorData::new(a, [spec.rank, d_in]), &device).transpose();
-            let b = Tensor::<B, 2>::from_data(TensorData::new(b, [d_out, spec.rank]), &device).transpose();
+            // Transposed on the host so the device tensors are laid out for the matmul.
+            let a = Tensor::<B, 2>::from_data(TensorData::new(transpose_host(&a, spec.rank, d_in), [d_in, spec.rank]), &device);
+            let b = Tensor::<B, 2>::from_data(TensorData::new(transpose_host(&b, d_out, spec.rank), [spec.rank, d_out]), &device);
             linear.lora = Some(Lora { a: Param::from_tensor(a), b: Param::from_tensor(b), scale: spec.scale(), dropout: 0.0 });
             attached += 1;
         }

@@ -23,6 +23,17 @@ pub fn load_tensor<B: Backend, const D: usize>(
     Ok(Tensor::from_data(TensorData::new(data, shape), device))
 }
 
+/// Row-major `[rows, cols]` -> row-major `[cols, rows]`.
+pub fn transpose_host(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
 /// `y = x·W + b`, with `W` stored `[in, out]`.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
@@ -37,18 +48,22 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// Loads `{prefix}.weight` (HF `[out, in]`) and, if `bias`, `{prefix}.bias`.
     pub fn load(files: &WeightFiles, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Self, ModelError> {
-        let weight = load_tensor::<B, 2>(files, &format!("{prefix}.weight"), [d_out, d_in], device)?;
+        let weight = files.f32(&format!("{prefix}.weight"), &[d_out, d_in])?;
         let bias = if bias {
-            Some(Param::from_tensor(load_tensor::<B, 1>(files, &format!("{prefix}.bias"), [d_out], device)?))
+            Some(load_tensor::<B, 1>(files, &format!("{prefix}.bias"), [d_out], device)?)
         } else {
             None
         };
-        Ok(Self { weight: Param::from_tensor(weight.transpose()), bias, lora: None })
+        Ok(Self::from_hf(&weight, d_out, d_in, bias, device))
     }
 
-    /// A layer from an HF-layout weight `[out, in]` and optional bias.
-    pub fn from_hf(weight_out_in: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        Self { weight: Param::from_tensor(weight_out_in.transpose()), bias: bias.map(Param::from_tensor), lora: None }
+    /// A layer from an HF-layout weight (`[out, in]`, row-major host data) and optional bias.
+    /// The transpose happens on the host: a transposed *view* on the device would make the
+    /// backend copy the whole weight into matmul order on every call.
+    pub fn from_hf(weight_out_in: &[f32], d_out: usize, d_in: usize, bias: Option<Tensor<B, 1>>, device: &B::Device) -> Self {
+        let w = transpose_host(weight_out_in, d_out, d_in); // [out, in] -> [in, out]
+        let weight = Tensor::from_data(TensorData::new(w, [d_in, d_out]), device);
+        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None }
     }
 
     pub fn d_in(&self) -> usize {

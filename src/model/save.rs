@@ -134,8 +134,8 @@ impl<B: Backend> Model<B> {
         let mut rng = StdRng::seed_from_u64(seed);
         let cfg = &config;
         let mut lin = |d_in: usize, d_out: usize, bias: bool| -> Linear<B> {
-            let w = Tensor::from_data(TensorData::new(normal(&mut rng, d_out * d_in, 0.02), [d_out, d_in]), device);
-            Linear::from_hf(w, bias.then(|| Tensor::zeros([d_out], device)))
+            let w = normal(&mut rng, d_out * d_in, 0.02);
+            Linear::from_hf(&w, d_out, d_in, bias.then(|| Tensor::zeros([d_out], device)), device)
         };
         let norm = |d: usize| RmsNorm {
             weight: Param::from_tensor(Tensor::ones([d], device).mul_scalar(1.0 - cfg.norm_weight_offset)),
