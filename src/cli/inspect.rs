@@ -11,7 +11,7 @@ use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory.
+    /// A Hugging Face model directory or a .gguf file.
     path: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -20,8 +20,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = &args.path;
+    if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return inspect_gguf(dir, args.json);
+    }
     if !dir.is_dir() {
-        anyhow::bail!("{}: not a directory (kiln inspect takes a Hugging Face model directory)", dir.display());
+        anyhow::bail!("{}: not a directory (kiln inspect takes a Hugging Face model directory or a .gguf file)", dir.display());
     }
     let cfg = ModelConfig::from_dir(dir)?;
     let files = WeightFiles::open(dir).with_context(|| format!("reading weights of {}", dir.display()))?;
@@ -78,4 +81,41 @@ pub fn human_count(n: usize) -> String {
         n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
         n => n.to_string(),
     }
+}
+
+/// Metadata and tensors of a GGUF file.
+fn inspect_gguf(path: &std::path::Path, json_out: bool) -> anyhow::Result<()> {
+    let file = crate::gguf::GgufFile::open(path)?;
+    let params: u64 = file.tensors.iter().map(|t| t.elements()).sum();
+    if json_out {
+        let metadata: serde_json::Map<String, serde_json::Value> = file.metadata.iter().map(|(k, v)| (k.clone(), v.to_json(false))).collect();
+        let tensors: Vec<serde_json::Value> = file
+            .tensors
+            .iter()
+            .map(|t| json!({"name": t.name, "type": t.ty.name(), "dims": t.dims, "offset": t.offset, "bytes": t.byte_len()}))
+            .collect();
+        let info = json!({
+            "path": path.display().to_string(),
+            "version": file.version,
+            "alignment": file.alignment,
+            "parameters": params,
+            "metadata": metadata,
+            "tensors": tensors,
+        });
+        println!("{}", serde_json::to_string(&info)?);
+        return Ok(());
+    }
+    println!("{}  (GGUF v{}, {} tensors, {} parameters)", path.display(), file.version, file.tensors.len(), human_count(params as usize));
+    println!("metadata:");
+    let width = file.metadata.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (key, value) in &file.metadata {
+        println!("  {key:<width$}  {}", value.short());
+    }
+    println!("tensors:");
+    let width = file.tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);
+    for t in &file.tensors {
+        let dims: Vec<String> = t.dims.iter().map(u64::to_string).collect();
+        println!("  {:<width$}  {:<5}  [{}]", t.name, t.ty.name(), dims.join(", "));
+    }
+    Ok(())
 }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod eval;
+mod export;
 mod forward;
 mod fuse;
 mod generate;
@@ -38,7 +39,9 @@ pub enum Command {
     Forward(forward::Args),
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(generate::Args),
-    /// Describe a model directory.
+    /// Write a model as a GGUF file (llama.cpp, Ollama) or an MLX-quantised directory.
+    Export(export::Args),
+    /// Describe a model directory or a GGUF file.
     Inspect(inspect::Args),
     /// Measure prefill and decode speed.
     Bench(bench::Args),
@@ -86,6 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fuse(args) => fuse::run(args),
         Command::Forward(args) => forward::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
     }

@@ -8,6 +8,7 @@ pub mod arch;
 pub mod config;
 pub mod decoder;
 pub mod layers;
+pub mod mlx;
 pub mod save;
 pub mod weights;
 

@@ -78,40 +78,51 @@ const SIDE_FILES: [&str; 6] = [
 /// Everything is written into a temporary sibling directory first and renamed into place, so
 /// a crash never leaves half a model at `out`.
 pub fn save_hf_dir<B: Backend>(model: &Model<B>, config_json: &Value, side_files_from: &Path, out: &Path) -> Result<(), ModelError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
-    };
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    super::weights::save_f32(&tmp.join("model.safetensors"), &hf_tensors(model))?;
     let mut config = config_json.clone();
     if let Some(map) = config.as_object_mut() {
         map.remove("torch_dtype");
         map.insert("dtype".into(), Value::String("float32".into()));
         map.remove("quantization_config");
     }
-    let text = serde_json::to_string_pretty(&config).unwrap_or_default();
-    std::fs::write(tmp.join("config.json"), text).map_err(io(&tmp))?;
+    let tensors = hf_tensors(model);
+    crate::fsutil::write_dir_atomic(out, |tmp| {
+        super::weights::save_f32(&tmp.join("model.safetensors"), &tensors)?;
+        write_config_and_side_files(tmp, &config, side_files_from)
+    })
+    .map_err(|e| match e {
+        DirError::Model(e) => e,
+        DirError::Io(source) => ModelError::Io { path: out.to_path_buf(), source },
+    })
+}
+
+/// Errors while filling a directory: a model error, or plain I/O from creating it.
+#[derive(Debug)]
+pub enum DirError {
+    Model(ModelError),
+    Io(std::io::Error),
+}
+
+impl From<ModelError> for DirError {
+    fn from(e: ModelError) -> Self {
+        DirError::Model(e)
+    }
+}
+
+impl From<std::io::Error> for DirError {
+    fn from(e: std::io::Error) -> Self {
+        DirError::Io(e)
+    }
+}
+
+/// `config.json` (pretty-printed) and the tokenizer/generation files of `side_files_from`.
+pub fn write_config_and_side_files(dir: &Path, config: &Value, side_files_from: &Path) -> Result<(), DirError> {
+    let text = serde_json::to_string_pretty(config).unwrap_or_default();
+    std::fs::write(dir.join("config.json"), text)?;
     for file in SIDE_FILES {
         let src = side_files_from.join(file);
         if src.exists() {
-            std::fs::copy(&src, tmp.join(file)).map_err(io(&src))?;
+            std::fs::copy(&src, dir.join(file))?;
         }
-    }
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(&tmp, out).map_err(io(out))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        std::fs::rename(&tmp, out).map_err(io(out))?;
     }
     Ok(())
 }

@@ -163,6 +163,45 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
     }
 }
 
+/// Where the weights come from: the checkpoint's files, or tensors already in memory (an
+/// adapter fused on the fly).
+pub enum TensorSource {
+    Files(WeightFiles),
+    Memory(HashMap<String, (Vec<usize>, Vec<f32>)>),
+}
+
+impl TensorSource {
+    pub fn from_tensors(tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Self {
+        TensorSource::Memory(tensors.into_iter().map(|(n, s, d)| (n, (s, d))).collect())
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match self {
+            TensorSource::Files(f) => f.names().map(str::to_string).collect(),
+            TensorSource::Memory(m) => m.keys().cloned().collect(),
+        };
+        names.sort();
+        names
+    }
+
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            TensorSource::Files(f) => f.shape(name),
+            TensorSource::Memory(m) => m.get(name).map(|(s, _)| s.clone()),
+        }
+    }
+
+    pub fn load(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        let shape = self.shape(name).ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), expected: vec![] })?;
+        match self {
+            TensorSource::Files(f) => f.f32(name, &shape),
+            TensorSource::Memory(m) => Ok(m[name].1.clone()),
+        }
+    }
+}
+
+
 /// Converts little-endian stored values to f32; `None` for dtypes a float weight cannot have.
 pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     let out = match dtype {
@@ -186,20 +225,42 @@ pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
 
 /// Writes f32 tensors as one safetensors file, through a temporary name and a rename.
 pub fn save_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(), ModelError> {
-    let bytes: Vec<Vec<u8>> = tensors
+    let raw: Vec<RawTensor> = tensors
         .iter()
-        .map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .map(|(name, shape, data)| RawTensor { name: name.clone(), dtype: Dtype::F32, shape: shape.clone(), bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect() })
         .collect();
+    save_raw(path, &raw, None)
+}
+
+/// A tensor already encoded in its dtype's little-endian bytes.
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    /// f32 values stored as `dtype` (F32, F16 or BF16; rounding to nearest even).
+    pub fn from_f32(name: String, shape: Vec<usize>, data: &[f32], dtype: Dtype) -> Self {
+        let bytes = match dtype {
+            Dtype::F16 => data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            Dtype::BF16 => data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+            _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let dtype = if matches!(dtype, Dtype::F16 | Dtype::BF16) { dtype } else { Dtype::F32 };
+        Self { name, dtype, shape, bytes }
+    }
+}
+
+/// Writes tensors of any dtype (and optional header metadata) as one safetensors file,
+/// through a temporary name and a rename.
+pub fn save_raw(path: &Path, tensors: &[RawTensor], metadata: Option<HashMap<String, String>>) -> Result<(), ModelError> {
+    let bad = |e: safetensors::SafeTensorError| ModelError::BadSafetensors { path: path.to_path_buf(), message: format!("{e:?}") };
     let views = tensors
         .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| ModelError::BadSafetensors { path: path.to_path_buf(), message: format!("{e:?}") })
-        })
+        .map(|t| safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).map(|v| (t.name.clone(), v)).map_err(bad))
         .collect::<Result<Vec<_>, _>>()?;
-    let data = safetensors::serialize(views, None)
-        .map_err(|e| ModelError::BadSafetensors { path: path.to_path_buf(), message: format!("{e:?}") })?;
+    let data = safetensors::serialize(views, metadata).map_err(bad)?;
     crate::fsutil::write_atomic(path, &data).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
 }

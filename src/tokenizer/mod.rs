@@ -35,6 +35,7 @@ pub struct Tokenizer {
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
 }
 
 impl Tokenizer {
@@ -58,6 +59,7 @@ impl Tokenizer {
             chat_template,
             bos_token: special_token(config.get("bos_token")),
             eos_token: special_token(config.get("eos_token")),
+            pad_token: special_token(config.get("pad_token")),
         })
     }
 
