@@ -281,6 +281,12 @@ impl Export {
         })
     }
 
+    /// The full-precision values the file's tensor `name` was made from (after the mapping's
+    /// transformations), for checking what was written.
+    pub fn source_values(&self, name: &str) -> Option<Result<Vec<f32>, ExportError>> {
+        self.items.iter().find(|it| it.name == name).map(|it| self.values(it))
+    }
+
     /// The f32 values of one GGUF tensor, in ggml layout.
     fn values(&self, item: &Item) -> Result<Vec<f32>, ExportError> {
         Ok(match &item.recipe {

@@ -111,6 +111,13 @@ impl WeightFiles {
         })
     }
 
+    /// A tensor's stored bytes as they are (packed integers of a quantised checkpoint).
+    pub fn raw_bytes(&self, name: &str) -> Option<&[u8]> {
+        let (shard, info) = self.info(name)?;
+        let (start, end) = info.data_offsets;
+        shard.map.get(shard.data_start + start..shard.data_start + end)
+    }
+
     /// The dtype most tensors are stored in, for `kiln inspect`.
     pub fn main_dtype(&self) -> Option<String> {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();

@@ -361,7 +361,7 @@ fn all_equal_rows() {
     }
     // Q4_1/Q5_1 store a constant block as d = 0 and min = the value: exactly f16(value).
     let (_, deq) = round_trip(GgmlType::Q4_1, &[0.7f32; 32], 32);
-    assert!(deq.iter().all(|&v| v == half::f16::from_f32(0.7).to_f32()));
+    assert!(deq.iter().all(|&v| v == f16_bits_to_f32(f32_to_f16_bits(0.7))));
 }
 
 #[test]
@@ -633,7 +633,7 @@ fn f16_rounding_matches_ggml() {
     // boundary neighbourhood near the top and bottom of the range.
     let mut patterns: Vec<u32> = (0..=u32::MAX / 4099).map(|k| k * 4099).collect();
     for h in (0u32..0x7C00).step_by(7) {
-        let mid = (half::f16::from_bits(h as u16).to_f32().to_bits()).saturating_add(1 << 12);
+        let mid = f16_bits_to_f32(h as u16).to_bits().saturating_add(1 << 12);
         patterns.extend([mid - 1, mid, mid + 1]);
     }
     patterns.extend([0x477F_E000, 0x477F_EFFF, 0x477F_F000, 0x3380_0000, 0x3300_0000, 0x3300_0001]);
@@ -646,6 +646,37 @@ fn f16_rounding_matches_ggml() {
             assert_eq!(f32_to_f16_bits(f), ggml_fp32_to_fp16(f), "{f:e} ({b:#010x})");
         }
     }
+}
+
+#[test]
+#[ignore = "all 2^32 f32 bit patterns: about 20 s in release on 2 cores; run with --ignored"]
+fn f16_rounding_matches_ggml_exhaustively() {
+    // Split the 2^32 patterns over the machine's threads (std only).
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
+    let per = (1u64 << 32).div_ceil(u64::from(threads));
+    let first_bad = |check: &(dyn Fn(u32) -> bool + Sync)| -> Option<u32> {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..u64::from(threads))
+                .map(|t| {
+                    let (lo, hi) = (t * per, ((t + 1) * per).min(1 << 32));
+                    sc.spawn(move || (lo..hi).map(|b| b as u32).find(|&b| !check(b)))
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok().flatten()).min()
+        })
+    };
+    let bad = first_bad(&|b| {
+        let f = f32::from_bits(b);
+        f.is_nan() || f32_to_f16_bits(f) == ggml_fp32_to_fp16(f)
+    });
+    assert_eq!(bad, None, "first f16 mismatch at f32 bits {bad:#x?}");
+    // And BF16 against a direct transcription of ggml_compute_fp32_to_bf16, NaN included.
+    let bad = first_bad(&|u| {
+        let want =
+            if (u & 0x7fff_ffff) > 0x7f80_0000 { (u >> 16) | 64 } else { (u + (0x7fff + ((u >> 16) & 1))) >> 16 };
+        u32::from(legacy::f32_to_bf16_bits(f32::from_bits(u))) == want
+    });
+    assert_eq!(bad, None, "first bf16 mismatch at f32 bits {bad:#x?}");
 }
 
 // ---- MLX ----------------------------------------------------------------------------------
