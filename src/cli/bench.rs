@@ -20,13 +20,16 @@ enum What {
     Decode,
     /// Training steps of a recipe (`--recipe`): tokens/s and peak memory.
     Train,
+    /// GGUF export speed (MB/s) per `--types`, next to llama.cpp's quantiser when
+    /// llama-cpp-python is installed. Without `--model`, a random Qwen3-0.6B-shaped model.
+    Export,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     what: What,
     /// Hugging Face model directory (forward, decode).
-    #[arg(long, required_unless_present = "recipe")]
+    #[arg(long)]
     model: Option<PathBuf>,
     /// The recipe to time (train).
     #[arg(long)]
@@ -43,6 +46,9 @@ pub struct Args {
     /// Timed runs; the median is reported.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// GGUF types to time (export).
+    #[arg(long, value_delimiter = ',', default_value = "q4_k_m,q8_0")]
+    types: Vec<String>,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -54,6 +60,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     args.device.device.check()?;
     if args.what == What::Train {
         return bench_train(&args);
+    }
+    if args.what == What::Export {
+        return super::export::bench(args.model.as_deref(), &args.types, args.json);
     }
     let Some(model) = &args.model else { anyhow::bail!("--model is required for `bench forward|decode`") };
     model_dir(model)?;

@@ -213,3 +213,116 @@ impl Progress {
         }
     }
 }
+
+/// `kiln bench export`: seconds and MB/s (of source weights, as stored) per GGUF type, and the
+/// same for llama.cpp's `llama_model_quantize` on kiln's F16 export of the model when
+/// llama-cpp-python is installed (llama.cpp quantises from a GGUF, not from safetensors).
+pub fn bench(model: Option<&Path>, types: &[String], json_out: bool) -> anyhow::Result<()> {
+    let types = types.iter().map(|t| parse_file_type(t).map_err(anyhow::Error::msg)).collect::<anyhow::Result<Vec<_>>>()?;
+    let scratch = tempfile::tempdir()?;
+    let model = match model {
+        Some(m) => model_dir(&m.to_path_buf())?.clone(),
+        None => {
+            eprintln!("creating a random Qwen3-0.6B-shaped model (bf16) ...");
+            random_qwen3_0_6b(&scratch.path().join("model"))?
+        }
+    };
+    let files = WeightFiles::open(&model)?;
+    let source_bytes: u64 = files.names().filter_map(|n| files.raw_bytes(n)).map(|b| b.len() as u64).sum();
+    let params: u64 = files.names().filter_map(|n| files.shape(n)).map(|s| s.iter().product::<usize>() as u64).sum();
+    drop(files);
+    let threads = rayon::current_num_threads();
+    let mut rows = Vec::new();
+    for ty in &types {
+        let out = scratch.path().join(format!("kiln-{}.gguf", ty.name()));
+        let started = std::time::Instant::now();
+        let export = Export::plan(&model, TensorSource::Files(WeightFiles::open(&model)?), *ty, None)?;
+        export.write(&out, |_, _| {})?;
+        let secs = started.elapsed().as_secs_f64();
+        let out_bytes = std::fs::metadata(&out)?.len();
+        rows.push(serde_json::json!({"tool": "kiln", "type": ty.name(), "seconds": secs, "mb_per_s": source_bytes as f64 / 1e6 / secs, "out_mb": out_bytes as f64 / 1e6}));
+        std::fs::remove_file(&out)?;
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/llama_quantize.py");
+    let has_llama_cpp = std::process::Command::new("python3").args(["-c", "import llama_cpp"]).output().is_ok_and(|o| o.status.success());
+    if has_llama_cpp && script.exists() {
+        let f16 = scratch.path().join("f16.gguf");
+        Export::plan(&model, TensorSource::Files(WeightFiles::open(&model)?), FileType::F16, None)?.write(&f16, |_, _| {})?;
+        for ty in &types {
+            let out = scratch.path().join(format!("llama-{}.gguf", ty.name()));
+            let r = std::process::Command::new("python3").arg(&script).arg(&f16).arg(&out).arg(ty.name()).arg(threads.to_string()).output()?;
+            if !r.status.success() {
+                anyhow::bail!("llama_quantize.py failed: {}", String::from_utf8_lossy(&r.stderr));
+            }
+            let secs: f64 = String::from_utf8_lossy(&r.stdout).trim().parse().context("llama_quantize.py printed no time")?;
+            rows.push(serde_json::json!({"tool": "llama.cpp", "type": ty.name(), "seconds": secs, "mb_per_s": source_bytes as f64 / 1e6 / secs, "out_mb": std::fs::metadata(&out)?.len() as f64 / 1e6}));
+            std::fs::remove_file(&out)?;
+        }
+    } else {
+        eprintln!("llama-cpp-python not installed: no llama.cpp reference in this run");
+    }
+    if json_out {
+        println!("{}", serde_json::json!({"model": model.display().to_string(), "parameters": params, "source_mb": source_bytes as f64 / 1e6, "threads": threads, "results": rows}));
+        return Ok(());
+    }
+    println!("{} ({} parameters, {:.0} MB as stored), {threads} threads", model.display(), crate::cli::inspect::human_count(params as usize), source_bytes as f64 / 1e6);
+    for r in &rows {
+        println!("  {:<10} {:<7} {:>7.2} s  {:>7.1} MB/s  -> {:.0} MB", r["tool"].as_str().unwrap_or(""), r["type"].as_str().unwrap_or(""), r["seconds"].as_f64().unwrap_or(0.0), r["mb_per_s"].as_f64().unwrap_or(0.0), r["out_mb"].as_f64().unwrap_or(0.0));
+    }
+    Ok(())
+}
+
+/// A Qwen3-0.6B geometry (hidden 1024, 28 layers, 16/8 heads of 128, MLP 3072, vocab 151936,
+/// tied) with random bf16 weights and a byte-level tokenizer stub large enough to name
+/// every row, so the export runs the same path as for a real checkpoint.
+fn random_qwen3_0_6b(dir: &Path) -> anyhow::Result<PathBuf> {
+    use rand::{Rng, SeedableRng};
+    use safetensors::Dtype;
+
+    use crate::model::weights::{save_raw, RawTensor};
+    let (h, layers, heads, kv, hd, ff, vocab) = (1024usize, 28usize, 16usize, 8usize, 128usize, 3072usize, 151936usize);
+    std::fs::create_dir_all(dir)?;
+    let config = serde_json::json!({
+        "model_type": "qwen3", "vocab_size": vocab, "hidden_size": h, "intermediate_size": ff,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "tie_word_embeddings": true, "rope_theta": 1e6,
+        "eos_token_id": 0, "dtype": "bfloat16"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    // A GPT-2 style byte-level vocabulary of distinct made-up tokens, one per embedding row.
+    let tokens: serde_json::Map<String, serde_json::Value> = (0..vocab).map(|i| (format!("t{i}"), serde_json::json!(i))).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "vocab": tokens, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut tensor = |name: String, shape: Vec<usize>, std: f32| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if std == 0.0 { vec![1.0; n] } else { (0..n).map(|_| (rng.random::<f32>() - 0.5) * std * 3.46).collect() };
+        RawTensor::from_f32(name, shape, &data, Dtype::BF16)
+    };
+    let mut all = vec![tensor("model.embed_tokens.weight".into(), vec![vocab, h], 0.02), tensor("model.norm.weight".into(), vec![h], 0.0)];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", vec![heads * hd, h]),
+            ("self_attn.k_proj.weight", vec![kv * hd, h]),
+            ("self_attn.v_proj.weight", vec![kv * hd, h]),
+            ("self_attn.o_proj.weight", vec![h, heads * hd]),
+            ("mlp.gate_proj.weight", vec![ff, h]),
+            ("mlp.up_proj.weight", vec![ff, h]),
+            ("mlp.down_proj.weight", vec![h, ff]),
+        ] {
+            all.push(tensor(format!("{p}.{name}"), shape, 0.02));
+        }
+        for (name, n) in [("input_layernorm.weight", h), ("post_attention_layernorm.weight", h), ("self_attn.q_norm.weight", hd), ("self_attn.k_norm.weight", hd)] {
+            all.push(tensor(format!("{p}.{name}"), vec![n], 0.0));
+        }
+    }
+    save_raw(&dir.join("model.safetensors"), &all, None)?;
+    Ok(dir.to_path_buf())
+}

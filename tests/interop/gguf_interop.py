@@ -38,7 +38,9 @@ def read(path, out):
 def load(path, **kw):
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0, **kw)
+    # n_ctx 0 takes the model's own context length; a vocab-only load has none.
+    n_ctx = 512 if kw.get("vocab_only") else 0
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0, **kw)
 
 
 def logits(path, fixture):
