@@ -229,7 +229,7 @@ fn lora_training_lowers_the_loss_and_saves_a_loadable_adapter() {
     let _serial = serial();
     let stop = AtomicBool::new(false);
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = tiny_recipe(tmp.path(), "").clone();
+    let recipe = tiny_recipe(tmp.path(), "[export]\ngguf = \"q8_0\"").clone();
     let mut rec = Recorder::default();
     train::<Autodiff<Cpu>>(&recipe, &TrainOptions::default(), &Default::default(), &mut rec, &stop).unwrap();
     let evals: Vec<f64> = rec.events.iter().filter_map(|e| match e { Event::Eval { loss, .. } => Some(*loss), _ => None }).collect();
@@ -244,6 +244,15 @@ fn lora_training_lowers_the_loss_and_saves_a_loadable_adapter() {
     assert!(v["loss"].as_f64().unwrap().is_finite() && v["tokens"].as_u64().unwrap() > 0);
     let (code, _, stderr) = kiln(&["forward", "--model", model_dir("llama").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--ids", "1,2,3"]);
     assert_eq!(code, 0, "{stderr}");
+    // `[export] gguf` wrote the fused model as GGUF: the same file `kiln export gguf` makes
+    // from the base model and the saved adapter.
+    let from_run = tmp.path().join("tiny/model-q8_0.gguf");
+    assert!(tmp.path().join("tiny/model-q8_0.Modelfile").exists());
+    let from_cli = tmp.path().join("cli.gguf");
+    let (code, _, stderr) = kiln(&["export", "gguf", "--model", model_dir("llama").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
+        "--type", "q8_0", "--name", "tiny", "--out", from_cli.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::read(&from_run).unwrap() == std::fs::read(&from_cli).unwrap(), "the run's GGUF differs from kiln export's");
 }
 
 #[test]

@@ -65,10 +65,7 @@ struct MlxArgs {
 }
 
 fn parse_file_type(s: &str) -> Result<FileType, String> {
-    FileType::parse(s).ok_or_else(|| {
-        let all: Vec<&str> = FileType::ALL.iter().map(|t| t.name()).collect();
-        format!("unknown GGUF type `{s}`; expected one of {}", all.join(", "))
-    })
+    FileType::parse(s).ok_or_else(|| format!("unknown GGUF type: {}", FileType::explain_unknown(s)))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -131,26 +128,11 @@ fn gguf(args: GgufArgs) -> anyhow::Result<()> {
     );
     if args.modelfile {
         let name = args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let text = gguf::modelfile(&name, &stop_strings(&export));
+        let text = gguf::modelfile(&name, &export.stop_strings());
         crate::fsutil::write_atomic(&modelfile_path, text.as_bytes()).with_context(|| format!("writing {}", modelfile_path.display()))?;
         eprintln!("wrote {}", modelfile_path.display());
     }
     Ok(())
-}
-
-/// The texts of the end-of-turn and end-of-text tokens in the planned metadata.
-fn stop_strings(export: &Export) -> Vec<String> {
-    let get = |key: &str| export.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v);
-    let Some(gguf::Value::Array(_, tokens)) = get("tokenizer.ggml.tokens") else { return Vec::new() };
-    let mut stops: Vec<String> = Vec::new();
-    for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"] {
-        if let Some(text) = get(key).and_then(|v| v.as_u64()).and_then(|id| tokens.get(id as usize)).and_then(|t| t.as_str())
-            && !stops.iter().any(|s| s == text)
-        {
-            stops.push(text.to_string());
-        }
-    }
-    stops
 }
 
 fn mlx(args: MlxArgs) -> anyhow::Result<()> {
@@ -215,7 +197,7 @@ impl Progress {
 }
 
 /// `kiln bench export`: seconds and MB/s (of source weights, as stored) per GGUF type, and the
-/// same for llama.cpp's `llama_model_quantize` on kiln's F16 export of the model when
+/// same for llama.cpp's `llama_model_quantize` on kiln's F32 export of the model when
 /// llama-cpp-python is installed (llama.cpp quantises from a GGUF, not from safetensors).
 pub fn bench(model: Option<&Path>, types: &[String], json_out: bool) -> anyhow::Result<()> {
     let types = types.iter().map(|t| parse_file_type(t).map_err(anyhow::Error::msg)).collect::<anyhow::Result<Vec<_>>>()?;
@@ -241,13 +223,14 @@ pub fn bench(model: Option<&Path>, types: &[String], json_out: bool) -> anyhow::
         let secs = started.elapsed().as_secs_f64();
         let out_bytes = std::fs::metadata(&out)?.len();
         rows.push(serde_json::json!({"tool": "kiln", "type": ty.name(), "seconds": secs, "mb_per_s": source_bytes as f64 / 1e6 / secs, "out_mb": out_bytes as f64 / 1e6}));
-        std::fs::remove_file(&out)?;
     }
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/llama_quantize.py");
     let has_llama_cpp = std::process::Command::new("python3").args(["-c", "import llama_cpp"]).output().is_ok_and(|o| o.status.success());
     if has_llama_cpp && script.exists() {
-        let f16 = scratch.path().join("f16.gguf");
-        Export::plan(&model, TensorSource::Files(WeightFiles::open(&model)?), FileType::F16, None)?.write(&f16, |_, _| {})?;
+        // llama.cpp quantises from a GGUF; F32 holds bf16 weights exactly (F16 would round the
+        // smallest ones), so both tools see the same values.
+        let f16 = scratch.path().join("f32.gguf");
+        Export::plan(&model, TensorSource::Files(WeightFiles::open(&model)?), FileType::F32, None)?.write(&f16, |_, _| {})?;
         for ty in &types {
             let out = scratch.path().join(format!("llama-{}.gguf", ty.name()));
             let r = std::process::Command::new("python3").arg(&script).arg(&f16).arg(&out).arg(ty.name()).arg(threads.to_string()).output()?;
@@ -255,7 +238,11 @@ pub fn bench(model: Option<&Path>, types: &[String], json_out: bool) -> anyhow::
                 anyhow::bail!("llama_quantize.py failed: {}", String::from_utf8_lossy(&r.stderr));
             }
             let secs: f64 = String::from_utf8_lossy(&r.stdout).trim().parse().context("llama_quantize.py printed no time")?;
-            rows.push(serde_json::json!({"tool": "llama.cpp", "type": ty.name(), "seconds": secs, "mb_per_s": source_bytes as f64 / 1e6 / secs, "out_mb": std::fs::metadata(&out)?.len() as f64 / 1e6}));
+            // Same input values (bf16 → f16 is exact), so every tensor should be byte-identical.
+            let (ours, theirs) = (crate::gguf::GgufFile::open(&scratch.path().join(format!("kiln-{}.gguf", ty.name())))?, crate::gguf::GgufFile::open(&out)?);
+            let identical = ours.tensors.iter().filter(|t| theirs.tensor(&t.name).is_some_and(|u| u.ty == t.ty && theirs.tensor_bytes(u) == ours.tensor_bytes(t))).count();
+            rows.push(serde_json::json!({"tool": "llama.cpp", "type": ty.name(), "seconds": secs, "mb_per_s": source_bytes as f64 / 1e6 / secs, "out_mb": std::fs::metadata(&out)?.len() as f64 / 1e6,
+                "tensors_byte_identical_to_kiln": format!("{identical}/{}", ours.tensors.len())}));
             std::fs::remove_file(&out)?;
         }
     } else {
@@ -267,7 +254,15 @@ pub fn bench(model: Option<&Path>, types: &[String], json_out: bool) -> anyhow::
     }
     println!("{} ({} parameters, {:.0} MB as stored), {threads} threads", model.display(), crate::cli::inspect::human_count(params as usize), source_bytes as f64 / 1e6);
     for r in &rows {
-        println!("  {:<10} {:<7} {:>7.2} s  {:>7.1} MB/s  -> {:.0} MB", r["tool"].as_str().unwrap_or(""), r["type"].as_str().unwrap_or(""), r["seconds"].as_f64().unwrap_or(0.0), r["mb_per_s"].as_f64().unwrap_or(0.0), r["out_mb"].as_f64().unwrap_or(0.0));
+        let same = r["tensors_byte_identical_to_kiln"].as_str().map(|s| format!("  ({s} tensors byte-identical to kiln's)")).unwrap_or_default();
+        println!(
+            "  {:<10} {:<7} {:>7.2} s  {:>7.1} MB/s  -> {:.0} MB{same}",
+            r["tool"].as_str().unwrap_or(""),
+            r["type"].as_str().unwrap_or(""),
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["mb_per_s"].as_f64().unwrap_or(0.0),
+            r["out_mb"].as_f64().unwrap_or(0.0)
+        );
     }
     Ok(())
 }

@@ -246,6 +246,21 @@ impl Export {
         Ok(Self { arch, metadata, items, weights, file_type })
     }
 
+    /// The texts of the end-of-turn and end-of-text tokens: where generation must stop.
+    pub fn stop_strings(&self) -> Vec<String> {
+        let get = |key: &str| self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        let Some(Value::Array(_, tokens)) = get("tokenizer.ggml.tokens") else { return Vec::new() };
+        let mut stops: Vec<String> = Vec::new();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"] {
+            if let Some(text) = get(key).and_then(|v| v.as_u64()).and_then(|id| tokens.get(id as usize)).and_then(|t| t.as_str())
+                && !stops.iter().any(|s| s == text)
+            {
+                stops.push(text.to_string());
+            }
+        }
+        stops
+    }
+
     /// Tensors whose mix type fell back because their rows are not a multiple of 256.
     pub fn fallbacks(&self) -> Vec<Fallback> {
         self.items

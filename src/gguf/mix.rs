@@ -69,6 +69,17 @@ impl FileType {
         Self::ALL.into_iter().find(|t| t.name() == s)
     }
 
+    /// Why `s` is not a file type, listing the valid ones and the nearest.
+    pub fn explain_unknown(s: &str) -> String {
+        let all: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+        // Compared without underscores: "q4km" and "q4-k-m" both mean q4_k_m.
+        let bare = |t: &str| t.to_ascii_lowercase().replace(['_', '-'], "");
+        let distance = |n: &str| strsim::levenshtein(&bare(n), &bare(s));
+        let nearest = all.iter().copied().min_by_key(|n| distance(n)).filter(|n| distance(n) <= 2);
+        let hint = nearest.map(|n| format!(" (did you mean {n:?}?)")).unwrap_or_default();
+        format!("expected one of {}, found {s:?}{hint}", all.join(", "))
+    }
+
     /// `general.file_type`. Plain q4_k / q5_k have no llama_ftype of their own; they are
     /// written as the _M mix's number, which is what llama.cpp reports for such files anyway
     /// (the number only labels the file; each tensor carries its own type).

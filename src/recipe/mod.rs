@@ -169,7 +169,15 @@ impl Validator<'_> {
         self.lora(&r.lora)?;
         self.train(&r.train)?;
         self.eval(&r.eval)?;
-        self.checkpoint(r)
+        self.checkpoint(r)?;
+        self.export(&r.export)
+    }
+
+    fn export(&self, e: &ExportSection) -> Check {
+        match e.gguf.as_deref() {
+            Some(t) if crate::gguf::FileType::parse(t).is_none() => Err(self.invalid("export.gguf", crate::gguf::FileType::explain_unknown(t))),
+            _ => Ok(()),
+        }
     }
 
     fn run(&self, r: &mut Recipe) -> Check {

@@ -322,10 +322,14 @@ pub struct ExportSection {
     /// Also write a fused Hugging Face directory to RUN/final (method = "lora"; with
     /// method = "full" the final model is always written there).
     pub fused: bool,
+    /// Also write the final model as RUN/model-TYPE.gguf (with an Ollama Modelfile), TYPE
+    /// one of kiln's GGUF types (f16, q8_0, q4_k_m, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<String>,
 }
 
 impl Default for ExportSection {
     fn default() -> Self {
-        Self { adapter: true, fused: false }
+        Self { adapter: true, fused: false, gguf: None }
     }
 }

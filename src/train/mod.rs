@@ -44,6 +44,8 @@ pub enum TrainError {
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
     Adapter(#[from] crate::lora::peft::AdapterError),
+    #[error(transparent)]
+    Export(#[from] crate::gguf::ExportError),
     #[error("{path}: corrupt checkpoint: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error("{dir} already holds a run; pass --resume to continue it or --overwrite to start over")]
@@ -456,6 +458,33 @@ fn export<B: Backend>(model: &Model<B>, base: &Base, recipe: &Recipe, spec: &Lor
         let fused = lora::fuse(model.clone());
         crate::model::save::save_hf_dir(&fused, &base.config_json, &base.dir, &dir)?;
         sink.emit(&Event::Checkpoint { step, path: dir.display().to_string() });
+    }
+    if let Some(file_type) = recipe.export.gguf.as_deref().and_then(crate::gguf::FileType::parse) {
+        // The GGUF is made from a Hugging Face directory: the final one when written, else a
+        // fused copy in a temporary directory.
+        let scratch;
+        let dir = if recipe.method == Method::Full || recipe.export.fused {
+            run_dir.join("final")
+        } else {
+            scratch = tempfile::tempdir_in(run_dir).map_err(|source| TrainError::Io { path: run_dir.to_path_buf(), source })?;
+            let dir = scratch.path().join("fused");
+            crate::model::save::save_hf_dir(&lora::fuse(model.clone()), &base.config_json, &base.dir, &dir)?;
+            dir
+        };
+        let out = run_dir.join(format!("model-{}.gguf", file_type.name()));
+        let export = crate::gguf::export_dir(&dir, file_type, &out, Some(recipe.run.name.clone()))?;
+        let fallbacks = export.fallbacks();
+        if !fallbacks.is_empty() {
+            let message = format!(
+                "{} of {} GGUF tensors have rows that are not a multiple of 256 and use {} instead of {} (as llama.cpp does)",
+                fallbacks.len(),
+                export.tensor_plan().len(),
+                fallbacks[0].got.name(),
+                fallbacks[0].wanted.name()
+            );
+            sink.emit(&Event::Warning { step, message });
+        }
+        sink.emit(&Event::Checkpoint { step, path: out.display().to_string() });
     }
     Ok(())
 }
