@@ -1,0 +1,114 @@
+//! Quantised matrix products for kiln, registered in Burn as a backend extension.
+//!
+//! One weight layout serves every format kiln runs quantised: **affine groups**. A weight
+//! matrix `[n, k]` (HF layout: `n` outputs, `k` inputs) is stored as
+//! - `words` `[n, k·bits/32]` u32: element `j` of a row in word `j·bits/32` at bit
+//!   `(j·bits) % 32` (MLX's packing, little end first), `bits` 4 or 8;
+//! - `scales`, `biases` `[n, k/group]`: `w[o, j] = scales[o, j/g] · q[o, j] + biases[o, j/g]`.
+//!
+//! MLX's q4/q8 checkpoints are this layout as written; GGUF Q8_0, Q4_0 and Q4_K blocks map onto
+//! it without loss of a single quantisation level (kiln converts them at load time).
+//!
+//! [`QuantMatmul`] has two products: `y = x · Wᵀ` (forward) and `dx = dy · W` (the activation
+//! gradient). The default methods dequantise with tensor ops and multiply (the reference);
+//! the CPU backend (rayon) and the CubeCL backends (WGSL/SPIR-V, CUDA, HIP) override them with
+//! kernels that dequantise in registers and never form the float weight. `Autodiff<B>` gives
+//! the gradient for `x` only: the quantised base is frozen.
+
+mod autodiff;
+mod cpu;
+#[cfg(feature = "cubecl")]
+mod cube;
+#[cfg(feature = "cubecl")]
+mod fusion;
+pub mod host;
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
+
+/// Bits per weight and weights per (scale, bias) group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Affine {
+    pub bits: u32,
+    pub group: u32,
+}
+
+impl Affine {
+    pub fn per_word(self) -> usize {
+        (32 / self.bits) as usize
+    }
+
+    pub fn mask(self) -> u32 {
+        (1u32 << self.bits) - 1
+    }
+
+    /// Words per row of `k` weights.
+    pub fn words(self, k: usize) -> usize {
+        k / self.per_word()
+    }
+
+    /// Whether a `[n, k]` weight fits: bits 4 or 8, `k` a multiple of the group and the group
+    /// a multiple of the values in a word.
+    pub fn check(self, k: usize) -> Result<(), String> {
+        if !matches!(self.bits, 4 | 8) {
+            return Err(format!("{} bits: the kernels take 4 or 8", self.bits));
+        }
+        if self.group == 0 || self.group as usize % self.per_word() != 0 {
+            return Err(format!("group of {}: must be a positive multiple of {}", self.group, self.per_word()));
+        }
+        if k % self.group as usize != 0 {
+            return Err(format!("{k} inputs are not a multiple of the group size {}", self.group));
+        }
+        Ok(())
+    }
+}
+
+/// Backend extension for products with an affine-quantised weight. Shapes: `x` `[m, k]`,
+/// `words` `[n, k·bits/32]`, `scales`/`biases` `[n, k/group]`, `dy` `[m, n]`.
+pub trait QuantMatmul: Backend {
+    /// `y[m, n] = x[m, k] · dequant(W)ᵀ`.
+    fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
+        let w = dequantize::<Self>(Tensor::from_primitive(words), float(scales), float(biases), format);
+        float::<Self, 2>(x).matmul(w.transpose()).into_primitive().tensor()
+    }
+
+    /// `dx[m, k] = dy[m, n] · dequant(W)`.
+    fn quant_matmul_dx(dy: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
+        let w = dequantize::<Self>(Tensor::from_primitive(words), float(scales), float(biases), format);
+        float::<Self, 2>(dy).matmul(w).into_primitive().tensor()
+    }
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// The float weight `[n, k]`, with plain tensor ops: the reference the kernels are checked
+/// against, and what fusing an adapter into a quantised base uses.
+pub fn dequantize<B: Backend>(words: Tensor<B, 2, Int>, scales: Tensor<B, 2>, biases: Tensor<B, 2>, format: Affine) -> Tensor<B, 2> {
+    use burn::tensor::ElementConversion;
+    let [n, w] = words.dims();
+    let per_word = format.per_word();
+    let k = w * per_word;
+    let (groups, group) = (k / format.group as usize, format.group as usize);
+    // Value j of every word, then [n, w, per_word] -> [n, k]. The mask also clears what an
+    // arithmetic shift drags in when the words sit in a signed int tensor.
+    let values: Vec<Tensor<B, 2, Int>> = (0..per_word)
+        .map(|j| words.clone().bitwise_right_shift_scalar(((j as u32 * format.bits) as i64).elem()).bitwise_and_scalar((format.mask() as i64).elem()))
+        .collect();
+    let q = Tensor::stack::<3>(values, 2).reshape([n, k]).float();
+    let expand = |t: Tensor<B, 2>| t.reshape([n, groups, 1]).expand([n, groups, group]).reshape([n, k]);
+    q * expand(scales) + expand(biases)
+}
+
+/// `x [.., k] · dequant(W)ᵀ -> [.., n]` for any leading shape.
+pub fn quant_matmul<B: QuantMatmul, const D: usize>(x: Tensor<B, D>, words: Tensor<B, 2, Int>, scales: Tensor<B, 2>, biases: Tensor<B, 2>, format: Affine) -> Tensor<B, D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let n = words.dims()[0];
+    let m = dims[..D - 1].iter().product::<usize>();
+    let y = B::quant_matmul(x.reshape([m, k]).into_primitive().tensor(), words.into_primitive(), scales.into_primitive().tensor(), biases.into_primitive().tensor(), format);
+    let mut out = dims;
+    out[D - 1] = n;
+    float::<B, 2>(y).reshape(out)
+}
