@@ -238,8 +238,11 @@ mod tests {
         let ctx = MixContext { n_layers: 4, has_output: true, n_expert: 0 };
         let c = choose(FileType::Q4_K_M, "blk.1.attn_q.weight", &[896, 896], &ctx);
         assert_eq!(c, Choice { ty: GgmlType::Q5_0, fallback_from: Some(GgmlType::Q4_K) });
-        let c = choose(FileType::Q4_K_M, "blk.0.ffn_down.weight", &[4864, 896], &ctx);
+        // Of 4 layers, 2 and 3 get more bits: Q6_K, which 896-wide rows turn into Q8_0.
+        let c = choose(FileType::Q4_K_M, "blk.3.ffn_down.weight", &[896, 4864], &ctx);
         assert_eq!(c, Choice { ty: GgmlType::Q8_0, fallback_from: Some(GgmlType::Q6_K) });
+        let c = choose(FileType::Q4_K_M, "blk.0.ffn_down.weight", &[4864, 896], &ctx);
+        assert_eq!(c, Choice { ty: GgmlType::Q4_K, fallback_from: None });
         let c = choose(FileType::Q4_K_M, "blk.1.attn_norm.weight", &[896], &ctx);
         assert_eq!(c.ty, GgmlType::F32);
         let c = choose(FileType::Q4_K_M, "output.weight", &[1024, 500], &ctx);
