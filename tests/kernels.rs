@@ -125,3 +125,39 @@ fn wgpu_kernels_match_dequantise_then_matmul() {
     check::<kiln::backend::Wgpu>(&Default::default(), "wgpu");
     check_grad::<Autodiff<kiln::backend::Wgpu>>(&Default::default(), "wgpu");
 }
+
+/// GGUF Q8_0 / Q4_0 / Q4_K and MLX weights run through the same kernels: converted to the
+/// affine layout they keep every level (Q4_K dequantises bit-identically to ggml), and the
+/// kernel's product matches dequantise-then-multiply.
+#[test]
+fn gguf_and_mlx_formats_run_through_the_kernels() {
+    use kiln::quant::affine::QuantSpec;
+    use kiln::quant::{self, GgmlType};
+    let device = Default::default();
+    let mut rng = Rng(0x6611F);
+    let (m, n, k) = (5, 37, 512);
+    let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    for name in ["gguf:q8_0", "gguf:q4_0", "gguf:q4_k", "q4_g32", "q4_g64", "q4_g128", "q8_g64"] {
+        let spec = QuantSpec::parse(name).unwrap();
+        let q = spec.quantize(&w, n, k).unwrap();
+        let ours = q.dequantize();
+        if let QuantSpec::Gguf(ty) = spec {
+            let ggml = quant::dequantize(ty, &quant::quantize(ty, &w, k).unwrap(), n * k).unwrap();
+            for (a, b) in ours.iter().zip(&ggml) {
+                if ty == GgmlType::Q4_K {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{name}: Q4_K levels must dequantise exactly as ggml");
+                } else {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{name}: {a} vs ggml {b}");
+                }
+            }
+        }
+        let (words, scales, biases) = q.to_tensors::<kiln::backend::Cpu>(&device);
+        let y = quant_matmul(Tensor::<kiln::backend::Cpu, 2>::from_data(TensorData::new(x.clone(), [m, k]), &device), words, scales, biases, q.format);
+        let want = matmul64(&x, &transpose(&ours, n, k), m, k, n);
+        let err = rel_err(&y.into_data().convert::<f32>().into_vec().unwrap(), &want);
+        assert!(err < 1e-3, "{name}: relative error {err}");
+    }
+    assert_eq!(QuantSpec::parse("q4_g48"), None);
+    assert_eq!(QuantSpec::parse("gguf:q6_k"), None, "no kernel for Q6_K");
+}

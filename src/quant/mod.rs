@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 mod kquants;
 mod legacy;
+pub mod affine;
 pub mod mlx;
 
 #[cfg(test)]
@@ -176,6 +177,9 @@ pub enum QuantError {
 
     #[error("{}", too_large_message(.ty, *.row, *.col, *.value))]
     TooLarge { ty: &'static str, row: usize, col: usize, value: f32 },
+
+    #[error("the quantised kernels run GGUF Q8_0, Q4_0 and Q4_K, not {ty}")]
+    UnsupportedKernelType { ty: &'static str },
 
     #[error("MLX quantisation supports 2, 3, 4, 5, 6 or 8 bits, not {bits}")]
     UnsupportedBits { bits: u32 },
