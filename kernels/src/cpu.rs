@@ -4,17 +4,45 @@
 
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::TensorData;
+use std::borrow::Cow;
+
+use burn::tensor::{TensorData, TensorMetadata};
 use rayon::prelude::*;
 
 use crate::{Affine, QuantMatmul};
 
-/// Host copies of the operands (the activations are small; weight words are borrowed when
-/// they are u32 already and copied otherwise).
-struct Operands {
-    words: Vec<u32>,
-    scales: Vec<f32>,
-    biases: Vec<f32>,
+/// The operands as slices: borrowed from the ndarray storage when it is f32/u32 and
+/// contiguous (weights are uploaded once and stay so), copied otherwise.
+struct Operands<'a> {
+    words: Cow<'a, [u32]>,
+    scales: Cow<'a, [f32]>,
+    biases: Cow<'a, [f32]>,
+}
+
+fn f32s<E: FloatNdArrayElement>(t: &NdArrayTensor) -> Cow<'_, [f32]>
+where
+    NdArrayTensor: From<SharedArray<E>>,
+{
+    if let NdArrayTensor::F32(s) = t
+        && let Some(slice) = s.view().to_slice()
+    {
+        let (ptr, len) = (slice.as_ptr(), slice.len());
+        // SAFETY: the slice points into `t`'s storage, which is borrowed for the returned
+        // lifetime; `view()` only wraps that memory, it does not own it.
+        return Cow::Borrowed(unsafe { std::slice::from_raw_parts(ptr, len) });
+    }
+    Cow::Owned(host_f32(float_data::<NdArray<E>>(t.clone())).1)
+}
+
+fn u32s(t: &NdArrayTensor) -> Cow<'_, [u32]> {
+    if let NdArrayTensor::U32(s) = t
+        && let Some(slice) = s.view().to_slice()
+    {
+        let (ptr, len) = (slice.as_ptr(), slice.len());
+        // SAFETY: as in `f32s`.
+        return Cow::Borrowed(unsafe { std::slice::from_raw_parts(ptr, len) });
+    }
+    Cow::Owned(host_words(data_of(t.clone())))
 }
 
 fn host_f32(data: TensorData) -> (Vec<usize>, Vec<f32>) {
@@ -31,8 +59,8 @@ fn host_words(data: TensorData) -> Vec<u32> {
     }
 }
 
-fn operands(words: TensorData, scales: TensorData, biases: TensorData) -> Operands {
-    Operands { words: host_words(words), scales: host_f32(scales).1, biases: host_f32(biases).1 }
+fn data_of(t: NdArrayTensor) -> TensorData {
+    burn::tensor::Tensor::<NdArray, 2, burn::tensor::Int>::from_primitive(t).into_data()
 }
 
 /// Output features per rayon task, and activation rows per pass over them.
@@ -121,10 +149,6 @@ fn float_data<B: burn::tensor::backend::Backend>(t: FloatTensor<B>) -> TensorDat
     burn::tensor::Tensor::<B, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(t)).into_data()
 }
 
-fn int_data<B: burn::tensor::backend::Backend>(t: IntTensor<B>) -> TensorData {
-    burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_primitive(t).into_data()
-}
-
 fn to_tensor<E: FloatNdArrayElement>(data: Vec<f32>, shape: [usize; 2]) -> NdArrayTensor
 where
     NdArrayTensor: From<SharedArray<E>>,
@@ -139,17 +163,19 @@ where
     NdArrayTensor: From<SharedArray<I>>,
 {
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
-        let (shape, x) = host_f32(float_data::<Self>(x));
+        let shape = x.shape();
         let (m, k) = (shape[0], shape[1]);
-        let op = operands(int_data::<Self>(words), float_data::<Self>(scales), float_data::<Self>(biases));
+        let x = f32s::<E>(&x);
+        let op = Operands { words: u32s(&words), scales: f32s::<E>(&scales), biases: f32s::<E>(&biases) };
         let n = op.words.len() / format.words(k).max(1);
         to_tensor::<E>(forward(&x, m, k, n, &op, format), [m, n])
     }
 
     fn quant_matmul_dx(dy: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
-        let (shape, dy) = host_f32(float_data::<Self>(dy));
+        let shape = dy.shape();
         let (m, n) = (shape[0], shape[1]);
-        let op = operands(int_data::<Self>(words), float_data::<Self>(scales), float_data::<Self>(biases));
+        let dy = f32s::<E>(&dy);
+        let op = Operands { words: u32s(&words), scales: f32s::<E>(&scales), biases: f32s::<E>(&biases) };
         let k = op.words.len() / n.max(1) * format.per_word();
         to_tensor::<E>(backward(&dy, m, n, k, &op, format), [m, k])
     }

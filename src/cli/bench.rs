@@ -20,6 +20,9 @@ enum What {
     Decode,
     /// Training steps of a recipe (`--recipe`): tokens/s and peak memory.
     Train,
+    /// The quantised-matmul kernels: decode GB/s against copy bandwidth, prefill TFLOP/s
+    /// against Burn's dense matmul, per format and shape.
+    Kernels,
     /// GGUF export speed (MB/s) per `--types`, next to llama.cpp's quantiser when
     /// llama-cpp-python is installed. Without `--model`, a random Qwen3-0.6B-shaped model.
     Export,
@@ -60,6 +63,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     args.device.device.check()?;
     if args.what == What::Train {
         return bench_train(&args);
+    }
+    if args.what == What::Kernels {
+        return super::bench_kernels::run(args.device.device, args.json);
     }
     if args.what == What::Export {
         return super::export::bench(args.model.as_deref(), &args.types, args.json);

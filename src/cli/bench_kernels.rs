@@ -1,0 +1,145 @@
+//! `kiln bench kernels`: the quantised-matmul kernels on the chosen device, per format and
+//! shape. Decode (one activation row): achieved GB/s of weight traffic as a fraction of the
+//! device's copy bandwidth measured in the same run. Prefill (512 rows): TFLOP/s next to
+//! Burn's dense matmul of the same shape (f32, and bf16 on CUDA).
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use kiln_kernels::host::HostQuant;
+use kiln_kernels::{quant_matmul, Affine, QuantMatmul};
+use serde_json::{json, Value};
+
+use crate::backend::DeviceSpec;
+
+/// (inputs k, outputs n), named as `k×n`: attention (Llama 8B), MLP up, MLP down, Qwen 0.5B MLP.
+const SHAPES: [(usize, usize); 4] = [(4096, 4096), (4096, 14336), (14336, 4096), (896, 4864)];
+
+/// The layouts the formats run in: MLX groups as written; GGUF Q8_0 as 8-bit groups of 32,
+/// Q4_0 and Q4_K as 4-bit groups of 32 (see `quant::affine`).
+const FORMATS: [(&str, u32, u32); 4] = [("q4_g64 (mlx)", 4, 64), ("q8_g64 (mlx)", 8, 64), ("q4 g32 (gguf q4_0, q4_k)", 4, 32), ("q8 g32 (gguf q8_0)", 8, 32)];
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Median seconds of `runs` timed calls after two warm-ups (compilation, autotune).
+fn time<B: Backend, T>(device: &B::Device, runs: usize, mut f: impl FnMut() -> T) -> anyhow::Result<f64> {
+    for _ in 0..2 {
+        let out = f();
+        B::sync(device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+        drop(out);
+    }
+    let mut secs = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        let out = f();
+        B::sync(device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+        secs.push(start.elapsed().as_secs_f64());
+        drop(out);
+    }
+    Ok(median(secs))
+}
+
+/// Random levels, scales and biases: the speed does not depend on the values.
+fn random_weight(n: usize, k: usize, format: Affine) -> HostQuant {
+    let mut state = 0x2545F4914F6CDD1Du64 ^ (n * 31 + k) as u64;
+    let words = (0..n * format.words(k))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u32
+        })
+        .collect();
+    let groups = n * k / format.group as usize;
+    HostQuant { n, k, format, words, scales: vec![0.01; groups], biases: vec![-0.05; groups] }
+}
+
+pub fn run(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
+    device.check()?;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut report = crate::with_backend!(device, |B, dev| bench::<B>(&dev, device))?;
+    #[cfg(feature = "cuda")]
+    if let DeviceSpec::Cuda(i) = device {
+        dense_bf16(&burn::backend::cuda::CudaDevice::new(i), &mut report)?;
+    }
+    if json_out {
+        println!("{report}");
+        return Ok(());
+    }
+    println!("device {}: copy bandwidth {:.1} GB/s", report["device"].as_str().unwrap_or("?"), report["copy_gb_s"].as_f64().unwrap_or(0.0));
+    println!("decode (1 row): weight GB/s and fraction of copy bandwidth");
+    for r in report["decode"].as_array().into_iter().flatten() {
+        println!("  {:<26} {:>12}  {:>8.3} ms  {:>7.1} GB/s  {:>5.1} %", r["format"].as_str().unwrap_or(""), r["shape"].as_str().unwrap_or(""), r["ms"].as_f64().unwrap_or(0.0) , r["gb_s"].as_f64().unwrap_or(0.0), 100.0 * r["fraction_of_copy"].as_f64().unwrap_or(0.0));
+    }
+    println!("prefill (512 rows): TFLOP/s, quantised kernel vs dense matmul");
+    for r in report["prefill"].as_array().into_iter().flatten() {
+        let bf16 = r["dense_bf16_tflops"].as_f64().map(|t| format!("  dense bf16 {t:.2}")).unwrap_or_default();
+        println!("  {:<26} {:>12}  quantised {:>7.2}  dense f32 {:>7.2}{bf16}", r["format"].as_str().unwrap_or(""), r["shape"].as_str().unwrap_or(""), r["tflops"].as_f64().unwrap_or(0.0), r["dense_f32_tflops"].as_f64().unwrap_or(0.0));
+    }
+    Ok(())
+}
+
+fn bench<B: Backend + QuantMatmul>(device: &B::Device, spec: DeviceSpec) -> anyhow::Result<Value> {
+    let cpu = matches!(spec, DeviceSpec::Cpu);
+    // Copy bandwidth: read and write a large buffer once (a scale by one).
+    let elems = if cpu { 1 << 24 } else { 1 << 28 };
+    let big = Tensor::<B, 1>::random([elems], Distribution::Default, device);
+    let secs = time::<B, _>(device, 10, || big.clone().mul_scalar(1.0))?;
+    let copy_gb_s = 2.0 * (elems * 4) as f64 / secs / 1e9;
+    drop(big);
+    let shapes: Vec<(usize, usize)> = if cpu { vec![(896, 4864), (4096, 4096)] } else { SHAPES.to_vec() };
+    let prefill_rows = if cpu { 64 } else { 512 };
+    let (mut decode, mut prefill) = (Vec::new(), Vec::new());
+    for (name, bits, group) in FORMATS {
+        let format = Affine { bits, group };
+        for &(k, n) in &shapes {
+            let q = random_weight(n, k, format);
+            let (words, scales, biases) = q.to_tensors::<B>(device);
+            let weight_bytes = (q.words.len() * 4 + (q.scales.len() + q.biases.len()) * 4) as f64;
+            let x1 = Tensor::<B, 2>::random([1, k], Distribution::Default, device);
+            let secs = time::<B, _>(device, if cpu { 5 } else { 50 }, || quant_matmul(x1.clone(), words.clone(), scales.clone(), biases.clone(), format))?;
+            let gb_s = weight_bytes / secs / 1e9;
+            decode.push(json!({"format": name, "shape": format!("{k}x{n}"), "ms": secs * 1e3, "gb_s": gb_s, "fraction_of_copy": gb_s / copy_gb_s}));
+
+            let m = prefill_rows;
+            let xm = Tensor::<B, 2>::random([m, k], Distribution::Default, device);
+            let flops = 2.0 * (m * n * k) as f64;
+            let secs = time::<B, _>(device, if cpu { 2 } else { 10 }, || quant_matmul(xm.clone(), words.clone(), scales.clone(), biases.clone(), format))?;
+            let dense = Tensor::<B, 2>::random([k, n], Distribution::Default, device);
+            let dense_secs = time::<B, _>(device, if cpu { 2 } else { 10 }, || xm.clone().matmul(dense.clone()))?;
+            prefill.push(json!({"format": name, "shape": format!("{k}x{n}"), "rows": m, "tflops": flops / secs / 1e12, "dense_f32_tflops": flops / dense_secs / 1e12}));
+        }
+    }
+    Ok(json!({"device": format!("{spec:?}"), "copy_gb_s": copy_gb_s, "decode": decode, "prefill": prefill}))
+}
+
+/// Burn's dense bf16 matmul at the prefill shapes, added to each prefill row.
+#[cfg(feature = "cuda")]
+fn dense_bf16(device: &burn::backend::cuda::CudaDevice, report: &mut Value) -> anyhow::Result<()> {
+    use burn::tensor::TensorData;
+    type Bf16 = burn::backend::Cuda<half::bf16>;
+    let Some(rows) = report["prefill"].as_array_mut() else { return Ok(()) };
+    let mut cache = std::collections::HashMap::new();
+    for r in rows.iter_mut() {
+        let shape = r["shape"].as_str().unwrap_or("").to_string();
+        let m = r["rows"].as_u64().unwrap_or(512) as usize;
+        let Some((k, n)) = shape.split_once('x').and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))) else { continue };
+        let tflops = match cache.get(&shape) {
+            Some(t) => *t,
+            None => {
+                let x = Tensor::<Bf16, 2>::from_data(TensorData::new(vec![half::bf16::from_f32(0.5); m * k], [m, k]), device);
+                let w = Tensor::<Bf16, 2>::from_data(TensorData::new(vec![half::bf16::from_f32(0.25); k * n], [k, n]), device);
+                let secs = time::<Bf16, _>(device, 10, || x.clone().matmul(w.clone()))?;
+                let t = 2.0 * (m * n * k) as f64 / secs / 1e12;
+                cache.insert(shape.clone(), t);
+                t
+            }
+        };
+        r["dense_bf16_tflops"] = json!(tflops);
+    }
+    Ok(())
+}
