@@ -71,6 +71,10 @@ pub fn run(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("device {}: copy bandwidth {:.1} GB/s", report["device"].as_str().unwrap_or("?"), report["copy_gb_s"].as_f64().unwrap_or(0.0));
+    println!(
+        "checked {} products (forward and dx) against dequantise-then-multiply in f64: max relative error {:.2e}",
+        report["check"]["cases"], report["check"]["max_rel_err"].as_f64().unwrap_or(f64::NAN)
+    );
     println!("decode (1 row): weight GB/s and fraction of copy bandwidth");
     for r in report["decode"].as_array().into_iter().flatten() {
         println!("  {:<26} {:>12}  {:>8.3} ms  {:>7.1} GB/s  {:>5.1} %", r["format"].as_str().unwrap_or(""), r["shape"].as_str().unwrap_or(""), r["ms"].as_f64().unwrap_or(0.0) , r["gb_s"].as_f64().unwrap_or(0.0), 100.0 * r["fraction_of_copy"].as_f64().unwrap_or(0.0));
@@ -94,14 +98,24 @@ fn bench<B: Backend + QuantMatmul>(device: &B::Device, spec: DeviceSpec) -> anyh
     let shapes: Vec<(usize, usize)> = if cpu { vec![(896, 4864), (4096, 4096)] } else { SHAPES.to_vec() };
     let prefill_rows = if cpu { 64 } else { 512 };
     let (mut decode, mut prefill) = (Vec::new(), Vec::new());
+    let check = verify::<B>(device)?;
     for (name, bits, group) in FORMATS {
         let format = Affine { bits, group };
         for &(k, n) in &shapes {
             let q = random_weight(n, k, format);
-            let (words, scales, biases) = q.to_tensors::<B>(device);
             let weight_bytes = (q.words.len() * 4 + (q.scales.len() + q.biases.len()) * 4) as f64;
+            // Several copies of the weight, used in turn, so that decode reads device memory
+            // and not the last-level cache (50 MB on an H100).
+            let copies = if cpu { 1 } else { (256e6 / weight_bytes).ceil().clamp(1.0, 16.0) as usize };
+            let sets: Vec<_> = (0..copies).map(|_| q.to_tensors::<B>(device)).collect();
+            let (words, scales, biases) = sets[0].clone();
             let x1 = Tensor::<B, 2>::random([1, k], Distribution::Default, device);
-            let secs = time::<B, _>(device, if cpu { 5 } else { 50 }, || quant_matmul(x1.clone(), words.clone(), scales.clone(), biases.clone(), format))?;
+            let mut turn = 0;
+            let secs = time::<B, _>(device, if cpu { 5 } else { 64 }, || {
+                turn += 1;
+                let (w, s, b) = &sets[turn % copies];
+                quant_matmul(x1.clone(), w.clone(), s.clone(), b.clone(), format)
+            })?;
             let gb_s = weight_bytes / secs / 1e9;
             decode.push(json!({"format": name, "shape": format!("{k}x{n}"), "ms": secs * 1e3, "gb_s": gb_s, "fraction_of_copy": gb_s / copy_gb_s}));
 
@@ -114,7 +128,62 @@ fn bench<B: Backend + QuantMatmul>(device: &B::Device, spec: DeviceSpec) -> anyh
             prefill.push(json!({"format": name, "shape": format!("{k}x{n}"), "rows": m, "tflops": flops / secs / 1e12, "dense_f32_tflops": flops / dense_secs / 1e12}));
         }
     }
-    Ok(json!({"device": format!("{spec:?}"), "copy_gb_s": copy_gb_s, "decode": decode, "prefill": prefill}))
+    Ok(json!({"device": format!("{spec:?}"), "copy_gb_s": copy_gb_s, "check": check, "decode": decode, "prefill": prefill}))
+}
+
+/// Every format, forward and transposed, on fresh random inputs at shapes that are not
+/// multiples of the tiles, against the host's f64 product of the dequantised weight. Fails
+/// above 1e-3 relative error: a wrong kernel is never timed.
+fn verify<B: Backend + QuantMatmul>(device: &B::Device) -> anyhow::Result<Value> {
+    let mut state = 0x9E37_79B9u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let (mut cases, mut worst) = (0, 0f64);
+    for (name, bits, group) in FORMATS {
+        let format = Affine { bits, group };
+        for (m, n, k) in [(1, 97, 256), (3, 896, 896), (8, 33, 512), (37, 130, 384)] {
+            if k % group as usize != 0 {
+                continue;
+            }
+            let levels: Vec<u8> = (0..n * k).map(|_| ((next() + 0.5) * (format.mask() + 1) as f32) as u8).collect();
+            let groups = n * k / group as usize;
+            let q = HostQuant::pack(&levels, n, k, format, (0..groups).map(|_| 0.02 + 0.01 * next()).collect(), (0..groups).map(|_| 0.05 * next()).collect());
+            let w = q.dequantize();
+            let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let dy: Vec<f32> = (0..m * n).map(|_| next()).collect();
+            let (words, scales, biases) = q.to_tensors::<B>(device);
+            let xt = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(x.clone(), [m, k]), device);
+            let y: Vec<f32> = quant_matmul(xt, words.clone(), scales.clone(), biases.clone(), format).into_data().convert::<f32>().into_vec().unwrap_or_default();
+            let dyt = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(dy.clone(), [m, n]), device);
+            let dx = B::quant_matmul_dx(dyt.into_primitive().tensor(), words.into_primitive(), scales.into_primitive().tensor(), biases.into_primitive().tensor(), format);
+            let dx: Vec<f32> = Tensor::<B, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(dx)).into_data().convert::<f32>().into_vec().unwrap_or_default();
+            let mut want_y = vec![0f64; m * n];
+            let mut want_dx = vec![0f64; m * k];
+            for r in 0..m {
+                for o in 0..n {
+                    for j in 0..k {
+                        want_y[r * n + o] += x[r * k + j] as f64 * w[o * k + j] as f64;
+                        want_dx[r * k + j] += dy[r * n + o] as f64 * w[o * k + j] as f64;
+                    }
+                }
+            }
+            for (got, want, what) in [(&y, &want_y, "forward"), (&dx, &want_dx, "dx")] {
+                let num: f64 = got.iter().zip(want.iter()).map(|(g, w)| (*g as f64 - w).powi(2)).sum();
+                let den: f64 = want.iter().map(|w| w * w).sum();
+                let err = if got.len() == want.len() { (num / den).sqrt() } else { f64::INFINITY };
+                if !(err < 1e-3) {
+                    anyhow::bail!("{name} {what} m{m} n{n} k{k}: relative error {err} against the reference; not timing a wrong kernel");
+                }
+                worst = worst.max(err);
+                cases += 1;
+            }
+        }
+    }
+    Ok(json!({"cases": cases, "max_rel_err": worst}))
 }
 
 /// Burn's dense bf16 matmul at the prefill shapes, added to each prefill row.
