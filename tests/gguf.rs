@@ -161,6 +161,9 @@ fn cli_export_inspect_and_refusals() {
     assert_eq!(code, 0, "{err}");
     let modelfile = std::fs::read_to_string(dir.path().join("Modelfile")).unwrap();
     assert!(modelfile.starts_with("FROM ./model.gguf\n"), "{modelfile}");
+    // The fixture's template is ChatML: Ollama's ChatML template and the end-of-turn stop.
+    assert!(modelfile.contains("TEMPLATE \"\"\"") && modelfile.contains("<|im_start|>assistant"), "{modelfile}");
+    assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
     let (code, _, err) = kiln(&["export", "gguf", "--model", model_s, "--type", "q8_0", "--out", out_s]);
     assert_ne!(code, 0);
     assert!(err.contains("--force"), "{err}");

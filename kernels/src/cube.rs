@@ -34,20 +34,20 @@ fn level<F: Float>(word: u32, v: u32, #[comptime] bits: u32) -> F {
     F::cast_from((word >> (v * bits)) & comptime!((1u32 << bits) - 1))
 }
 
+/// `rows` (1 to `MAX_ROWS`) is compile-time, so each weight value costs exactly `rows`
+/// multiply-adds and no bounds checks; one variant is compiled per row count used.
 #[cube(launch)]
-fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F>, biases: &Tensor<F>, out: &mut Tensor<F>, #[comptime] bits: u32, #[comptime] group: u32) {
+fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F>, biases: &Tensor<F>, out: &mut Tensor<F>, #[comptime] bits: u32, #[comptime] group: u32, #[comptime] rows: u32) {
     let o = CUBE_POS_X as usize;
     let lane = UNIT_POS_X;
-    let m = x.shape(0);
     let k = x.shape(1);
     let n = out.shape(1);
     let per_word = comptime!(32 / bits);
     let words_per_row = k / (per_word as usize);
-    let groups = k / (group as usize);
-    let mut partial = SharedMemory::<F>::new(comptime!(LANES * MAX_ROWS) as usize);
-    let mut acc = Array::<F>::new(comptime!(MAX_ROWS) as usize);
+    let mut partial = SharedMemory::<F>::new(comptime!(LANES * rows) as usize);
+    let mut acc = Array::<F>::new(comptime!(rows) as usize);
     #[unroll]
-    for r in 0..MAX_ROWS {
+    for r in 0..rows {
         acc[r as usize] = F::new(0.0);
     }
     if o < n {
@@ -62,18 +62,15 @@ fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F
             for v in 0..per_word {
                 let wv = scale * level::<F>(word, v, bits) + bias;
                 #[unroll]
-                for r in 0..MAX_ROWS {
-                    if (r as usize) < m {
-                        acc[r as usize] += wv * x[(r as usize) * x.stride(0) + (j0 + v as usize) * x.stride(1)];
-                    }
+                for r in 0..rows {
+                    acc[r as usize] += wv * x[(r as usize) * x.stride(0) + (j0 + v as usize) * x.stride(1)];
                 }
             }
             w += LANES as usize;
         }
     }
-    let _ = groups;
     #[unroll]
-    for r in 0..MAX_ROWS {
+    for r in 0..rows {
         partial[(r * LANES + lane) as usize] = acc[r as usize];
     }
     sync_cube();
@@ -82,7 +79,7 @@ fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F
         let stride = (LANES / 2) >> step;
         if lane < stride {
             #[unroll]
-            for r in 0..MAX_ROWS {
+            for r in 0..rows {
                 let i = (r * LANES + lane) as usize;
                 let other = partial[i + stride as usize];
                 partial[i] += other;
@@ -92,10 +89,8 @@ fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F
     }
     if lane == 0 && o < n {
         #[unroll]
-        for r in 0..MAX_ROWS {
-            if (r as usize) < m {
-                out[(r as usize) * n + o] = partial[(r * LANES) as usize];
-            }
+        for r in 0..rows {
+            out[(r as usize) * n + o] = partial[(r * LANES) as usize];
         }
     }
 }
@@ -216,10 +211,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> QuantMatmu
         let [n, _] = words.meta.shape().dims::<2>();
         let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), F::dtype());
         let client = x.client.clone();
+        if m == 0 || n == 0 {
+            return out;
+        }
         if m as u32 <= MAX_ROWS {
             let count = CubeCount::Static(n as u32, 1, 1);
             let dim = CubeDim { x: LANES, y: 1, z: 1 };
-            matvec_kernel::launch::<F, R>(&client, count, dim, x.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), out.clone().into_tensor_arg(), format.bits, format.group);
+            matvec_kernel::launch::<F, R>(&client, count, dim, x.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), out.clone().into_tensor_arg(), format.bits, format.group, m as u32);
         } else {
             let (count, dim) = tiles(n, m);
             matmul_kernel::launch::<F, R>(&client, count, dim, x.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), out.clone().into_tensor_arg(), format.bits, format.group);
@@ -236,6 +234,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> QuantMatmu
         let k = w * format.per_word();
         let dx = empty_device_contiguous_dtype(dy.client.clone(), dy.device.clone(), Shape::new([m, k]), F::dtype());
         let client = dy.client.clone();
+        if m == 0 || k == 0 {
+            return dx;
+        }
         let (count, dim) = tiles(k, m);
         matmul_dx_kernel::launch::<F, R>(&client, count, dim, dy.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), dx.clone().into_tensor_arg(), format.bits, format.group);
         dx

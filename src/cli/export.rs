@@ -128,7 +128,7 @@ fn gguf(args: GgufArgs) -> anyhow::Result<()> {
     );
     if args.modelfile {
         let name = args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let text = gguf::modelfile(&name, &export.stop_strings());
+        let text = gguf::modelfile(&name, &export.stop_strings(), export.chat_template());
         crate::fsutil::write_atomic(&modelfile_path, text.as_bytes()).with_context(|| format!("writing {}", modelfile_path.display()))?;
         eprintln!("wrote {}", modelfile_path.display());
     }

@@ -246,6 +246,11 @@ impl Export {
         Ok(Self { arch, metadata, items, weights, file_type })
     }
 
+    /// The chat template the file carries.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.metadata.iter().find(|(k, _)| k == "tokenizer.chat_template").and_then(|(_, v)| v.as_str())
+    }
+
     /// The texts of the end-of-turn and end-of-text tokens: where generation must stop.
     pub fn stop_strings(&self) -> Vec<String> {
         let get = |key: &str| self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v);
