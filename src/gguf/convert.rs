@@ -400,6 +400,9 @@ fn read_config(raw: &Json, path: &Path) -> Result<(ModelConfig, Option<Moe>), Mo
     let num = |key: &str| raw.get(key).and_then(Json::as_u64).map(|v| v as usize).ok_or_else(|| ctx.missing(key));
     let experts = num("num_experts").or_else(|_| num("num_local_experts"))?;
     let moe = Moe { experts, experts_used: num("num_experts_per_tok")?, expert_ff: num("moe_intermediate_size")? };
+    if moe.experts == 0 || moe.experts_used == 0 || moe.experts_used > moe.experts {
+        return Err(ctx.invalid("num_experts_per_tok", format!("{} of {} experts per token: expected between 1 and the number of experts", moe.experts_used, moe.experts)));
+    }
     if raw.get("norm_topk_prob").and_then(Json::as_bool) == Some(false) {
         return Err(ctx.invalid("norm_topk_prob", "false: llama.cpp's qwen3moe always renormalises the top-k router weights, so the exported model would compute something else"));
     }
