@@ -475,3 +475,27 @@ fn mlx_export_matches_mlx_quantize() {
         }
     }
 }
+
+#[test]
+fn gguf_with_absurd_dims_is_an_error_not_a_panic() {
+    // One F32 tensor whose dims multiply past u64: the reader must refuse it by name.
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(b"GGUF");
+    bytes.extend_from_slice(&3u32.to_le_bytes());
+    bytes.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    bytes.extend_from_slice(&0u64.to_le_bytes()); // metadata
+    bytes.extend_from_slice(&4u64.to_le_bytes());
+    bytes.extend_from_slice(b"huge");
+    bytes.extend_from_slice(&2u32.to_le_bytes());
+    bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+    bytes.extend_from_slice(&3u64.to_le_bytes());
+    bytes.extend_from_slice(&0u32.to_le_bytes()); // F32
+    bytes.extend_from_slice(&0u64.to_le_bytes()); // offset
+    bytes.resize(128, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, _, err) = kiln(&["inspect", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("huge") && err.contains("too large"), "{err}");
+}

@@ -46,21 +46,6 @@ impl Affine {
     pub fn words(self, k: usize) -> usize {
         k / self.per_word()
     }
-
-    /// Whether a `[n, k]` weight fits: bits 4 or 8, `k` a multiple of the group and the group
-    /// a multiple of the values in a word.
-    pub fn check(self, k: usize) -> Result<(), String> {
-        if !matches!(self.bits, 4 | 8) {
-            return Err(format!("{} bits: the kernels take 4 or 8", self.bits));
-        }
-        if self.group == 0 || self.group as usize % self.per_word() != 0 {
-            return Err(format!("group of {}: must be a positive multiple of {}", self.group, self.per_word()));
-        }
-        if k % self.group as usize != 0 {
-            return Err(format!("{k} inputs are not a multiple of the group size {}", self.group));
-        }
-        Ok(())
-    }
 }
 
 /// Backend extension for products with an affine-quantised weight. Shapes: `x` `[m, k]`,

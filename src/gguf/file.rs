@@ -288,7 +288,13 @@ impl GgufFile {
             if row % t.ty.block_size() != 0 {
                 return Err(GgufError::Tensor { name: t.name.clone(), message: format!("row of {row} is not a multiple of the {} block size {}", t.ty.name(), t.ty.block_size()) });
             }
-            let end = file.data_offset + t.offset + t.byte_len();
+            // Dims come from the file: a crafted one must not overflow the size arithmetic.
+            let elements = t.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+            let bytes = elements.and_then(|e| (e / (row.max(1) as u64)).checked_mul(t.ty.row_bytes(row) as u64));
+            let end = bytes.and_then(|b| file.data_offset.checked_add(t.offset)?.checked_add(b));
+            let Some(end) = end else {
+                return Err(GgufError::Tensor { name: t.name.clone(), message: format!("dims {:?} are too large to be a tensor", t.dims) });
+            };
             if end > file.map.len() as u64 {
                 return Err(GgufError::Corrupt { path: path.to_path_buf(), what: format!("tensor `{}` ends past the end of the file ({} bytes)", t.name, file.map.len()), offset: end });
             }
