@@ -8,6 +8,14 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub use kiln_kernels::QuantMatmul;
+
+/// What training needs of a backend: autodiff, with the quantised kernels on both the autodiff
+/// backend (QLoRA's forward) and the inner one (evaluation and sampling without a tape).
+pub trait TrainBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: QuantMatmul> + QuantMatmul {}
+
+impl<B> TrainBackend for B where B: burn::tensor::backend::AutodiffBackend<InnerBackend: QuantMatmul> + QuantMatmul {}
+
 /// CPU backend: ndarray, f32 floats.
 pub type Cpu = burn::backend::NdArray<f32>;
 #[cfg(feature = "wgpu")]

@@ -1,16 +1,19 @@
 //! `kiln bench forward|decode`: prefill and decode throughput, median of several timed runs
 //! after a warm-up (the first run on a GPU compiles and autotunes its kernels).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::prelude::*;
+use crate::backend::QuantMatmul;
 use serde_json::json;
 
 use super::{model_dir, DeviceArg};
 use crate::generate::{argmax, ids_tensor};
+use crate::model::layers::LinearWeight;
 use crate::model::Model;
+use crate::quant::affine::QuantSpec;
+use burn::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum What {
@@ -31,7 +34,8 @@ enum What {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     what: What,
-    /// Hugging Face model directory (forward, decode).
+    /// Hugging Face model directory (forward, decode; a random Qwen3-0.6B-shaped model when
+    /// left out).
     #[arg(long)]
     model: Option<PathBuf>,
     /// The recipe to time (train).
@@ -52,6 +56,9 @@ pub struct Args {
     /// GGUF types to time (export).
     #[arg(long, value_delimiter = ',', default_value = "q4_k_m,q8_0")]
     types: Vec<String>,
+    /// Also run the model quantised (forward, decode), next to the float model.
+    #[arg(long, value_parser = super::parse_quantize)]
+    quantize: Option<QuantSpec>,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -70,12 +77,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.what == What::Export {
         return super::export::bench(args.model.as_deref(), &args.types, args.json);
     }
-    let Some(model) = &args.model else { anyhow::bail!("--model is required for `bench forward|decode`") };
-    model_dir(model)?;
     if args.prompt_len == 0 || args.runs == 0 {
         anyhow::bail!("--prompt-len and --runs must be at least 1");
     }
-    crate::with_backend!(args.device.device, |B, device| run_on::<B>(&args, &device))
+    if args.what == What::Decode && args.new_tokens == 0 {
+        anyhow::bail!("--new-tokens must be at least 1 for `bench decode`");
+    }
+    let scratch = tempfile::tempdir()?;
+    let dir = match &args.model {
+        Some(m) => model_dir(m)?.clone(),
+        None => {
+            eprintln!("no --model: creating a random Qwen3-0.6B-shaped model ...");
+            super::export::random_qwen3_0_6b(&scratch.path().join("model"))?
+        }
+    };
+    crate::with_backend!(args.device.device, |B, device| run_on::<B>(&args, &dir, &device))
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -83,69 +99,103 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
-    let dir = args.model.as_deref().unwrap_or(std::path::Path::new("."));
-    let model = Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+/// With `--quantize`, the float model is measured first in the same run as the reference.
+fn run_on<B: QuantMatmul>(args: &Args, dir: &Path, device: &B::Device) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    if args.quantize.is_some() {
+        rows.push(measure::<B>(args, dir, None, device)?);
+    }
+    rows.push(measure::<B>(args, dir, args.quantize, device)?);
+    let result = json!({
+        "model": dir.display().to_string(),
+        "device": args.device.device.to_string(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": (args.what == What::Decode).then_some(args.new_tokens),
+        "runs": args.runs,
+        "results": rows,
+    });
+    if args.json {
+        println!("{result}");
+        return Ok(());
+    }
+    println!("model   {}  (device {}, prompt {} tokens, median of {} runs)", dir.display(), args.device.device, args.prompt_len, args.runs);
+    for r in &rows {
+        let decode = r["decode_tokens_per_s"].as_f64().map(|d| format!("  decode {d:>8.1} tokens/s")).unwrap_or_default();
+        println!(
+            "  {:<10} prefill {:>9.1} tokens/s{decode}  weights {:>8.1} MiB",
+            r["weights"].as_str().unwrap_or(""),
+            r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+            r["weight_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
+        );
+    }
+    if let [dense, quant] = rows.as_slice() {
+        let ratio = |key: &str| Some(quant[key].as_f64()? / dense[key].as_f64()?);
+        if let Some(r) = ratio("decode_tokens_per_s") {
+            println!("  decode speed {r:.2}× the float model's");
+        }
+        if let Some(r) = ratio("weight_bytes") {
+            println!("  weights {:.2}× the float model's size", r);
+        }
+    }
+    Ok(())
+}
+
+/// Prefill (and decode) speed of the model at `dir`, loaded float or quantised.
+fn measure<B: QuantMatmul>(args: &Args, dir: &Path, quantize: Option<QuantSpec>, device: &B::Device) -> anyhow::Result<serde_json::Value> {
+    let model = Model::<B>::load_quantized(dir, quantize, device).with_context(|| format!("loading {}", dir.display()))?;
     let vocab = model.config.vocab_size as u32;
     // A fixed pseudo-random prompt: the same tokens on every backend and run.
     let prompt: Vec<u32> = (0..args.prompt_len as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    let host = |logits: Tensor<B, 2>| logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"));
 
-    let prefill = || -> anyhow::Result<(f64, Vec<f32>)> {
+    let prefill = || -> anyhow::Result<f64> {
         let t = Instant::now();
         let mut cache = model.make_cache();
-        let logits = model.forward_last(ids_tensor::<B>(&prompt, device), Some(&mut cache));
-        let row = logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        Ok((t.elapsed().as_secs_f64(), row))
+        host(model.forward_last(ids_tensor::<B>(&prompt, device), Some(&mut cache)))?;
+        Ok(t.elapsed().as_secs_f64())
     };
     let decode = || -> anyhow::Result<f64> {
         let mut cache = model.make_cache();
-        let logits = model.forward_last(ids_tensor::<B>(&prompt, device), Some(&mut cache));
-        let mut row = logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let mut row = host(model.forward_last(ids_tensor::<B>(&prompt, device), Some(&mut cache)))?;
         let t = Instant::now();
         for _ in 0..args.new_tokens {
             let next = argmax(&row);
-            let logits = model.forward_last(ids_tensor::<B>(&[next], device), Some(&mut cache));
-            row = logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            row = host(model.forward_last(ids_tensor::<B>(&[next], device), Some(&mut cache)))?;
         }
         Ok(t.elapsed().as_secs_f64())
     };
 
     // Warm-up: compiles kernels for these shapes on GPU backends.
     prefill()?;
-    let mut prefill_times = Vec::new();
-    for _ in 0..args.runs {
-        prefill_times.push(prefill()?.0);
-    }
-    let prefill_tps = args.prompt_len as f64 / median(prefill_times);
-    let mut result = json!({
-        "model": dir.display().to_string(),
-        "device": args.device.device.to_string(),
-        "prompt_len": args.prompt_len,
-        "runs": args.runs,
+    let prefill_tps = args.prompt_len as f64 / median((0..args.runs).map(|_| prefill()).collect::<anyhow::Result<_>>()?);
+    let mut row = json!({
+        "weights": quantize.map_or_else(|| "float".to_string(), |q| q.to_string()),
+        "weight_bytes": weight_bytes(&model),
         "prefill_tokens_per_s": prefill_tps,
     });
     if args.what == What::Decode {
-        if args.new_tokens == 0 {
-            anyhow::bail!("--new-tokens must be at least 1 for `bench decode`");
-        }
         decode()?;
-        let mut times = Vec::new();
-        for _ in 0..args.runs {
-            times.push(decode()?);
-        }
-        result["new_tokens"] = json!(args.new_tokens);
-        result["decode_tokens_per_s"] = json!(args.new_tokens as f64 / median(times));
+        let times = (0..args.runs).map(|_| decode()).collect::<anyhow::Result<Vec<_>>>()?;
+        row["decode_tokens_per_s"] = json!(args.new_tokens as f64 / median(times));
     }
-    if args.json {
-        println!("{result}");
-    } else {
-        println!("model   {}  ({} params, device {})", dir.display(), super::inspect::human_count(model.config.num_params_estimate()), args.device.device);
-        println!("prefill {:>10.1} tokens/s  (prompt {} tokens, median of {})", prefill_tps, args.prompt_len, args.runs);
-        if let Some(d) = result.get("decode_tokens_per_s").and_then(|v| v.as_f64()) {
-            println!("decode  {:>10.1} tokens/s  ({} new tokens, median of {})", d, args.new_tokens, args.runs);
+    Ok(row)
+}
+
+/// Bytes the model's weights take on the device: float parameters at the backend's float
+/// width, quantised projections as their words, scales and biases.
+fn weight_bytes<B: QuantMatmul>(model: &Model<B>) -> u64 {
+    use burn::module::Module;
+    let float = model.embed_tokens.val().dtype().size() as u64;
+    let mut bytes = model.num_params() as u64 * float;
+    for i in 0..model.layers.len() {
+        for (_, l) in crate::lora::projections(model, i) {
+            if let LinearWeight::Quant(q) = &l.weight {
+                let size = |dims: [usize; 2], elem: usize| (dims[0] * dims[1] * elem) as u64;
+                bytes += size(q.words.dims(), q.words.dtype().size()) + size(q.scales.dims(), q.scales.dtype().size()) + size(q.biases.dims(), q.biases.dtype().size());
+            }
         }
     }
-    Ok(())
+    bytes
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use burn::prelude::*;
+use crate::backend::QuantMatmul;
 use serde_json::json;
 
 use super::{DeviceArg, ModelArgs};
@@ -42,7 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     crate::with_backend!(args.device.device, |B, device| run_on::<B>(&args, &device))
 }
 
-fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
+fn run_on<B: QuantMatmul>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::load(&args.model.model)?;
     let model = args.model.load::<B>(device)?;
     let eos = model.config.eos_token_ids.first().copied().or_else(|| tokenizer.eos_ids().first().copied());

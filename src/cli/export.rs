@@ -85,11 +85,14 @@ fn refuse_overwrite(out: &Path, force: bool) -> anyhow::Result<()> {
 /// The checkpoint's tensors, or with an adapter the fused ones (fused on the CPU: a few
 /// matrix products per layer, exact on any machine).
 fn weights(model: &ModelArgs) -> anyhow::Result<TensorSource> {
+    if model.quantize.is_some() && model.adapter.is_none() {
+        anyhow::bail!("--quantize sets the base a QLoRA adapter is fused into; without --adapter it has nothing to do (the export's own format is --type for GGUF, --bits/--group-size for MLX)");
+    }
     match &model.adapter {
         None => Ok(TensorSource::Files(WeightFiles::open(&model.model).with_context(|| format!("reading {}", model.model.display()))?)),
         Some(adapter) => {
             let device = Default::default();
-            let loaded = super::load_model::<Cpu>(&model.model, Some(adapter), &device)?;
+            let loaded = super::load_model::<Cpu>(&model.model, Some(adapter), model.quantize, &device)?;
             eprintln!("fusing {} into {}", adapter.display(), model.model.display());
             Ok(TensorSource::from_tensors(hf_tensors(&lora::fuse(loaded))))
         }
@@ -270,7 +273,7 @@ pub fn bench(model: Option<&Path>, types: &[String], json_out: bool) -> anyhow::
 /// A Qwen3-0.6B geometry (hidden 1024, 28 layers, 16/8 heads of 128, MLP 3072, vocab 151936,
 /// tied) with random bf16 weights and a byte-level tokenizer stub large enough to name
 /// every row, so the export runs the same path as for a real checkpoint.
-fn random_qwen3_0_6b(dir: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn random_qwen3_0_6b(dir: &Path) -> anyhow::Result<PathBuf> {
     use rand::{Rng, SeedableRng};
     use safetensors::Dtype;
 

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use burn::prelude::*;
+use crate::backend::QuantMatmul;
 
 use super::{DeviceArg, ModelArgs};
 use crate::generate::ids_tensor;
@@ -34,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     crate::with_backend!(args.device.device, |B, device| run_on::<B>(&args, &device))
 }
 
-fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
+fn run_on<B: QuantMatmul>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
     let model = args.model.load::<B>(device)?;
     let vocab = model.config.vocab_size;
     if let Some(bad) = args.ids.iter().find(|&&i| i as usize >= vocab) {

@@ -8,6 +8,7 @@ use anyhow::Context;
 use super::model_dir;
 use crate::backend::Cpu;
 use crate::lora;
+use crate::model::layers::describe;
 use crate::model::save::save_hf_dir;
 
 #[derive(Debug, clap::Args)]
@@ -30,7 +31,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // Fusing is a few matrix products per layer: the CPU does it exactly, on any machine.
     let device = Default::default();
-    let model = super::load_model::<Cpu>(&args.model, Some(&args.adapter), &device)?;
+    let model = super::load_model::<Cpu>(&args.model, Some(&args.adapter), None, &device)?;
+    let quantized = lora::quantized_formats(&model);
+    if let Some(format) = quantized.first() {
+        eprintln!("the base is quantised ({}): fusing into the dequantised weights, which is what the adapter was trained against, not into the original float weights", describe(*format));
+    }
     let fused = lora::fuse(model);
     let config_path = args.model.join("config.json");
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?)

@@ -6,7 +6,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use burn::prelude::*;
+use crate::backend::QuantMatmul;
 use serde_json::{json, Value};
 
 use super::{DeviceArg, ModelArgs};
@@ -101,7 +101,7 @@ fn prompt_ids(args: &Args, tokenizer: Option<&Tokenizer>) -> anyhow::Result<Vec<
     }
 }
 
-fn run_on<B: Backend>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
+fn run_on<B: QuantMatmul>(args: &Args, device: &B::Device) -> anyhow::Result<()> {
     let tokenizer = match Tokenizer::load(&args.model.model) {
         Ok(t) => Some(t),
         Err(e) if args.prompt_ids.is_some() => {

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::backend::DeviceSpec;
+use crate::quant::affine::QuantSpec;
 
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about = "Fine-tune open-weight language models", propagate_version = true)]
@@ -65,6 +66,10 @@ pub struct ModelArgs {
     /// A PEFT adapter directory to apply on top of the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Quantise the projections at load time and run them on the quantised kernels:
+    /// q4_g32, q4_g64, q4_g128, q8_g32, q8_g64, q8_g128, gguf:q8_0, gguf:q4_0 or gguf:q4_k.
+    #[arg(long, value_parser = parse_quantize)]
+    pub quantize: Option<QuantSpec>,
 }
 
 impl ModelArgs {
@@ -73,13 +78,17 @@ impl ModelArgs {
         model_dir(&self.model).map(|_| ())
     }
 
-    pub fn load<B: burn::prelude::Backend>(&self, device: &B::Device) -> anyhow::Result<crate::model::Model<B>> {
-        load_model(&self.model, self.adapter.as_deref(), device)
+    pub fn load<B: crate::backend::QuantMatmul>(&self, device: &B::Device) -> anyhow::Result<crate::model::Model<B>> {
+        load_model(&self.model, self.adapter.as_deref(), self.quantize, device)
     }
 }
 
 fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     s.parse::<DeviceSpec>().map_err(|e| e.to_string())
+}
+
+pub fn parse_quantize(s: &str) -> Result<QuantSpec, String> {
+    QuantSpec::parse(s).ok_or_else(|| format!("unknown quantisation `{s}`: expected one of {}", QuantSpec::NAMES))
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -105,10 +114,26 @@ pub fn model_dir(path: &PathBuf) -> anyhow::Result<&PathBuf> {
     Ok(path)
 }
 
-/// Loads a model directory and, when given, a PEFT adapter on top.
-pub fn load_model<B: burn::prelude::Backend>(dir: &std::path::Path, adapter: Option<&std::path::Path>, device: &B::Device) -> anyhow::Result<crate::model::Model<B>> {
+/// Loads a model directory (quantised if asked) and, when given, a PEFT adapter on top.
+pub fn load_model<B: crate::backend::QuantMatmul>(dir: &std::path::Path, adapter: Option<&std::path::Path>, quantize: Option<QuantSpec>, device: &B::Device) -> anyhow::Result<crate::model::Model<B>> {
     use anyhow::Context;
-    let model = crate::model::Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    // A QLoRA adapter was trained over one quantised base; it runs and fuses over that one.
+    let recorded = match adapter {
+        Some(a) => crate::lora::peft::base_quantization(a)?,
+        None => None,
+    };
+    let quantize = match (quantize, recorded) {
+        (Some(asked), Some(trained)) if asked != trained => {
+            eprintln!("warning: the adapter was trained over a {trained} base; running it over {asked} as asked");
+            Some(asked)
+        }
+        (None, Some(trained)) => {
+            eprintln!("the adapter was trained over a {trained} base (QLoRA): loading the base quantised the same way");
+            Some(trained)
+        }
+        (asked, _) => asked,
+    };
+    let model = crate::model::Model::<B>::load_quantized(dir, quantize, device).with_context(|| format!("loading {}", dir.display()))?;
     match adapter {
         Some(a) => {
             let (model, _) = crate::lora::peft::load(model, a).with_context(|| format!("loading adapter {}", a.display()))?;

@@ -6,6 +6,7 @@
 //! sampler exact and identical on every backend.
 
 use burn::prelude::*;
+use crate::backend::QuantMatmul;
 use burn::tensor::TensorData;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -112,7 +113,7 @@ pub struct StopConfig {
 /// Generates up to `stop.max_new_tokens` tokens after `prompt`, calling `on_token` with each new
 /// id; `on_token` returns false to stop early (a stop string matched). Returns the new ids,
 /// EOS excluded.
-pub fn generate<B: Backend>(
+pub fn generate<B: QuantMatmul>(
     model: &Model<B>,
     prompt: &[u32],
     sampler: &mut Sampler,

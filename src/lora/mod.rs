@@ -13,7 +13,7 @@ use burn::tensor::{Distribution, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::layers::Linear;
+use crate::model::layers::{Linear, LinearWeight};
 use crate::model::Model;
 
 /// The projections an adapter can wrap, in PEFT's names.
@@ -148,13 +148,15 @@ pub fn attach<B: Backend>(model: Model<B>, spec: &LoraSpec, seed: u64) -> Model<
     model
 }
 
-/// Folds every adapter into its base weight (`W + scale·A·B`) and removes it.
+/// Folds every adapter into its base weight (`W + scale·A·B`) and removes it. A quantised
+/// base is dequantised first: the result is the dequantised base plus the update, which is
+/// what the adapter was trained against (not the original float weights).
 pub fn fuse<B: Backend>(mut model: Model<B>) -> Model<B> {
     for i in 0..model.layers.len() {
         for (_, linear) in projections_mut(&mut model, i) {
             if let Some(lora) = linear.lora.take() {
-                let merged = linear.weight.val() + lora.delta();
-                linear.weight = Param::from_tensor(merged);
+                let merged = linear.dense_weight() + lora.delta();
+                linear.weight = LinearWeight::Dense(Param::from_tensor(merged));
             }
         }
     }
@@ -166,4 +168,17 @@ pub fn count<B: Backend>(model: &Model<B>) -> usize {
     (0..model.layers.len())
         .map(|i| projections(model, i).iter().filter(|(_, l)| l.lora.is_some()).count())
         .sum()
+}
+
+/// The distinct quantisations among the adapted projections' bases (empty for a float base).
+pub fn quantized_formats<B: Backend>(model: &Model<B>) -> Vec<kiln_kernels::Affine> {
+    let mut formats = Vec::new();
+    for i in 0..model.layers.len() {
+        for (_, l) in projections(model, i) {
+            if let Some(f) = l.quant_format().filter(|f| !formats.contains(f)) {
+                formats.push(f);
+            }
+        }
+    }
+    formats
 }

@@ -14,6 +14,7 @@ use super::{projections, projections_mut, Lora, LoraSpec, TARGETS};
 use crate::model::layers::transpose_host;
 use crate::model::weights::{save_f32, WeightFiles};
 use crate::model::{Model, ModelError};
+use crate::quant::affine::QuantSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -35,7 +36,9 @@ fn module_path(layer: usize, proj: &str) -> String {
 }
 
 /// Writes the model's adapters to `dir` in PEFT format (files written atomically).
-pub fn save<B: Backend>(model: &Model<B>, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
+/// `base_quantization` is the quantisation the base was trained under (QLoRA); it is recorded
+/// in `kiln_adapter.json` so that fusing and exporting use the same dequantised base.
+pub fn save<B: Backend>(model: &Model<B>, spec: &LoraSpec, base_model: &str, base_quantization: Option<QuantSpec>, dir: &Path) -> Result<(), AdapterError> {
     let mut tensors = Vec::new();
     let mut targets: Vec<String> = Vec::new();
     for i in 0..model.layers.len() {
@@ -77,7 +80,37 @@ pub fn save<B: Backend>(model: &Model<B>, spec: &LoraSpec, base_model: &str, dir
     });
     let path = dir.join("adapter_config.json");
     let text = serde_json::to_string_pretty(&config).unwrap_or_default();
-    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| AdapterError::Io { path, source })
+    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| AdapterError::Io { path, source })?;
+    // PEFT's config has no field for this, and PEFT refuses keys it does not know: a side file.
+    let path = dir.join(KILN_SIDE_FILE);
+    match base_quantization {
+        Some(q) => {
+            let text = serde_json::to_string_pretty(&json!({ "base_quantization": q.to_string() })).unwrap_or_default();
+            crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| AdapterError::Io { path, source })
+        }
+        None if path.exists() => std::fs::remove_file(&path).map_err(|source| AdapterError::Io { path, source }),
+        None => Ok(()),
+    }
+}
+
+/// What kiln records beside a PEFT adapter.
+const KILN_SIDE_FILE: &str = "kiln_adapter.json";
+
+/// The quantisation the adapter's base was trained under, if it was a QLoRA adapter.
+pub fn base_quantization(dir: &Path) -> Result<Option<QuantSpec>, AdapterError> {
+    let path = dir.join(KILN_SIDE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| AdapterError::Io { path: path.clone(), source })?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| AdapterError::Config { path: path.clone(), message: e.to_string() })?;
+    match value.get("base_quantization") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => QuantSpec::parse(s)
+            .map(Some)
+            .ok_or_else(|| AdapterError::Config { path, message: format!("base_quantization: unknown quantisation {s:?} (expected one of {})", QuantSpec::NAMES) }),
+        Some(other) => Err(AdapterError::Config { path, message: format!("base_quantization: expected a string such as \"q4_g64\", found {other}") }),
+    }
 }
 
 fn to_vec<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {

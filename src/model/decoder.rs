@@ -13,6 +13,8 @@ use burn::tensor::activation;
 use super::config::{Activation, ModelConfig};
 use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask, repeat_kv, rope_tables, Linear, RmsNorm};
 use super::weights::WeightFiles;
+use crate::quant::affine::QuantSpec;
+use kiln_kernels::QuantMatmul;
 use super::ModelError;
 
 /// Keys and values of every layer so far, each `[b, kv, t, d]`. Created by
@@ -50,8 +52,8 @@ pub struct Attention<B: Backend> {
     pub logit_softcap: f64,
 }
 
-impl<B: Backend> Attention<B> {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, device: &B::Device) -> Result<Self, ModelError> {
+impl<B: QuantMatmul> Attention<B> {
+    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
         let (e, d, h, kv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let norm = |name: &str| -> Result<Option<RmsNorm<B>>, ModelError> {
             if cfg.qk_norm {
@@ -62,10 +64,10 @@ impl<B: Backend> Attention<B> {
             }
         };
         Ok(Self {
-            q_proj: Linear::load(files, &format!("{prefix}.q_proj"), e, h * d, cfg.qkv_bias, device)?,
-            k_proj: Linear::load(files, &format!("{prefix}.k_proj"), e, kv * d, cfg.qkv_bias, device)?,
-            v_proj: Linear::load(files, &format!("{prefix}.v_proj"), e, kv * d, cfg.qkv_bias, device)?,
-            o_proj: Linear::load(files, &format!("{prefix}.o_proj"), h * d, e, cfg.o_bias, device)?,
+            q_proj: Linear::load(files, &format!("{prefix}.q_proj"), e, h * d, cfg.qkv_bias, quantize, device)?,
+            k_proj: Linear::load(files, &format!("{prefix}.k_proj"), e, kv * d, cfg.qkv_bias, quantize, device)?,
+            v_proj: Linear::load(files, &format!("{prefix}.v_proj"), e, kv * d, cfg.qkv_bias, quantize, device)?,
+            o_proj: Linear::load(files, &format!("{prefix}.o_proj"), h * d, e, cfg.o_bias, quantize, device)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             num_heads: h,
@@ -134,13 +136,13 @@ pub struct Mlp<B: Backend> {
     pub activation: Activation,
 }
 
-impl<B: Backend> Mlp<B> {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, device: &B::Device) -> Result<Self, ModelError> {
+impl<B: QuantMatmul> Mlp<B> {
+    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
         let (e, f, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: Linear::load(files, &format!("{prefix}.gate_proj"), e, f, bias, device)?,
-            up_proj: Linear::load(files, &format!("{prefix}.up_proj"), e, f, bias, device)?,
-            down_proj: Linear::load(files, &format!("{prefix}.down_proj"), f, e, bias, device)?,
+            gate_proj: Linear::load(files, &format!("{prefix}.gate_proj"), e, f, bias, quantize, device)?,
+            up_proj: Linear::load(files, &format!("{prefix}.up_proj"), e, f, bias, quantize, device)?,
+            down_proj: Linear::load(files, &format!("{prefix}.down_proj"), f, e, bias, quantize, device)?,
             activation: cfg.activation,
         })
     }
@@ -170,8 +172,8 @@ pub struct DecoderLayer<B: Backend> {
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, device: &B::Device) -> Result<Self, ModelError> {
+impl<B: QuantMatmul> DecoderLayer<B> {
+    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
         let norm = |name: &str| RmsNorm::load(files, &format!("{prefix}.{name}"), cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset, device);
         let (pre_ff, post_ff) = if cfg.sandwich_norms {
             (Some(norm("pre_feedforward_layernorm")?), Some(norm("post_feedforward_layernorm")?))
@@ -179,8 +181,8 @@ impl<B: Backend> DecoderLayer<B> {
             (None, None)
         };
         Ok(Self {
-            self_attn: Attention::load(files, &format!("{prefix}.self_attn"), cfg, device)?,
-            mlp: Mlp::load(files, &format!("{prefix}.mlp"), cfg, device)?,
+            self_attn: Attention::load(files, &format!("{prefix}.self_attn"), cfg, quantize, device)?,
+            mlp: Mlp::load(files, &format!("{prefix}.mlp"), cfg, quantize, device)?,
             input_layernorm: norm("input_layernorm")?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             pre_feedforward_layernorm: pre_ff,
@@ -224,15 +226,22 @@ pub struct Model<B: Backend> {
     pub config: ModelConfig,
 }
 
-impl<B: Backend> Model<B> {
+impl<B: QuantMatmul> Model<B> {
     /// Loads config.json and the safetensors weights of a Hugging Face model directory.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
-        let config = ModelConfig::from_dir(dir)?;
-        let files = WeightFiles::open(dir)?;
-        Self::from_files(config, &files, device)
+        Self::load_quantized(dir, None, device)
     }
 
-    pub fn from_files(config: ModelConfig, files: &WeightFiles, device: &B::Device) -> Result<Self, ModelError> {
+    /// As [`Model::load`], quantising the seven projections of every layer with `quantize`
+    /// (embeddings, norms and the LM head stay in float). Projections the checkpoint already
+    /// stores MLX-quantised load as stored either way.
+    pub fn load_quantized(dir: &Path, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_dir(dir)?;
+        let files = WeightFiles::open(dir)?;
+        Self::from_files(config, &files, quantize, device)
+    }
+
+    pub fn from_files(config: ModelConfig, files: &WeightFiles, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
         let cfg = &config;
         // Multimodal checkpoints nest the text model one level deeper.
         let prefix = ["model", "model.language_model", "language_model.model"]
@@ -241,14 +250,14 @@ impl<B: Backend> Model<B> {
             .unwrap_or("model");
         let embed_tokens = load_tensor::<B, 2>(files, &format!("{prefix}.embed_tokens.weight"), [cfg.vocab_size, cfg.hidden_size], device)?;
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(files, &format!("{prefix}.layers.{i}"), cfg, device))
+            .map(|i| DecoderLayer::load(files, &format!("{prefix}.layers.{i}"), cfg, quantize, device))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(files, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset, device)?;
         // A tied checkpoint that still stores `lm_head.weight` (some exports do) uses it.
         let lm_head = if cfg.tie_word_embeddings && !files.contains("lm_head.weight") {
             None
         } else {
-            Some(Linear::load(files, "lm_head", cfg.hidden_size, cfg.vocab_size, false, device)?)
+            Some(Linear::load(files, "lm_head", cfg.hidden_size, cfg.vocab_size, false, None, device)?)
         };
         Ok(Self { embed_tokens: Param::from_tensor(embed_tokens), layers, norm, lm_head, config })
     }

@@ -8,7 +8,11 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use kiln_kernels::host::HostQuant;
+use kiln_kernels::{Affine, QuantMatmul};
+
 use super::config::{RopeConfig, RopeScaling};
+use crate::quant::affine::QuantSpec;
 use super::weights::WeightFiles;
 use super::ModelError;
 
@@ -34,27 +38,76 @@ pub fn transpose_host(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// `y = x·W + b`, with `W` stored `[in, out]`.
+/// `y = x·W + b`, with `W` stored `[in, out]`, or quantised.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// [in, out]
-    pub weight: Param<Tensor<B, 2>>,
+    pub weight: LinearWeight<B>,
     /// [out]
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A low-rank update added to the output when this layer is adapted.
     pub lora: Option<crate::lora::Lora<B>>,
 }
 
+/// A linear layer's weight: a float matrix, or affine-quantised and multiplied by the
+/// kernels of `kiln-kernels`, which dequantise in registers and never form the float matrix.
+/// A quantised weight is frozen (it holds no `Param`); LoRA on top of it is QLoRA.
+#[derive(Module, Debug)]
+pub enum LinearWeight<B: Backend> {
+    /// [in, out]
+    Dense(Param<Tensor<B, 2>>),
+    Quant(QuantWeight<B>),
+}
+
+/// An affine-quantised weight in HF orientation (`n = out` rows of `k = in` weights):
+/// `w[o, j] = scales[o, j/group] · level(o, j) + biases[o, j/group]`.
+#[derive(Module, Debug)]
+pub struct QuantWeight<B: Backend> {
+    /// [out, in·bits/32]
+    pub words: Tensor<B, 2, Int>,
+    /// [out, in/group]
+    pub scales: Tensor<B, 2>,
+    /// [out, in/group]
+    pub biases: Tensor<B, 2>,
+    #[module(skip)]
+    pub format: Affine,
+}
+
 impl<B: Backend> Linear<B> {
-    /// Loads `{prefix}.weight` (HF `[out, in]`) and, if `bias`, `{prefix}.bias`.
-    pub fn load(files: &WeightFiles, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Self, ModelError> {
-        let weight = files.f32(&format!("{prefix}.weight"), &[d_out, d_in])?;
+    /// Loads `{prefix}.weight` (HF `[out, in]`) and, if `bias`, `{prefix}.bias`. A weight the
+    /// checkpoint stores MLX-quantised (`weight` uint32 + `scales` + `biases`) stays quantised;
+    /// a float weight is quantised here when `quantize` asks for it.
+    pub fn load(files: &WeightFiles, prefix: &str, d_in: usize, d_out: usize, bias: bool, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
+        let name = format!("{prefix}.weight");
         let bias = if bias {
-            Some(load_tensor::<B, 1>(files, &format!("{prefix}.bias"), [d_out], device)?)
+            Some(Param::from_tensor(load_tensor::<B, 1>(files, &format!("{prefix}.bias"), [d_out], device)?))
         } else {
             None
         };
-        Ok(Self::from_hf(&weight, d_out, d_in, bias, device))
+        if let Some(stored) = files.mlx_quantized(&name, d_out, d_in)? {
+            if let Some(spec) = quantize {
+                if spec.affine() != Some(stored.format) {
+                    return Err(ModelError::AlreadyQuantized { name, stored: describe(stored.format), requested: spec.to_string() });
+                }
+            }
+            return Ok(Self::from_quant(&stored, bias, device));
+        }
+        let weight = files.f32(&name, &[d_out, d_in])?;
+        match quantize {
+            Some(spec) => {
+                let q = spec.quantize(&weight, d_out, d_in).map_err(|e| {
+                    let mut message = e.to_string();
+                    if let QuantSpec::Mlx { bits, group } = spec {
+                        let fits: Vec<String> = [32, 64, 128].iter().filter(|g| d_in % *g == 0 && **g != group).map(|g| format!("q{bits}_g{g}")).collect();
+                        if !fits.is_empty() {
+                            message.push_str(&format!(" (rows of {d_in} split into whole groups with {})", fits.join(" or ")));
+                        }
+                    }
+                    ModelError::Quantize { name, message }
+                })?;
+                Ok(Self::from_quant(&q, bias, device))
+            }
+            None => Ok(Self::from_hf(&weight, d_out, d_in, bias.map(|b| b.val()), device)),
+        }
     }
 
     /// A layer from an HF-layout weight (`[out, in]`, row-major host data) and optional bias.
@@ -63,20 +116,54 @@ impl<B: Backend> Linear<B> {
     pub fn from_hf(weight_out_in: &[f32], d_out: usize, d_in: usize, bias: Option<Tensor<B, 1>>, device: &B::Device) -> Self {
         let w = transpose_host(weight_out_in, d_out, d_in); // [out, in] -> [in, out]
         let weight = Tensor::from_data(TensorData::new(w, [d_in, d_out]), device);
-        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None }
+        Self { weight: LinearWeight::Dense(Param::from_tensor(weight)), bias: bias.map(Param::from_tensor), lora: None }
+    }
+
+    /// A layer over a quantised weight (already in the kernels' layout).
+    pub fn from_quant(q: &HostQuant, bias: Option<Param<Tensor<B, 1>>>, device: &B::Device) -> Self {
+        let (words, scales, biases) = q.to_tensors::<B>(device);
+        let weight = LinearWeight::Quant(QuantWeight { words, scales, biases, format: q.format });
+        Self { weight, bias, lora: None }
     }
 
     pub fn d_in(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims()[0],
+            LinearWeight::Quant(q) => q.words.dims()[1] * q.format.per_word(),
+        }
     }
 
     pub fn d_out(&self) -> usize {
-        self.weight.dims()[1]
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims()[1],
+            LinearWeight::Quant(q) => q.words.dims()[0],
+        }
     }
 
+    /// The quantisation of the weight, if it is quantised.
+    pub fn quant_format(&self) -> Option<Affine> {
+        match &self.weight {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Quant(q) => Some(q.format),
+        }
+    }
+
+    /// The weight as a float `[in, out]` matrix; a quantised weight is dequantised (what
+    /// saving or fusing an adapter into a quantised base works on).
+    pub fn dense_weight(&self) -> Tensor<B, 2> {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.val(),
+            LinearWeight::Quant(q) => kiln_kernels::dequantize(q.words.clone(), q.scales.clone(), q.biases.clone(), q.format).transpose(),
+        }
+    }
+}
+
+impl<B: QuantMatmul> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let w = self.weight.val().unsqueeze::<D>(); // [in, out] -> [1.., in, out]
-        let y = x.clone().matmul(w);
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.clone().matmul(w.val().unsqueeze::<D>()), // [in, out] -> [1.., in, out]
+            LinearWeight::Quant(q) => kiln_kernels::quant_matmul(x.clone(), q.words.clone(), q.scales.clone(), q.biases.clone(), q.format),
+        };
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze::<D>(),
             None => y,
@@ -86,6 +173,11 @@ impl<B: Backend> Linear<B> {
             None => y,
         }
     }
+}
+
+/// `q4_g64`-style name of an affine format.
+pub fn describe(format: Affine) -> String {
+    format!("q{}_g{}", format.bits, format.group)
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · (offset + w)`.

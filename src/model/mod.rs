@@ -40,6 +40,10 @@ pub enum ModelError {
     MissingTensor { name: String, expected: Vec<usize> },
     #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
     TensorShape { name: String, path: PathBuf, expected: Vec<usize>, found: Vec<usize> },
+    #[error("tensor `{name}` is stored quantised as {stored}; it cannot be loaded as {requested} (leave out the quantize setting to run it as stored)")]
+    AlreadyQuantized { name: String, stored: String, requested: String },
+    #[error("cannot quantise tensor `{name}`: {message}")]
+    Quantize { name: String, message: String },
     #[error("{path}: tensor `{name}` is stored as {dtype}, which kiln cannot read as a float weight")]
     UnsupportedDtype { name: String, path: PathBuf, dtype: String },
 }

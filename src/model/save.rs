@@ -25,7 +25,7 @@ pub fn hf_tensors<B: Backend>(model: &Model<B>) -> Vec<(String, Vec<usize>, Vec<
     let mut out = Vec::new();
     let mut push = |name: String, (shape, data): (Vec<usize>, Vec<f32>)| out.push((name, shape, data));
     let linear = |push: &mut dyn FnMut(String, (Vec<usize>, Vec<f32>)), prefix: String, l: &Linear<B>| {
-        push(format!("{prefix}.weight"), host(l.weight.val().transpose()));
+        push(format!("{prefix}.weight"), host(l.dense_weight().transpose()));
         if let Some(b) = &l.bias {
             push(format!("{prefix}.bias"), host(b.val()));
         }
@@ -58,7 +58,7 @@ pub fn hf_tensors<B: Backend>(model: &Model<B>) -> Vec<(String, Vec<usize>, Vec<
     }
     push("model.norm.weight".into(), host(model.norm.weight.val()));
     if let Some(head) = &model.lm_head {
-        push("lm_head.weight".into(), host(head.weight.val().transpose()));
+        push("lm_head.weight".into(), host(head.dense_weight().transpose()));
     }
     out
 }

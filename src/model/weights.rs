@@ -13,6 +13,9 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
+use kiln_kernels::host::HostQuant;
+use kiln_kernels::Affine;
+
 use super::ModelError;
 
 struct Shard {
@@ -88,8 +91,14 @@ impl WeightFiles {
         Some((shard, shard.metadata.info(name)?))
     }
 
-    /// The tensor `name` as f32, checked against `expected` shape.
+    /// The tensor `name` as f32, checked against `expected` shape. A matrix the checkpoint
+    /// stores MLX-quantised is dequantised.
     pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        if let [n, k] = *expected {
+            if let Some(q) = self.mlx_quantized(name, n, k)? {
+                return Ok(q.dequantize());
+            }
+        }
         let (shard, info) = self.info(name).ok_or_else(|| ModelError::MissingTensor {
             name: name.to_string(),
             expected: expected.to_vec(),
@@ -109,6 +118,34 @@ impl WeightFiles {
             path: shard.path.clone(),
             dtype: format!("{:?}", info.dtype),
         })
+    }
+
+    /// The matrix `name` (`[n, k]` as floats) if the checkpoint stores it as mlx-lm does:
+    /// `name` packed uint32 `[n, k·bits/32]` beside `{base}.scales` and `{base}.biases`
+    /// `[n, k/group]`. Bits and group follow from those shapes.
+    pub fn mlx_quantized(&self, name: &str, n: usize, k: usize) -> Result<Option<HostQuant>, ModelError> {
+        let base = name.strip_suffix(".weight").unwrap_or(name);
+        let (scales, biases) = (format!("{base}.scales"), format!("{base}.biases"));
+        let Some((shard, info)) = self.info(name) else { return Ok(None) };
+        if info.dtype != Dtype::U32 || !self.contains(&scales) {
+            return Ok(None);
+        }
+        let bad = |message: String| ModelError::BadSafetensors { path: shard.path.clone(), message: format!("tensor `{name}`: {message}") };
+        let (cols, groups) = match (info.shape.as_slice(), self.shape(&scales).as_deref()) {
+            ([rows, cols], Some([srows, groups])) if *rows == n && *srows == n && *cols > 0 && *groups > 0 => (*cols, *groups),
+            (found, s) => return Err(bad(format!("quantised as {found:?} with scales {s:?}, expected {n} rows of {k} weights"))),
+        };
+        let bits = (cols * 32 / k.max(1)) as u32;
+        let group = k / groups;
+        if !matches!(bits, 4 | 8) || cols * 32 != k * bits as usize || group * groups != k || !matches!(group, 32 | 64 | 128) {
+            return Err(bad(format!("{cols} words and {groups} groups per row do not describe {k} weights at 4 or 8 bits in groups of 32, 64 or 128")));
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = &shard.map[shard.data_start + start..shard.data_start + end];
+        let words = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let scales = self.f32(&scales, &[n, groups])?;
+        let biases = self.f32(&biases, &[n, groups])?;
+        Ok(Some(HostQuant { n, k, format: Affine { bits, group: group as u32 }, words, scales, biases }))
     }
 
     /// A tensor's stored bytes as they are (packed integers of a quantised checkpoint).

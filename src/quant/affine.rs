@@ -113,11 +113,30 @@ impl QuantSpec {
         (matches!(bits, 4 | 8) && matches!(group, 32 | 64 | 128)).then_some(QuantSpec::Mlx { bits, group })
     }
 
+    /// The affine format an MLX spec names. None for the GGUF block formats: their levels come
+    /// from ggml's quantiser, so an MLX checkpoint never holds them even when bits and group
+    /// agree.
+    pub fn affine(self) -> Option<Affine> {
+        match self {
+            QuantSpec::Mlx { bits, group } => Some(Affine { bits, group: group as u32 }),
+            QuantSpec::Gguf(_) => None,
+        }
+    }
+
     /// Quantises an HF-layout weight `[n, k]` for the kernels.
     pub fn quantize(self, data: &[f32], n: usize, k: usize) -> Result<HostQuant, QuantError> {
         match self {
             QuantSpec::Mlx { bits, group } => Ok(from_mlx(&super::mlx::quantize(data, n, k, bits, group)?)),
             QuantSpec::Gguf(ty) => from_gguf(ty, &super::quantize(ty, data, k)?, n, k),
+        }
+    }
+}
+
+impl std::fmt::Display for QuantSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuantSpec::Mlx { bits, group } => write!(f, "q{bits}_g{group}"),
+            QuantSpec::Gguf(ty) => write!(f, "gguf:{}", ty.name().to_ascii_lowercase()),
         }
     }
 }

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::DeviceSpec;
+use crate::quant::affine::QuantSpec;
 use error::{Source, from_toml, suggest};
 
 pub use error::{Location, RecipeError};
@@ -212,6 +213,22 @@ impl Validator<'_> {
     }
 
     fn model(&self, r: &mut Recipe) -> Check {
+        if let Some(q) = &r.model.quantize {
+            if QuantSpec::parse(q).is_none() {
+                let names: Vec<&str> = QuantSpec::NAMES.split(", ").collect();
+                let mut message = format!("unknown quantisation {q:?}: expected one of {}", QuantSpec::NAMES);
+                if let Some(s) = suggest(q, names.iter().copied()) {
+                    message.push_str(&format!(" (did you mean {s:?}?)"));
+                }
+                return Err(self.invalid("model.quantize", message));
+            }
+            if r.method == Method::Full {
+                return Err(self.invalid(
+                    "model.quantize",
+                    "a quantised base is frozen, so method = \"full\" has nothing to train; use method = \"lora\" (QLoRA) or drop model.quantize",
+                ));
+            }
+        }
         match (&r.model.path, &r.model.init) {
             (Some(_), Some(_)) => {
                 return Err(self.invalid("model.init", "give either model.path or [model.init], not both"));

@@ -109,6 +109,18 @@ pub struct ModelSection {
     pub path: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<InitSection>,
+    /// Quantise the base's projections at load time and train LoRA over them (QLoRA):
+    /// "q4_g32" | "q4_g64" | "q4_g128" | "q8_g32" | "q8_g64" | "q8_g128" | "gguf:q8_0" |
+    /// "gguf:q4_0" | "gguf:q4_k".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
+}
+
+impl ModelSection {
+    /// The parsed `quantize` (validated when the recipe loads).
+    pub fn quantize_spec(&self) -> Option<crate::quant::affine::QuantSpec> {
+        self.quantize.as_deref().and_then(crate::quant::affine::QuantSpec::parse)
+    }
 }
 
 /// `[model.init]`: shape of a randomly initialised model.

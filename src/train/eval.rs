@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use burn::prelude::*;
+use crate::backend::QuantMatmul;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::TensorData;
 
@@ -14,7 +15,7 @@ use crate::tokenizer::Tokenizer;
 
 /// Sum over target tokens of −log p(target), for one batch: a scalar tensor. Dividing by the
 /// number of target tokens gives the mean loss.
-pub fn loss_sum<B: Backend>(model: &Model<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
+pub fn loss_sum<B: QuantMatmul>(model: &Model<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
     let (b, s) = (batch.batch, batch.seq);
     let ids: Vec<i64> = batch.ids.iter().map(|&i| i as i64).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), device);
@@ -38,7 +39,7 @@ pub struct EvalResult {
 
 /// Mean loss and perplexity over `examples` (file order, padded batches), at most
 /// `max_batches` batches when non-zero.
-pub fn evaluate<B: Backend>(model: &Model<B>, examples: &[Example], batch_size: usize, max_seq_len: usize, max_batches: usize) -> EvalResult {
+pub fn evaluate<B: QuantMatmul>(model: &Model<B>, examples: &[Example], batch_size: usize, max_seq_len: usize, max_batches: usize) -> EvalResult {
     let device = model.embed_tokens.device();
     let mut batches = make_batches(examples, batch_size, max_seq_len, false, None);
     if max_batches > 0 {
@@ -69,7 +70,7 @@ pub struct Answer {
 }
 
 /// Greedy answers to `prompts`, compared with the expected answers after trimming whitespace.
-pub fn exact_match<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, prompts: &[PromptAnswer], eos_ids: &[u32], max_new_tokens: usize) -> Vec<Answer> {
+pub fn exact_match<B: QuantMatmul>(model: &Model<B>, tokenizer: &Tokenizer, prompts: &[PromptAnswer], eos_ids: &[u32], max_new_tokens: usize) -> Vec<Answer> {
     let stop = StopConfig { max_new_tokens, eos_ids: eos_ids.to_vec() };
     prompts
         .iter()

@@ -19,7 +19,7 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
+use crate::backend::{QuantMatmul, TrainBackend};
 use serde_json::json;
 
 use self::checkpoint::LoopState;
@@ -185,7 +185,7 @@ fn epoch_batches(recipe: &Recipe, train: &[Example], epoch: usize) -> Vec<Batch>
 
 /// Runs (or resumes) the recipe's training on backend `B`; events go to `sink` and to
 /// `RUN/events.jsonl`. `stop` is checked once per step (Ctrl-C, the dashboard).
-pub fn train<B: AutodiffBackend>(recipe: &Recipe, options: &TrainOptions, device: &B::Device, sink: &mut dyn EventSink, stop: &AtomicBool) -> Result<TrainOutcome, TrainError> {
+pub fn train<B: TrainBackend>(recipe: &Recipe, options: &TrainOptions, device: &B::Device, sink: &mut dyn EventSink, stop: &AtomicBool) -> Result<TrainOutcome, TrainError> {
     let run_dir = recipe.run_dir();
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -214,7 +214,7 @@ pub fn train<B: AutodiffBackend>(recipe: &Recipe, options: &TrainOptions, device
     result
 }
 
-fn run_loop<B: AutodiffBackend>(
+fn run_loop<B: TrainBackend>(
     recipe: &Recipe,
     options: &TrainOptions,
     device: &B::Device,
@@ -238,7 +238,7 @@ fn run_loop<B: AutodiffBackend>(
     let mut eos_ids = base.config.eos_token_ids.clone();
     eos_ids.extend(tokenizer.eos_ids().into_iter().filter(|id| !base.config.eos_token_ids.contains(id)));
     let model: Model<B> = match &recipe.model.path {
-        Some(path) => Model::load(path, device)?,
+        Some(path) => Model::load_quantized(path, recipe.model.quantize_spec(), device)?,
         None => Model::init_random(base.config.clone(), seed, device),
     };
     let spec = lora_spec(recipe);
@@ -409,7 +409,7 @@ fn run_loop<B: AutodiffBackend>(
     Ok(TrainOutcome { run_dir: run_dir.to_path_buf(), steps: state.step, reason, final_eval: last_eval, accuracy_before, accuracy_after })
 }
 
-fn eval_step<B: Backend>(model: &Model<B>, valid: &[Example], recipe: &Recipe, state: &mut LoopState, sink: &mut dyn EventSink) -> eval::EvalResult {
+fn eval_step<B: QuantMatmul>(model: &Model<B>, valid: &[Example], recipe: &Recipe, state: &mut LoopState, sink: &mut dyn EventSink) -> eval::EvalResult {
     let r = eval::evaluate(model, valid, recipe.train.batch_size, recipe.data.max_seq_len, recipe.eval.max_batches);
     let best = state.best_eval.is_none_or(|b| r.loss < b);
     if best {
@@ -423,7 +423,7 @@ fn eval_step<B: Backend>(model: &Model<B>, valid: &[Example], recipe: &Recipe, s
     r
 }
 
-fn report_accuracy<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, prompts: &[PromptAnswer], eos_ids: &[u32], recipe: &Recipe, step: usize, sink: &mut dyn EventSink) -> Option<f64> {
+fn report_accuracy<B: QuantMatmul>(model: &Model<B>, tokenizer: &Tokenizer, prompts: &[PromptAnswer], eos_ids: &[u32], recipe: &Recipe, step: usize, sink: &mut dyn EventSink) -> Option<f64> {
     if prompts.is_empty() {
         return None;
     }
@@ -437,7 +437,7 @@ fn report_accuracy<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, prompts:
     Some(accuracy)
 }
 
-fn save_checkpoint<B: AutodiffBackend>(model: &Model<B>, opt: &AdamW<B::InnerBackend>, state: &LoopState, recipe: &Recipe, run_dir: &Path, sink: &mut dyn EventSink) -> Result<(), TrainError> {
+fn save_checkpoint<B: TrainBackend>(model: &Model<B>, opt: &AdamW<B::InnerBackend>, state: &LoopState, recipe: &Recipe, run_dir: &Path, sink: &mut dyn EventSink) -> Result<(), TrainError> {
     let path = checkpoint::save(run_dir, optim::trainable_tensors(model), opt, state)?;
     let best = if recipe.checkpoint.keep_best { state.best_step } else { None };
     checkpoint::prune(run_dir, recipe.checkpoint.keep_last, best);
@@ -446,12 +446,16 @@ fn save_checkpoint<B: AutodiffBackend>(model: &Model<B>, opt: &AdamW<B::InnerBac
 }
 
 /// Writes the results: the PEFT adapter (LoRA) and/or a fused or fully trained HF directory.
-fn export<B: Backend>(model: &Model<B>, base: &Base, recipe: &Recipe, spec: &LoraSpec, run_dir: &Path, sink: &mut dyn EventSink, step: usize) -> Result<(), TrainError> {
+fn export<B: QuantMatmul>(model: &Model<B>, base: &Base, recipe: &Recipe, spec: &LoraSpec, run_dir: &Path, sink: &mut dyn EventSink, step: usize) -> Result<(), TrainError> {
     let base_name = base.dir.display().to_string();
     if recipe.method == Method::Lora && recipe.export.adapter {
         let dir = run_dir.join("adapter");
-        lora::peft::save(model, spec, &base_name, &dir)?;
+        lora::peft::save(model, spec, &base_name, recipe.model.quantize_spec(), &dir)?;
         sink.emit(&Event::Checkpoint { step, path: dir.display().to_string() });
+    }
+    if let Some(q) = recipe.model.quantize_spec().filter(|_| recipe.export.fused || recipe.export.gguf.is_some()) {
+        let message = format!("the adapter was trained over a {q} base: the fused model is the dequantised {q} weights plus the update, not the original float weights");
+        sink.emit(&Event::Warning { step, message });
     }
     if recipe.method == Method::Full || recipe.export.fused {
         let dir = run_dir.join("final");
