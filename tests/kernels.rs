@@ -58,7 +58,7 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-const SHAPES: [(usize, usize, usize); 6] = [(1, 64, 128), (3, 97, 256), (8, 33, 384), (17, 50, 128), (40, 129, 256), (5, 7, 64)];
+const SHAPES: [(usize, usize, usize); 7] = [(1, 64, 128), (3, 97, 256), (8, 33, 384), (17, 50, 128), (40, 129, 256), (5, 7, 64), (70, 65, 128)];
 
 fn check<B: QuantMatmul>(device: &B::Device, name: &str) {
     let mut rng = Rng(0x5EED_1234_ABCD);

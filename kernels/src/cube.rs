@@ -5,9 +5,10 @@
 //!   the threads walk the weight row together (adjacent threads read adjacent words, so loads
 //!   coalesce), each keeps partial sums for up to `MAX_ROWS` activation rows, and a tree
 //!   reduction in shared memory finishes. Each weight word is read once for all rows.
-//! - `matmul`: prefill and training (many rows). A 16 × 16 tile of outputs per cube; the
-//!   tile's activations and dequantised weights are staged through shared memory a slice of
-//!   `k` at a time.
+//! - `matmul`: prefill and training (many rows). A 64 × 64 tile of outputs per cube of
+//!   16 × 16 threads, 4 × 4 outputs per thread in registers; the tile's activations and
+//!   dequantised weights are staged through shared memory a slice of `k` at a time, so each
+//!   weight is dequantised once per 64 rows.
 //! - `matmul_dx`: the transposed product `dy · W` for backward, tiled the same way.
 //!
 //! Rows and columns that are not multiples of the tiles are bounds-checked, never padded.
@@ -26,7 +27,13 @@ use crate::{Affine, QuantMatmul};
 const LANES: u32 = 64;
 const LOG_LANES: u32 = 6;
 const MAX_ROWS: u32 = 8;
-const TILE: u32 = 16;
+/// Tiled kernels: 16 × 16 threads, each `REG × REG` outputs of a `BLOCK × BLOCK` tile;
+/// `SLICE` inputs staged per step, `LOADS` shared-memory values per thread per step.
+const THREADS: u32 = 16;
+const REG: u32 = 4;
+const BLOCK: u32 = THREADS * REG;
+const SLICE: u32 = 16;
+const LOADS: u32 = SLICE * BLOCK / (THREADS * THREADS);
 
 /// Level `v` of a word.
 #[cube]
@@ -36,7 +43,7 @@ fn level<F: Float>(word: u32, v: u32, #[comptime] bits: u32) -> F {
 
 /// `rows` (1 to `MAX_ROWS`) is compile-time, so each weight value costs exactly `rows`
 /// multiply-adds and no bounds checks; one variant is compiled per row count used.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F>, biases: &Tensor<F>, out: &mut Tensor<F>, #[comptime] bits: u32, #[comptime] group: u32, #[comptime] rows: u32) {
     let o = CUBE_POS_X as usize;
     let lane = UNIT_POS_X;
@@ -44,6 +51,7 @@ fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F
     let n = out.shape(1);
     let per_word = comptime!(32 / bits);
     let words_per_row = k / (per_word as usize);
+    let groups = scales.shape(1);
     let mut partial = SharedMemory::<F>::new(comptime!(LANES * rows) as usize);
     let mut acc = Array::<F>::new(comptime!(rows) as usize);
     #[unroll]
@@ -53,17 +61,17 @@ fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F
     if o < n {
         let mut w = lane as usize;
         while w < words_per_row {
-            let word = words[o * words.stride(0) + w * words.stride(1)];
+            let word = words[o * words_per_row + w];
             let j0 = w * (per_word as usize);
-            let g = j0 / (group as usize);
-            let scale = scales[o * scales.stride(0) + g * scales.stride(1)];
-            let bias = biases[o * biases.stride(0) + g * biases.stride(1)];
+            let g = o * groups + j0 / (group as usize);
+            let scale = scales[g];
+            let bias = biases[g];
             #[unroll]
             for v in 0..per_word {
                 let wv = scale * level::<F>(word, v, bits) + bias;
                 #[unroll]
                 for r in 0..rows {
-                    acc[r as usize] += wv * x[(r as usize) * x.stride(0) + (j0 + v as usize) * x.stride(1)];
+                    acc[r as usize] += wv * x[(r as usize) * k + j0 + v as usize];
                 }
             }
             w += LANES as usize;
@@ -95,93 +103,167 @@ fn matvec_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F
     }
 }
 
-/// `out[m, n] = x[m, k] · dequant(W)ᵀ`, 16 × 16 outputs per cube, `k` in slices of 16.
-#[cube(launch)]
+/// `w[o, j]`, dequantised. Every tensor is contiguous: `words` `[n, wpr]`, `scales` and
+/// `biases` `[n, groups]`.
+#[cube]
+fn weight<F: Float>(words: &Tensor<u32>, scales: &Tensor<F>, biases: &Tensor<F>, o: usize, j: usize, wpr: usize, groups: usize, #[comptime] bits: u32, #[comptime] group: u32) -> F {
+    let per_word = comptime!(32 / bits) as usize;
+    let word = words[o * wpr + j / per_word];
+    let g = o * groups + j / (group as usize);
+    scales[g] * level::<F>(word, (j % per_word) as u32, bits) + biases[g]
+}
+
+/// `out[m, n] = x[m, k] · dequant(W)ᵀ`. Each cube computes a `BLOCK × BLOCK` tile of outputs
+/// with 16 × 16 threads, each thread `REG × REG` of them (rows `ty + 16·i`, columns
+/// `tx + 16·j`, so neighbouring threads read neighbouring shared-memory words). A slice of
+/// `SLICE` inputs of the tile's activations and dequantised weights is staged in shared memory
+/// (stored `[SLICE][BLOCK]`), so each weight value is dequantised once per tile, not per row.
+#[cube(launch_unchecked)]
 fn matmul_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F>, biases: &Tensor<F>, out: &mut Tensor<F>, #[comptime] bits: u32, #[comptime] group: u32) {
-    let tx = UNIT_POS_X; // output column within the tile
-    let ty = UNIT_POS_Y; // output row within the tile
-    let col = (CUBE_POS_X * TILE + tx) as usize;
-    let row = (CUBE_POS_Y * TILE + ty) as usize;
+    let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let tid = ty * (THREADS as usize) + tx;
+    let row0 = (CUBE_POS_Y * BLOCK) as usize;
+    let col0 = (CUBE_POS_X * BLOCK) as usize;
     let m = x.shape(0);
     let k = x.shape(1);
     let n = out.shape(1);
-    let per_word = comptime!(32 / bits);
-    let mut xs = SharedMemory::<F>::new(comptime!(TILE * TILE) as usize);
-    let mut ws = SharedMemory::<F>::new(comptime!(TILE * TILE) as usize);
-    let mut acc = F::new(0.0);
+    let wpr = words.shape(1);
+    let groups = scales.shape(1);
+    let mut xs = SharedMemory::<F>::new(comptime!(SLICE * BLOCK) as usize);
+    let mut ws = SharedMemory::<F>::new(comptime!(SLICE * BLOCK) as usize);
+    let mut acc = Array::<F>::new(comptime!(REG * REG) as usize);
+    #[unroll]
+    for i in 0..REG * REG {
+        acc[i as usize] = F::new(0.0);
+    }
     let mut k0 = 0usize;
     while k0 < k {
-        // Stage x[row, k0 + tx] and w[col0 + ty, k0 + tx] (dequantised) for the tile.
-        let j = k0 + tx as usize;
-        let mut xv = F::new(0.0);
-        if row < m && j < k {
-            xv = x[row * x.stride(0) + j * x.stride(1)];
+        #[unroll]
+        for l in 0..LOADS {
+            let e = tid + (l * THREADS * THREADS) as usize;
+            let r = e / (SLICE as usize); // row (of x) or output (of W) within the tile
+            let c = e % (SLICE as usize); // input within the slice
+            let j = k0 + c;
+            let mut xv = F::new(0.0);
+            if row0 + r < m && j < k {
+                xv = x[(row0 + r) * k + j];
+            }
+            xs[c * (BLOCK as usize) + r] = xv;
+            let mut wv = F::new(0.0);
+            if col0 + r < n && j < k {
+                wv = weight::<F>(words, scales, biases, col0 + r, j, wpr, groups, bits, group);
+            }
+            ws[c * (BLOCK as usize) + r] = wv;
         }
-        xs[(ty * TILE + tx) as usize] = xv;
-        let wrow = (CUBE_POS_X * TILE + ty) as usize;
-        let mut wv = F::new(0.0);
-        if wrow < n && j < k {
-            let word = words[wrow * words.stride(0) + (j / per_word as usize) * words.stride(1)];
-            let g = j / (group as usize);
-            let v = (j % per_word as usize) as u32;
-            wv = scales[wrow * scales.stride(0) + g * scales.stride(1)] * level::<F>(word, v, bits) + biases[wrow * biases.stride(0) + g * biases.stride(1)];
-        }
-        ws[(ty * TILE + tx) as usize] = wv;
         sync_cube();
         #[unroll]
-        for t in 0..TILE {
-            acc += xs[(ty * TILE + t) as usize] * ws[(tx * TILE + t) as usize];
+        for t in 0..SLICE {
+            let base = (t * BLOCK) as usize;
+            let mut a = Array::<F>::new(REG as usize);
+            let mut b = Array::<F>::new(REG as usize);
+            #[unroll]
+            for i in 0..REG {
+                a[i as usize] = xs[base + ty + (i * THREADS) as usize];
+                b[i as usize] = ws[base + tx + (i * THREADS) as usize];
+            }
+            #[unroll]
+            for i in 0..REG {
+                #[unroll]
+                for j in 0..REG {
+                    acc[(i * REG + j) as usize] += a[i as usize] * b[j as usize];
+                }
+            }
         }
         sync_cube();
-        k0 += TILE as usize;
+        k0 += SLICE as usize;
     }
-    if row < m && col < n {
-        out[row * n + col] = acc;
+    #[unroll]
+    for i in 0..REG {
+        let row = row0 + ty + (i * THREADS) as usize;
+        #[unroll]
+        for j in 0..REG {
+            let col = col0 + tx + (j * THREADS) as usize;
+            if row < m && col < n {
+                out[row * n + col] = acc[(i * REG + j) as usize];
+            }
+        }
     }
 }
 
-/// `dx[m, k] = dy[m, n] · dequant(W)`, 16 × 16 outputs per cube, `n` in slices of 16.
-#[cube(launch)]
+/// `dx[m, k] = dy[m, n] · dequant(W)`: the same tiling as [`matmul_kernel`] with the
+/// reduction over outputs `n`; the weight slice is `SLICE` outputs × `BLOCK` inputs.
+#[cube(launch_unchecked)]
 fn matmul_dx_kernel<F: Float>(dy: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F>, biases: &Tensor<F>, dx: &mut Tensor<F>, #[comptime] bits: u32, #[comptime] group: u32) {
-    let tx = UNIT_POS_X; // dx column (input feature) within the tile
-    let ty = UNIT_POS_Y; // dx row within the tile
-    let col = (CUBE_POS_X * TILE + tx) as usize;
-    let row = (CUBE_POS_Y * TILE + ty) as usize;
+    let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let tid = ty * (THREADS as usize) + tx;
+    let row0 = (CUBE_POS_Y * BLOCK) as usize;
+    let col0 = (CUBE_POS_X * BLOCK) as usize;
     let m = dy.shape(0);
     let n = dy.shape(1);
     let k = dx.shape(1);
-    let per_word = comptime!(32 / bits);
-    let mut ds = SharedMemory::<F>::new(comptime!(TILE * TILE) as usize);
-    let mut ws = SharedMemory::<F>::new(comptime!(TILE * TILE) as usize);
-    let mut acc = F::new(0.0);
+    let wpr = words.shape(1);
+    let groups = scales.shape(1);
+    let mut ds = SharedMemory::<F>::new(comptime!(SLICE * BLOCK) as usize);
+    let mut ws = SharedMemory::<F>::new(comptime!(SLICE * BLOCK) as usize);
+    let mut acc = Array::<F>::new(comptime!(REG * REG) as usize);
+    #[unroll]
+    for i in 0..REG * REG {
+        acc[i as usize] = F::new(0.0);
+    }
     let mut o0 = 0usize;
     while o0 < n {
-        // Stage dy[row, o0 + tx] and w[o0 + ty, col] for the tile.
-        let o = o0 + tx as usize;
-        let mut dv = F::new(0.0);
-        if row < m && o < n {
-            dv = dy[row * dy.stride(0) + o * dy.stride(1)];
+        #[unroll]
+        for l in 0..LOADS {
+            let e = tid + (l * THREADS * THREADS) as usize;
+            // dy[row0 + r, o0 + c], read along the outputs.
+            let r = e / (SLICE as usize);
+            let c = e % (SLICE as usize);
+            let mut dv = F::new(0.0);
+            if row0 + r < m && o0 + c < n {
+                dv = dy[(row0 + r) * n + o0 + c];
+            }
+            ds[c * (BLOCK as usize) + r] = dv;
+            // w[o0 + t, col0 + q], read along the inputs (neighbours share words).
+            let t = e / (BLOCK as usize);
+            let q = e % (BLOCK as usize);
+            let mut wv = F::new(0.0);
+            if o0 + t < n && col0 + q < k {
+                wv = weight::<F>(words, scales, biases, o0 + t, col0 + q, wpr, groups, bits, group);
+            }
+            ws[t * (BLOCK as usize) + q] = wv;
         }
-        ds[(ty * TILE + tx) as usize] = dv;
-        let wo = o0 + ty as usize;
-        let mut wv = F::new(0.0);
-        if wo < n && col < k {
-            let word = words[wo * words.stride(0) + (col / per_word as usize) * words.stride(1)];
-            let g = col / (group as usize);
-            let v = (col % per_word as usize) as u32;
-            wv = scales[wo * scales.stride(0) + g * scales.stride(1)] * level::<F>(word, v, bits) + biases[wo * biases.stride(0) + g * biases.stride(1)];
-        }
-        ws[(ty * TILE + tx) as usize] = wv;
         sync_cube();
         #[unroll]
-        for t in 0..TILE {
-            acc += ds[(ty * TILE + t) as usize] * ws[(t * TILE + tx) as usize];
+        for t in 0..SLICE {
+            let base = (t * BLOCK) as usize;
+            let mut a = Array::<F>::new(REG as usize);
+            let mut b = Array::<F>::new(REG as usize);
+            #[unroll]
+            for i in 0..REG {
+                a[i as usize] = ds[base + ty + (i * THREADS) as usize];
+                b[i as usize] = ws[base + tx + (i * THREADS) as usize];
+            }
+            #[unroll]
+            for i in 0..REG {
+                #[unroll]
+                for j in 0..REG {
+                    acc[(i * REG + j) as usize] += a[i as usize] * b[j as usize];
+                }
+            }
         }
         sync_cube();
-        o0 += TILE as usize;
+        o0 += SLICE as usize;
     }
-    if row < m && col < k {
-        dx[row * k + col] = acc;
+    #[unroll]
+    for i in 0..REG {
+        let row = row0 + ty + (i * THREADS) as usize;
+        #[unroll]
+        for j in 0..REG {
+            let col = col0 + tx + (j * THREADS) as usize;
+            if row < m && col < k {
+                dx[row * k + col] = acc[(i * REG + j) as usize];
+            }
+        }
     }
 }
 
@@ -199,14 +281,14 @@ fn as_words<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
 }
 
 fn tiles(cols: usize, rows: usize) -> (CubeCount, CubeDim) {
-    (CubeCount::Static((cols as u32).div_ceil(TILE), (rows as u32).div_ceil(TILE), 1), CubeDim { x: TILE, y: TILE, z: 1 })
+    (CubeCount::Static((cols as u32).div_ceil(BLOCK), (rows as u32).div_ceil(BLOCK), 1), CubeDim { x: THREADS, y: THREADS, z: 1 })
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> QuantMatmul for CubeBackend<R, F, I, BT> {
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
-        let x = as_float::<R, F>(x);
+        let x = into_contiguous(as_float::<R, F>(x));
         let words = as_words(into_contiguous(words));
-        let (scales, biases) = (as_float::<R, F>(scales), as_float::<R, F>(biases));
+        let (scales, biases) = (into_contiguous(as_float::<R, F>(scales)), into_contiguous(as_float::<R, F>(biases)));
         let [m, _k] = x.meta.shape().dims::<2>();
         let [n, _] = words.meta.shape().dims::<2>();
         let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), F::dtype());
@@ -217,18 +299,26 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> QuantMatmu
         if m as u32 <= MAX_ROWS {
             let count = CubeCount::Static(n as u32, 1, 1);
             let dim = CubeDim { x: LANES, y: 1, z: 1 };
-            matvec_kernel::launch::<F, R>(&client, count, dim, x.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), out.clone().into_tensor_arg(), format.bits, format.group, m as u32);
+            // SAFETY: every index the kernel forms is inside its tensor: rows below `m`, outputs
+            // below `n` (checked), words below `k·bits/32` and groups below `k/group` (shapes
+            // checked by the caller, contiguous above).
+            unsafe {
+                matvec_kernel::launch_unchecked::<F, R>(&client, count, dim, x.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), out.clone().into_tensor_arg(), format.bits, format.group, m as u32);
+            }
         } else {
             let (count, dim) = tiles(n, m);
-            matmul_kernel::launch::<F, R>(&client, count, dim, x.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), out.clone().into_tensor_arg(), format.bits, format.group);
+            // SAFETY: as above; tile rows and columns past `m`, `n` and `k` are checked.
+            unsafe {
+                matmul_kernel::launch_unchecked::<F, R>(&client, count, dim, x.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), out.clone().into_tensor_arg(), format.bits, format.group);
+            }
         }
         out
     }
 
     fn quant_matmul_dx(dy: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
-        let dy = as_float::<R, F>(dy);
+        let dy = into_contiguous(as_float::<R, F>(dy));
         let words = as_words(into_contiguous(words));
-        let (scales, biases) = (as_float::<R, F>(scales), as_float::<R, F>(biases));
+        let (scales, biases) = (into_contiguous(as_float::<R, F>(scales)), into_contiguous(as_float::<R, F>(biases)));
         let [m, _n] = dy.meta.shape().dims::<2>();
         let [_, w] = words.meta.shape().dims::<2>();
         let k = w * format.per_word();
@@ -238,7 +328,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> QuantMatmu
             return dx;
         }
         let (count, dim) = tiles(k, m);
-        matmul_dx_kernel::launch::<F, R>(&client, count, dim, dy.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), dx.clone().into_tensor_arg(), format.bits, format.group);
+        // SAFETY: tile rows and columns past `m`, `n` and `k` are checked in the kernel.
+        unsafe {
+            matmul_dx_kernel::launch_unchecked::<F, R>(&client, count, dim, dy.into_tensor_arg(), words.into_tensor_arg(), scales.into_tensor_arg(), biases.into_tensor_arg(), dx.clone().into_tensor_arg(), format.bits, format.group);
+        }
         dx
     }
 }

@@ -25,8 +25,10 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// Median seconds of `runs` timed calls after two warm-ups (compilation, autotune).
-fn time<B: Backend, T>(device: &B::Device, runs: usize, mut f: impl FnMut() -> T) -> anyhow::Result<f64> {
+/// Median seconds per call over `runs` timings after two warm-ups (compilation, autotune).
+/// Each timing queues `queued` calls and then waits for the device once, as a model's
+/// forward does; `queued = 1` is the latency of one call with its synchronisation.
+fn time<B: Backend, T>(device: &B::Device, runs: usize, queued: usize, mut f: impl FnMut() -> T) -> anyhow::Result<f64> {
     for _ in 0..2 {
         let out = f();
         B::sync(device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
@@ -35,10 +37,10 @@ fn time<B: Backend, T>(device: &B::Device, runs: usize, mut f: impl FnMut() -> T
     let mut secs = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
-        let out = f();
+        let outs: Vec<T> = (0..queued).map(|_| f()).collect();
         B::sync(device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
-        secs.push(start.elapsed().as_secs_f64());
-        drop(out);
+        secs.push(start.elapsed().as_secs_f64() / queued as f64);
+        drop(outs);
     }
     Ok(median(secs))
 }
@@ -75,9 +77,17 @@ pub fn run(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
         "checked {} products (forward and dx) against dequantise-then-multiply in f64: max relative error {:.2e}",
         report["check"]["cases"], report["check"]["max_rel_err"].as_f64().unwrap_or(f64::NAN)
     );
-    println!("decode (1 row): weight GB/s and fraction of copy bandwidth");
+    println!("decode (1 row): weight GB/s and fraction of copy bandwidth, calls queued as in a forward pass (one call alone, with its sync, in brackets)");
     for r in report["decode"].as_array().into_iter().flatten() {
-        println!("  {:<26} {:>12}  {:>8.3} ms  {:>7.1} GB/s  {:>5.1} %", r["format"].as_str().unwrap_or(""), r["shape"].as_str().unwrap_or(""), r["ms"].as_f64().unwrap_or(0.0) , r["gb_s"].as_f64().unwrap_or(0.0), 100.0 * r["fraction_of_copy"].as_f64().unwrap_or(0.0));
+        println!(
+            "  {:<26} {:>12}  {:>8.3} ms  {:>7.1} GB/s  {:>5.1} %  ({:.3} ms alone)",
+            r["format"].as_str().unwrap_or(""),
+            r["shape"].as_str().unwrap_or(""),
+            r["ms"].as_f64().unwrap_or(0.0),
+            r["gb_s"].as_f64().unwrap_or(0.0),
+            100.0 * r["fraction_of_copy"].as_f64().unwrap_or(0.0),
+            r["latency_ms"].as_f64().unwrap_or(0.0)
+        );
     }
     println!("prefill (512 rows): TFLOP/s, quantised kernel vs dense matmul");
     for r in report["prefill"].as_array().into_iter().flatten() {
@@ -93,7 +103,7 @@ fn bench<B: Backend + QuantMatmul>(device: &B::Device, spec: DeviceSpec) -> anyh
     // wgpu caps one buffer at 128 MiB (often less on software adapters).
     let elems = if matches!(spec, DeviceSpec::Cuda(_) | DeviceSpec::Rocm(_)) { 1 << 26 } else { 1 << 24 };
     let big = Tensor::<B, 1>::random([elems], Distribution::Default, device);
-    let secs = time::<B, _>(device, 10, || big.clone().mul_scalar(1.0))?;
+    let secs = time::<B, _>(device, 10, 1, || big.clone().mul_scalar(1.0))?;
     let copy_gb_s = 2.0 * (elems * 4) as f64 / secs / 1e9;
     drop(big);
     let shapes: Vec<(usize, usize)> = if cpu { vec![(896, 4864), (4096, 4096)] } else { SHAPES.to_vec() };
@@ -112,20 +122,22 @@ fn bench<B: Backend + QuantMatmul>(device: &B::Device, spec: DeviceSpec) -> anyh
             let (words, scales, biases) = sets[0].clone();
             let x1 = Tensor::<B, 2>::random([1, k], Distribution::Default, device);
             let mut turn = 0;
-            let secs = time::<B, _>(device, if cpu { 5 } else { 64 }, || {
+            let mut call = || {
                 turn += 1;
                 let (w, s, b) = &sets[turn % copies];
                 quant_matmul(x1.clone(), w.clone(), s.clone(), b.clone(), format)
-            })?;
+            };
+            let secs = time::<B, _>(device, if cpu { 5 } else { 16 }, if cpu { 1 } else { 32 }, &mut call)?;
+            let latency = time::<B, _>(device, if cpu { 3 } else { 32 }, 1, &mut call)?;
             let gb_s = weight_bytes / secs / 1e9;
-            decode.push(json!({"format": name, "shape": format!("{k}x{n}"), "ms": secs * 1e3, "gb_s": gb_s, "fraction_of_copy": gb_s / copy_gb_s}));
+            decode.push(json!({"format": name, "shape": format!("{k}x{n}"), "ms": secs * 1e3, "latency_ms": latency * 1e3, "gb_s": gb_s, "fraction_of_copy": gb_s / copy_gb_s}));
 
             let m = prefill_rows;
             let xm = Tensor::<B, 2>::random([m, k], Distribution::Default, device);
             let flops = 2.0 * (m * n * k) as f64;
-            let secs = time::<B, _>(device, if cpu { 2 } else { 10 }, || quant_matmul(xm.clone(), words.clone(), scales.clone(), biases.clone(), format))?;
+            let secs = time::<B, _>(device, if cpu { 2 } else { 10 }, if cpu { 1 } else { 4 }, || quant_matmul(xm.clone(), words.clone(), scales.clone(), biases.clone(), format))?;
             let dense = Tensor::<B, 2>::random([k, n], Distribution::Default, device);
-            let dense_secs = time::<B, _>(device, if cpu { 2 } else { 10 }, || xm.clone().matmul(dense.clone()))?;
+            let dense_secs = time::<B, _>(device, if cpu { 2 } else { 10 }, if cpu { 1 } else { 4 }, || xm.clone().matmul(dense.clone()))?;
             prefill.push(json!({"format": name, "shape": format!("{k}x{n}"), "rows": m, "tflops": flops / secs / 1e12, "dense_f32_tflops": flops / dense_secs / 1e12}));
         }
     }
@@ -203,7 +215,7 @@ fn dense_bf16(device: &burn::backend::cuda::CudaDevice, report: &mut Value) -> a
             None => {
                 let x = Tensor::<Bf16, 2>::from_data(TensorData::new(vec![half::bf16::from_f32(0.5); m * k], [m, k]), device);
                 let w = Tensor::<Bf16, 2>::from_data(TensorData::new(vec![half::bf16::from_f32(0.25); k * n], [k, n]), device);
-                let secs = time::<Bf16, _>(device, 10, || x.clone().matmul(w.clone()))?;
+                let secs = time::<Bf16, _>(device, 10, 4, || x.clone().matmul(w.clone()))?;
                 let t = 2.0 * (m * n * k) as f64 / secs / 1e12;
                 cache.insert(shape.clone(), t);
                 t
