@@ -8,11 +8,12 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use common::*;
 use kiln::generate::{generate, Sampler, SamplingConfig, StopConfig};
+use kiln::backend::QuantMatmul;
 use kiln::model::Model;
 
 const TOLERANCE: f64 = 1e-4;
 
-fn check_logits<B: Backend>(name: &str, device: &B::Device) {
+fn check_logits<B: QuantMatmul>(name: &str, device: &B::Device) {
     let model = Model::<B>::load(&model_dir(name), device).unwrap();
     let (shape, ids) = reference_ids(name, "input_ids");
     let (b, s) = (shape[0], shape[1]);
@@ -29,7 +30,7 @@ fn check_logits<B: Backend>(name: &str, device: &B::Device) {
     assert!(diff < TOLERANCE, "{name}: max |Δlogit| {diff:e} >= {TOLERANCE:e}");
 }
 
-fn check_greedy<B: Backend>(name: &str, device: &B::Device) {
+fn check_greedy<B: QuantMatmul>(name: &str, device: &B::Device) {
     let model = Model::<B>::load(&model_dir(name), device).unwrap();
     let (_, prompt) = reference_ids(name, "greedy_prompt");
     let (_, expected) = reference_ids(name, "greedy_ids");
@@ -41,7 +42,7 @@ fn check_greedy<B: Backend>(name: &str, device: &B::Device) {
 }
 
 /// Decoding token by token with the cache gives the logits of one full forward pass.
-fn check_cache<B: Backend>(name: &str, device: &B::Device) {
+fn check_cache<B: QuantMatmul>(name: &str, device: &B::Device) {
     let model = Model::<B>::load(&model_dir(name), device).unwrap();
     let (_, ids) = reference_ids(name, "input_ids");
     let ids: Vec<i64> = ids[..20].iter().map(|&i| i as i64).collect(); // longer than gemma3's window of 8
