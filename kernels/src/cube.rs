@@ -113,6 +113,47 @@ fn weight<F: Float>(words: &Tensor<u32>, scales: &Tensor<F>, biases: &Tensor<F>,
     scales[g] * level::<F>(word, (j % per_word) as u32, bits) + biases[g]
 }
 
+/// One shared-memory slice of a tile product: `acc[i][j] += Σ_t a[t][ty + 16·i] · b[t][tx + 16·j]`
+/// with both slices stored `[SLICE][BLOCK]`.
+#[cube]
+fn multiply_slice<F: Float>(a_s: &SharedMemory<F>, b_s: &SharedMemory<F>, acc: &mut Array<F>, tx: usize, ty: usize) {
+    #[unroll]
+    for t in 0..SLICE {
+        let base = (t * BLOCK) as usize;
+        let mut a = Array::<F>::new(REG as usize);
+        let mut b = Array::<F>::new(REG as usize);
+        #[unroll]
+        for i in 0..REG {
+            a[i as usize] = a_s[base + ty + (i * THREADS) as usize];
+            b[i as usize] = b_s[base + tx + (i * THREADS) as usize];
+        }
+        #[unroll]
+        for i in 0..REG {
+            #[unroll]
+            for j in 0..REG {
+                acc[(i * REG + j) as usize] += a[i as usize] * b[j as usize];
+            }
+        }
+    }
+}
+
+/// Writes a thread's `REG × REG` outputs of the tile at (`row0`, `col0`) into `out`
+/// `[rows, cols]`, skipping those past the edges.
+#[cube]
+fn store_tile<F: Float>(out: &mut Tensor<F>, acc: &Array<F>, row0: usize, col0: usize, rows: usize, cols: usize, tx: usize, ty: usize) {
+    #[unroll]
+    for i in 0..REG {
+        let row = row0 + ty + (i * THREADS) as usize;
+        #[unroll]
+        for j in 0..REG {
+            let col = col0 + tx + (j * THREADS) as usize;
+            if row < rows && col < cols {
+                out[row * cols + col] = acc[(i * REG + j) as usize];
+            }
+        }
+    }
+}
+
 /// `out[m, n] = x[m, k] · dequant(W)ᵀ`. Each cube computes a `BLOCK × BLOCK` tile of outputs
 /// with 16 × 16 threads, each thread `REG × REG` of them (rows `ty + 16·i`, columns
 /// `tx + 16·j`, so neighbouring threads read neighbouring shared-memory words). A slice of
@@ -156,38 +197,11 @@ fn matmul_kernel<F: Float>(x: &Tensor<F>, words: &Tensor<u32>, scales: &Tensor<F
             ws[c * (BLOCK as usize) + r] = wv;
         }
         sync_cube();
-        #[unroll]
-        for t in 0..SLICE {
-            let base = (t * BLOCK) as usize;
-            let mut a = Array::<F>::new(REG as usize);
-            let mut b = Array::<F>::new(REG as usize);
-            #[unroll]
-            for i in 0..REG {
-                a[i as usize] = xs[base + ty + (i * THREADS) as usize];
-                b[i as usize] = ws[base + tx + (i * THREADS) as usize];
-            }
-            #[unroll]
-            for i in 0..REG {
-                #[unroll]
-                for j in 0..REG {
-                    acc[(i * REG + j) as usize] += a[i as usize] * b[j as usize];
-                }
-            }
-        }
+        multiply_slice::<F>(&xs, &ws, &mut acc, tx, ty);
         sync_cube();
         k0 += SLICE as usize;
     }
-    #[unroll]
-    for i in 0..REG {
-        let row = row0 + ty + (i * THREADS) as usize;
-        #[unroll]
-        for j in 0..REG {
-            let col = col0 + tx + (j * THREADS) as usize;
-            if row < m && col < n {
-                out[row * n + col] = acc[(i * REG + j) as usize];
-            }
-        }
-    }
+    store_tile::<F>(out, &acc, row0, col0, m, n, tx, ty);
 }
 
 /// `dx[m, k] = dy[m, n] · dequant(W)`: the same tiling as [`matmul_kernel`] with the
@@ -233,38 +247,11 @@ fn matmul_dx_kernel<F: Float>(dy: &Tensor<F>, words: &Tensor<u32>, scales: &Tens
             ws[t * (BLOCK as usize) + q] = wv;
         }
         sync_cube();
-        #[unroll]
-        for t in 0..SLICE {
-            let base = (t * BLOCK) as usize;
-            let mut a = Array::<F>::new(REG as usize);
-            let mut b = Array::<F>::new(REG as usize);
-            #[unroll]
-            for i in 0..REG {
-                a[i as usize] = ds[base + ty + (i * THREADS) as usize];
-                b[i as usize] = ws[base + tx + (i * THREADS) as usize];
-            }
-            #[unroll]
-            for i in 0..REG {
-                #[unroll]
-                for j in 0..REG {
-                    acc[(i * REG + j) as usize] += a[i as usize] * b[j as usize];
-                }
-            }
-        }
+        multiply_slice::<F>(&ds, &ws, &mut acc, tx, ty);
         sync_cube();
         o0 += SLICE as usize;
     }
-    #[unroll]
-    for i in 0..REG {
-        let row = row0 + ty + (i * THREADS) as usize;
-        #[unroll]
-        for j in 0..REG {
-            let col = col0 + tx + (j * THREADS) as usize;
-            if row < m && col < k {
-                dx[row * k + col] = acc[(i * REG + j) as usize];
-            }
-        }
-    }
+    store_tile::<F>(dx, &acc, row0, col0, m, k, tx, ty);
 }
 
 /// The kernels are generic over the backend's float type; other float inputs are cast.

@@ -5,15 +5,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use crate::backend::QuantMatmul;
+use burn::prelude::*;
 use serde_json::json;
 
 use super::{model_dir, DeviceArg};
+use crate::backend::QuantMatmul;
 use crate::generate::{argmax, ids_tensor};
 use crate::model::layers::LinearWeight;
 use crate::model::Model;
 use crate::quant::affine::QuantSpec;
-use burn::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum What {

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use crate::backend::QuantMatmul;
 use serde_json::json;
 
 use super::{DeviceArg, ModelArgs};
+use crate::backend::QuantMatmul;
 use crate::data::{load_examples, DataFormat, LoadOptions, TrainOn};
 use crate::tokenizer::Tokenizer;
 use crate::train::eval::evaluate;

@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 
-use crate::backend::QuantMatmul;
 
 use super::{DeviceArg, ModelArgs};
+use crate::backend::QuantMatmul;
 use crate::generate::ids_tensor;
 use crate::model::weights;
 use crate::tokenizer::Tokenizer;

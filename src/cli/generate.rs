@@ -6,10 +6,10 @@
 use std::io::Write;
 
 use anyhow::Context;
-use crate::backend::QuantMatmul;
 use serde_json::{json, Value};
 
 use super::{DeviceArg, ModelArgs};
+use crate::backend::QuantMatmul;
 use crate::generate::{generate, Sampler, SamplingConfig, StopConfig};
 use crate::tokenizer::{ChatOptions, Tokenizer};
 

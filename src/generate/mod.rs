@@ -6,11 +6,11 @@
 //! sampler exact and identical on every backend.
 
 use burn::prelude::*;
-use crate::backend::QuantMatmul;
 use burn::tensor::TensorData;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::backend::QuantMatmul;
 use crate::model::Model;
 
 /// How the next token is chosen.

@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use burn::prelude::*;
-use crate::backend::QuantMatmul;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::TensorData;
 
+use crate::backend::QuantMatmul;
 use crate::data::{make_batches, Batch, Example, PromptAnswer};
 use crate::generate::{generate, Sampler, SamplingConfig, StopConfig};
 use crate::model::Model;

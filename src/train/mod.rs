@@ -19,12 +19,12 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use crate::backend::{QuantMatmul, TrainBackend};
 use serde_json::json;
 
 use self::checkpoint::LoopState;
 use self::optim::{AdamW, AdamWConfig};
 use self::schedule::LrSchedule;
+use crate::backend::{QuantMatmul, TrainBackend};
 use crate::data::{self, Batch, Example, LoadOptions, PromptAnswer};
 use crate::lora::{self, LoraSpec};
 use crate::model::{Model, ModelConfig, ModelError};
