@@ -14,5 +14,6 @@ pub mod model;
 pub mod quant;
 pub mod run;
 pub mod recipe;
+pub mod reward;
 pub mod tokenizer;
 pub mod train;

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod eval;
+pub mod grpo;
 pub mod optim;
 pub mod schedule;
 
