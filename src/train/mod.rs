@@ -8,6 +8,7 @@
 //! Everything the loop reports goes out as [`Event`]s; nothing here prints.
 
 pub mod checkpoint;
+pub mod distill;
 pub mod eval;
 pub mod grpo;
 pub mod optim;
