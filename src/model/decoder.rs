@@ -34,6 +34,13 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// A cache of one sequence repeated as `n` rows, so that `n` continuations of one prompt
+    /// decode side by side after a single prefill.
+    pub fn repeat_rows(&self, n: usize) -> Self {
+        let layers = self.layers.iter().map(|l| l.as_ref().map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n)))).collect();
+        Self { layers, len: self.len }
+    }
 }
 
 #[derive(Module, Debug)]

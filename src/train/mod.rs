@@ -12,6 +12,7 @@ pub mod distill;
 pub mod eval;
 pub mod grpo;
 pub mod optim;
+pub mod rollout;
 pub mod schedule;
 
 use std::path::{Path, PathBuf};
