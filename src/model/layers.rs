@@ -175,9 +175,9 @@ impl<B: QuantMatmul> Linear<B> {
     }
 }
 
-/// `q4_g64`-style name of an affine format.
+/// `q4_g64`-style name of an affine format (the MLX spec that names it).
 pub fn describe(format: Affine) -> String {
-    format!("q{}_g{}", format.bits, format.group)
+    QuantSpec::Mlx { bits: format.bits, group: format.group as usize }.to_string()
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · (offset + w)`.
