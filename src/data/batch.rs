@@ -165,6 +165,33 @@ pub fn make_batches(
     batches
 }
 
+/// One example a row, in the order given, padded to the longest and never truncated: for
+/// sequences the trainer made itself (GRPO rollouts, on-policy completions), whose rows it must
+/// find again.
+pub fn rows_in_order(examples: &[Example]) -> Batch {
+    let shifted: Vec<Shifted> = examples
+        .iter()
+        .map(|ex| {
+            let n = ex.ids.len().min(ex.train_mask.len());
+            if n < 2 {
+                return Shifted { inputs: &[], targets: &[], mask: &[] };
+            }
+            Shifted { inputs: &ex.ids[..n - 1], targets: &ex.ids[1..n], mask: &ex.train_mask[1..n] }
+        })
+        .collect();
+    let seq = shifted.iter().map(|ex| ex.inputs.len()).max().unwrap_or(0).max(1);
+    let rows: Vec<Row> = shifted
+        .iter()
+        .map(|ex| {
+            let mut row = Row::default();
+            row.push(ex);
+            row.pad_to(seq);
+            row
+        })
+        .collect();
+    assemble(&rows, seq)
+}
+
 /// Concatenates rows, all `seq` long, into a batch.
 fn assemble(rows: &[Row], seq: usize) -> Batch {
     let n = rows.len() * seq;

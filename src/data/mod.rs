@@ -24,7 +24,7 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use batch::{Batch, make_batches};
+pub use batch::{Batch, make_batches, rows_in_order};
 pub use load::{load_examples, load_prompts, split_valid};
 pub use train_tokenizer::train_tokenizer;
 

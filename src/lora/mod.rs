@@ -163,6 +163,17 @@ pub fn fuse<B: Backend>(mut model: Model<B>) -> Model<B> {
     model
 }
 
+/// The model with every adapter taken off: the frozen base, which is GRPO's reference policy
+/// (no second copy of the weights: the tensors are shared).
+pub fn without_adapters<B: Backend>(mut model: Model<B>) -> Model<B> {
+    for i in 0..model.layers.len() {
+        for (_, linear) in projections_mut(&mut model, i) {
+            linear.lora = None;
+        }
+    }
+    model
+}
+
 /// Number of adapters attached.
 pub fn count<B: Backend>(model: &Model<B>) -> usize {
     (0..model.layers.len())

@@ -23,9 +23,9 @@ use error::{Source, from_toml, suggest};
 
 pub use error::{Location, RecipeError};
 pub use schema::{
-    ALL_LINEAR, CheckpointSection, DataFormat, DataSection, EvalSection, ExportSection, INIT_ARCHS,
-    InitSection, LORA_TARGETS, LoraSection, Method, ModelSection, RunSection, Schedule, TrainOn,
-    TrainSection,
+    ALL_LINEAR, CheckpointSection, DataFormat, DataSection, DistillSection, EvalSection,
+    ExportSection, GrpoSection, INIT_ARCHS, InitSection, LORA_TARGETS, LoraSection, Method,
+    ModelSection, RunSection, Schedule, TrainOn, TrainSection, Weights,
 };
 
 /// A parsed and validated recipe. Paths in `model` and `data` are absolute (resolved against
@@ -37,6 +37,9 @@ pub struct Recipe {
     #[serde(skip)]
     pub path: PathBuf,
     pub method: Method,
+    /// What `method = "grpo"` / `"distill"` trains; the SFT methods say it in their name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Weights>,
     pub run: RunSection,
     pub model: ModelSection,
     pub data: DataSection,
@@ -45,6 +48,10 @@ pub struct Recipe {
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
     pub export: ExportSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<GrpoSection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSection>,
 }
 
 impl Recipe {
@@ -85,6 +92,15 @@ impl Recipe {
         // that is not UTF-8 can make this fail, and then the reason is better than nothing.
         toml::to_string(self)
             .unwrap_or_else(|e| format!("# kiln: cannot write this recipe as TOML: {e}\n"))
+    }
+
+    /// Whether the run trains LoRA adapters (rather than every weight).
+    pub fn trains_lora(&self) -> bool {
+        match self.method {
+            Method::Lora => true,
+            Method::Full => false,
+            Method::Grpo | Method::Distill => self.weights != Some(Weights::Full),
+        }
     }
 
     /// The run's directory: `run.output_dir / run.name`.
@@ -171,7 +187,106 @@ impl Validator<'_> {
         self.train(&r.train)?;
         self.eval(&r.eval)?;
         self.checkpoint(r)?;
-        self.export(&r.export)
+        self.export(&r.export)?;
+        self.methods(r)
+    }
+
+    /// `weights`, `[grpo]` and `[distill]` belong to their methods.
+    fn methods(&self, r: &mut Recipe) -> Check {
+        let rl = matches!(r.method, Method::Grpo | Method::Distill);
+        if r.weights.is_some() && !rl {
+            return Err(self.invalid(
+                "weights",
+                format!("method = \"{}\" already says what trains; `weights` is for method = \"grpo\" or \"distill\"", r.method),
+            ));
+        }
+        if r.grpo.is_some() && r.method != Method::Grpo {
+            return Err(self.invalid("grpo", format!("a [grpo] table needs method = \"grpo\", found method = \"{}\"", r.method)));
+        }
+        if r.distill.is_some() && r.method != Method::Distill {
+            return Err(self.invalid("distill", format!("a [distill] table needs method = \"distill\", found method = \"{}\"", r.method)));
+        }
+        match r.method {
+            Method::Grpo => {
+                let Some(g) = &r.grpo else {
+                    return Err(self.missing("grpo.rewards", "method = \"grpo\" needs a [grpo] table with at least one [[grpo.rewards]] entry"));
+                };
+                self.grpo(g)?;
+                if r.model.init.is_some() {
+                    return Err(self.invalid(
+                        "model.init",
+                        "GRPO improves a model that already answers sometimes; a fresh [model.init] model earns no reward: set model.path",
+                    ));
+                }
+                Ok(())
+            }
+            Method::Distill => {
+                let Some(d) = r.distill.as_mut() else {
+                    return Err(self.missing("distill.teacher", "method = \"distill\" needs a [distill] table naming the teacher"));
+                };
+                if d.teacher.as_os_str().is_empty() {
+                    return Err(self.missing("distill.teacher", "expected distill.teacher, the teacher's model directory"));
+                }
+                d.teacher = self.resolve("distill.teacher", &d.teacher.clone(), true)?;
+                let d = d.clone();
+                self.distill(&d)
+            }
+            Method::Lora | Method::Full => Ok(()),
+        }
+    }
+
+    fn grpo(&self, g: &GrpoSection) -> Check {
+        if g.group_size < 2 {
+            return Err(self.invalid(
+                "grpo.group_size",
+                format!("expected an integer >= 2 (advantages compare completions of one prompt), found {}", g.group_size),
+            ));
+        }
+        self.positive("grpo.max_completion_length", g.max_completion_length)?;
+        self.above("grpo.temperature", g.temperature, 0.0, false)?;
+        self.range("grpo.top_p", g.top_p, 0.0, 1.0, false)?;
+        if g.top_p == 0.0 {
+            return Err(self.invalid("grpo.top_p", "expected a number in (0, 1], found 0"));
+        }
+        self.range("grpo.epsilon", g.epsilon, 0.0, 1.0, true)?;
+        if let Some(e) = g.epsilon_high {
+            self.above("grpo.epsilon_high", e, 0.0, true)?;
+        }
+        self.above("grpo.beta", g.beta, 0.0, true)?;
+        self.positive("grpo.num_iterations", g.num_iterations)?;
+        if g.rewards.is_empty() {
+            return Err(self.missing("grpo.rewards", "expected at least one [[grpo.rewards]] entry (for example type = \"exact_match\")"));
+        }
+        for (i, c) in g.rewards.iter().enumerate() {
+            if !c.weight().is_finite() {
+                return Err(self.invalid("grpo.rewards", format!("reward {i} ({}): weight must be a finite number, found {}", c.kind(), c.weight())));
+            }
+        }
+        crate::reward::Rewards::new(&g.rewards).map(drop).map_err(|e| self.invalid("grpo.rewards", e.to_string()))
+    }
+
+    fn distill(&self, d: &DistillSection) -> Check {
+        if let Some(q) = &d.teacher_quantize {
+            self.quantize("distill.teacher_quantize", q)?;
+        }
+        self.range("distill.beta", d.beta, 0.0, 1.0, false)?;
+        self.above("distill.temperature", d.temperature, 0.0, false)?;
+        self.range("distill.ce_weight", d.ce_weight, 0.0, 1.0, false)?;
+        self.range("distill.lmbda", d.lmbda, 0.0, 1.0, false)?;
+        self.positive("distill.max_new_tokens", d.max_new_tokens)?;
+        self.positive("distill.chunk_size", d.chunk_size)
+    }
+
+    fn quantize(&self, key: &str, q: &str) -> Check {
+        if QuantSpec::parse(q).is_some() {
+            return Ok(());
+        }
+        let names: Vec<&str> = QuantSpec::NAMES.split(", ").collect();
+        let mut message = format!("unknown quantisation {q:?}: expected one of {}", QuantSpec::NAMES);
+        if let Some(s) = suggest(q, names.iter().copied()) {
+            message.push_str(&format!(" (did you mean {s:?}?)"));
+        }
+        Err(self.invalid(key, message))
     }
 
     fn export(&self, e: &ExportSection) -> Check {
@@ -214,18 +329,11 @@ impl Validator<'_> {
 
     fn model(&self, r: &mut Recipe) -> Check {
         if let Some(q) = &r.model.quantize {
-            if QuantSpec::parse(q).is_none() {
-                let names: Vec<&str> = QuantSpec::NAMES.split(", ").collect();
-                let mut message = format!("unknown quantisation {q:?}: expected one of {}", QuantSpec::NAMES);
-                if let Some(s) = suggest(q, names.iter().copied()) {
-                    message.push_str(&format!(" (did you mean {s:?}?)"));
-                }
-                return Err(self.invalid("model.quantize", message));
-            }
-            if r.method == Method::Full {
+            self.quantize("model.quantize", q)?;
+            if !r.trains_lora() {
                 return Err(self.invalid(
                     "model.quantize",
-                    "a quantised base is frozen, so method = \"full\" has nothing to train; use method = \"lora\" (QLoRA) or drop model.quantize",
+                    "a quantised base is frozen, so training every weight has nothing to train; train LoRA adapters over it (QLoRA) or drop model.quantize",
                 ));
             }
         }
@@ -244,10 +352,11 @@ impl Validator<'_> {
                 r.model.path = Some(self.resolve("model.path", &p, true)?);
             }
             (None, Some(init)) => {
-                if r.method == Method::Lora {
+                if r.trains_lora() {
+                    let (key, fix) = if r.method == Method::Lora { ("method", "method = \"full\"") } else { ("weights", "weights = \"full\"") };
                     return Err(self.invalid(
-                        "method",
-                        "method = \"lora\" needs a pretrained model.path; a fresh [model.init] model has nothing to adapt: use method = \"full\"",
+                        key,
+                        format!("LoRA needs a pretrained model.path; a fresh [model.init] model has nothing to adapt: use {fix}"),
                     ));
                 }
                 self.init(init)?;

@@ -19,6 +19,21 @@ pub enum Method {
     Lora,
     /// Every weight is trained.
     Full,
+    /// Group relative policy optimisation: sampled completions scored by `[[grpo.rewards]]`.
+    Grpo,
+    /// Knowledge distillation from the `[distill]` teacher.
+    Distill,
+}
+
+/// What `method = "grpo"` and `method = "distill"` train (`weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weights {
+    /// Adapters from `[lora]` on a frozen base.
+    #[default]
+    Lora,
+    /// Every weight.
+    Full,
 }
 
 /// How the training file is read; `auto` looks at the records.
@@ -69,7 +84,8 @@ macro_rules! names {
     };
 }
 
-names!(Method { Lora => "lora", Full => "full" });
+names!(Method { Lora => "lora", Full => "full", Grpo => "grpo", Distill => "distill" });
+names!(Weights { Lora => "lora", Full => "full" });
 names!(DataFormat { Auto => "auto", Text => "text", Completion => "completion", Chat => "chat" });
 names!(TrainOn { Completion => "completion", All => "all" });
 names!(Schedule { Constant => "constant", Linear => "linear", Cosine => "cosine" });
@@ -343,5 +359,99 @@ pub struct ExportSection {
 impl Default for ExportSection {
     fn default() -> Self {
         Self { adapter: true, fused: false, gguf: None }
+    }
+}
+
+/// `[grpo]`: rollouts, rewards and the clipped objective (method = "grpo"). `train.batch_size`
+/// counts prompts; each gets `group_size` completions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    /// Completions sampled per prompt (G).
+    pub group_size: usize,
+    /// New tokens per completion at most; longer ones are cut and count as truncated.
+    pub max_completion_length: usize,
+    pub temperature: f64,
+    /// 1 means no nucleus cut.
+    pub top_p: f64,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// Clip range below 1 (ε_low).
+    pub epsilon: f64,
+    /// Clip range above 1 (ε_high); `epsilon` when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_high: Option<f64>,
+    /// Weight of the KL penalty to the reference (the base with the adapter off, or the
+    /// starting weights with weights = "full"); 0 turns it off.
+    pub beta: f64,
+    pub loss_type: crate::train::grpo::LossType,
+    pub scale_rewards: crate::train::grpo::ScaleRewards,
+    /// Optimiser steps on each batch of rollouts (μ); above 1 the clipped ratio matters.
+    pub num_iterations: usize,
+    /// Completions shown as `sample` events at each evaluation.
+    pub log_completions: usize,
+    /// `[[grpo.rewards]]`: the reward is the weighted sum of these.
+    pub rewards: Vec<crate::reward::RewardConfig>,
+}
+
+impl Default for GrpoSection {
+    fn default() -> Self {
+        Self {
+            group_size: 8,
+            max_completion_length: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            beta: 0.0,
+            loss_type: crate::train::grpo::LossType::Dapo,
+            scale_rewards: crate::train::grpo::ScaleRewards::Group,
+            num_iterations: 1,
+            log_completions: 4,
+            rewards: Vec::new(),
+        }
+    }
+}
+
+/// `[distill]`: the teacher and the loss (method = "distill").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSection {
+    /// The teacher's Hugging Face directory (required; same tokenizer as the student).
+    pub teacher: PathBuf,
+    /// Quantise the teacher's projections at load, as `model.quantize`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_quantize: Option<String>,
+    /// 0 = forward KL(teacher ‖ student), 1 = reverse KL(student ‖ teacher), between: the
+    /// generalised Jensen–Shannon divergence.
+    pub beta: f64,
+    /// Both distributions are softened by this temperature (also the sampling temperature
+    /// of on-policy completions).
+    pub temperature: f64,
+    /// loss = ce_weight·CE(labels) + (1 − ce_weight)·divergence.
+    pub ce_weight: f64,
+    /// Share of steps that train on the student's own completions of the prompts (on-policy,
+    /// as GKD's λ) instead of the dataset's.
+    pub lmbda: f64,
+    /// New tokens per on-policy completion at most.
+    pub max_new_tokens: usize,
+    /// Positions per chunk when computing both models' logits (bounds the teacher's vocab ×
+    /// sequence logits).
+    pub chunk_size: usize,
+}
+
+impl Default for DistillSection {
+    fn default() -> Self {
+        Self {
+            teacher: PathBuf::new(),
+            teacher_quantize: None,
+            beta: 0.5,
+            temperature: 1.0,
+            ce_weight: 0.5,
+            lmbda: 0.0,
+            max_new_tokens: 128,
+            chunk_size: 256,
+        }
     }
 }

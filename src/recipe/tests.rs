@@ -316,3 +316,49 @@ fn hostile_input_never_panics() {
         let _ = Recipe::from_str(text, Path::new(""));
     }
 }
+
+#[test]
+fn grpo_and_distill_sections_are_checked_and_read_back() {
+    let f = Fixture::new();
+    let grpo = "method = \"grpo\"\n[model]\npath = \"model\"\n[data]\ntrain = \"train.jsonl\"\n[grpo]\ngroup_size = 4\nepsilon_high = 0.28\n[[grpo.rewards]]\ntype = \"exact_match\"\nextract = \"= *(\\\\d+)\"\n[[grpo.rewards]]\ntype = \"command\"\nargv = [\"python3\", \"score.py\"]\nweight = 0.5\n";
+    let r = f.parse(grpo).unwrap();
+    assert!(r.trains_lora());
+    let g = r.grpo.as_ref().unwrap();
+    assert_eq!((g.group_size, g.epsilon_high, g.rewards.len()), (4, Some(0.28), 2));
+    assert_eq!(g.loss_type, crate::train::grpo::LossType::Dapo);
+    assert_eq!(Recipe::from_str(&r.to_toml(), &r.path).unwrap(), r);
+
+    // Each mistake names its key and line.
+    let e = f.err(&grpo.replace("group_size = 4", "group_size = 1"));
+    assert_eq!((e.key(), line_col(&e).0), (Some("grpo.group_size"), 7));
+    let e = f.err(&grpo.replace("type = \"exact_match\"", "type = \"exact_macth\""));
+    assert!(e.to_string().contains("exact_macth"), "{e}");
+    let e = f.err(&grpo.replace("\"= *(\\\\d+)\"", "\"(unclosed\""));
+    assert!(e.key() == Some("grpo.rewards") && e.to_string().contains("reward 0 (exact_match)"), "{e}");
+    let e = f.err(&grpo.replace("argv = [\"python3\", \"score.py\"]", "argv = []"));
+    assert!(e.to_string().contains("`argv` is empty"), "{e}");
+    let no_rewards = "method = \"grpo\"\n[model]\npath = \"model\"\n[data]\ntrain = \"train.jsonl\"\n[grpo]\ngroup_size = 4\n";
+    assert_eq!(f.err(no_rewards).key(), Some("grpo.rewards"));
+    let e = f.err(&format!("{MINIMAL}[grpo]\ngroup_size = 4\n"));
+    assert!(e.key() == Some("grpo") && e.to_string().contains("needs method = \"grpo\""), "{e}");
+    let e = f.err(&format!("weights = \"full\"\n{MINIMAL}"));
+    assert_eq!(e.key(), Some("weights"));
+
+    // Distillation: a teacher is required and must exist; the numbers have ranges.
+    let distill = "method = \"distill\"\nweights = \"full\"\n[model]\npath = \"model\"\n[data]\ntrain = \"train.jsonl\"\n[distill]\nteacher = \"model\"\nbeta = 0.5\n";
+    let r = f.parse(distill).unwrap();
+    assert!(!r.trains_lora());
+    assert_eq!(r.distill.as_ref().unwrap().teacher, std::path::absolute(f.dir.path().join("model")).unwrap());
+    assert_eq!(Recipe::from_str(&r.to_toml(), &r.path).unwrap(), r);
+    let e = f.err(&distill.replace("teacher = \"model\"", "teacher = \"nope\""));
+    assert!(matches!(e, RecipeError::MissingFile { .. }) && e.key() == Some("distill.teacher"), "{e}");
+    let e = f.err(&distill.replace("beta = 0.5", "beta = 1.5"));
+    assert_eq!((e.key(), line_col(&e).0), (Some("distill.beta"), 9));
+    let e = f.err(&distill.replace("beta = 0.5", "teacher_quantize = \"q4_g46\""));
+    assert!(e.to_string().contains("did you mean \"q4_g64\""), "{e}");
+    let e = f.err("method = \"distill\"\n[model]\npath = \"model\"\n[data]\ntrain = \"train.jsonl\"\n");
+    assert_eq!(e.key(), Some("distill.teacher"));
+    // A quantised base cannot train every weight, whichever method says so.
+    let e = f.err(&distill.replace("path = \"model\"", "path = \"model\"\nquantize = \"q4_g64\""));
+    assert_eq!(e.key(), Some("model.quantize"));
+}

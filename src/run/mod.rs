@@ -22,7 +22,21 @@ pub enum Event {
     Eval { step: usize, loss: f64, ppl: f64, tokens: usize, best: bool },
     /// Exact-match accuracy of greedy answers on held-out prompts.
     Accuracy { step: usize, correct: usize, total: usize, accuracy: f64 },
-    Sample { step: usize, prompt: String, completion: String, expected: Option<String> },
+    /// Evaluation of the distillation teacher on the validation set (once: it is frozen).
+    TeacherEval { step: usize, loss: f64, ppl: f64, tokens: usize },
+    Sample {
+        step: usize,
+        prompt: String,
+        completion: String,
+        expected: Option<String>,
+        /// The reward a GRPO rollout earned.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reward: Option<f64>,
+    },
+    /// One GRPO step: the rollouts' rewards and lengths, and what the objective saw.
+    Grpo(Box<GrpoStats>),
+    /// One distillation step.
+    Distill { step: usize, loss: f64, kd_loss: f64, ce_loss: f64, on_policy: bool },
     Checkpoint { step: usize, path: String },
     Warning { step: usize, message: String },
     End { step: usize, reason: String, elapsed_s: f64 },
@@ -36,11 +50,14 @@ impl Event {
             | Event::Train { step, .. }
             | Event::Eval { step, .. }
             | Event::Accuracy { step, .. }
+            | Event::TeacherEval { step, .. }
             | Event::Sample { step, .. }
+            | Event::Distill { step, .. }
             | Event::Checkpoint { step, .. }
             | Event::Warning { step, .. }
             | Event::End { step, .. }
             | Event::Error { step, .. } => *step,
+            Event::Grpo(g) => g.step,
         }
     }
 
@@ -53,6 +70,42 @@ impl Event {
         }
         v
     }
+}
+
+/// What a `grpo` event carries. Means and spreads are over the step's completions; NaN (written
+/// as null) where nothing was measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GrpoStats {
+    pub step: usize,
+    pub loss: f64,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    /// Per reward function, in recipe order: its name, mean and std (nulls left out).
+    pub rewards: Vec<RewardStat>,
+    /// Completions whose reward was null (a failed reward command); they carry no gradient.
+    pub null_rewards: usize,
+    /// Share of groups whose rewards are all equal (they teach nothing).
+    pub zero_std_frac: f64,
+    /// Mean k3 estimate of KL(policy ‖ reference) per completion token.
+    pub kl: f64,
+    /// Share of completion tokens where the ratio was clipped (low + high).
+    pub clip_ratio: f64,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub completion_len_mean: f64,
+    pub completion_len_min: usize,
+    pub completion_len_max: usize,
+    /// Share of completions cut at `max_completion_length`.
+    pub truncated_frac: f64,
+    /// Mean entropy (nats) of the policy over completion tokens.
+    pub entropy: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RewardStat {
+    pub name: String,
+    pub mean: f64,
+    pub std: f64,
 }
 
 /// Where events go.
@@ -108,11 +161,13 @@ impl EventSink for Tee<'_> {
 /// Progress for people: an indicatif bar on a terminal, plain lines otherwise (logs, CI).
 pub struct ProgressSink {
     bar: Option<indicatif::ProgressBar>,
+    /// The latest GRPO / distillation figures, shown with the next `train` line.
+    extra: String,
 }
 
 impl ProgressSink {
     pub fn new() -> Self {
-        Self { bar: None }
+        Self { bar: None, extra: String::new() }
     }
 
     fn line(&self, text: String) {
@@ -148,7 +203,7 @@ impl EventSink for ProgressSink {
                 }
             }
             Event::Train { step, epoch, loss, lr, grad_norm, tokens_per_s, .. } => {
-                let msg = format!("loss {loss:.4}  lr {lr:.2e}  |g| {grad_norm:.3}  {tokens_per_s:.0} tok/s");
+                let msg = format!("loss {loss:.4}  lr {lr:.2e}  |g| {grad_norm:.3}  {tokens_per_s:.0} tok/s{}", self.extra);
                 match &self.bar {
                     Some(bar) => {
                         bar.set_position(*step as u64);
@@ -163,10 +218,16 @@ impl EventSink for ProgressSink {
             Event::Accuracy { step, correct, total, accuracy } => {
                 self.line(format!("step {step:>6}  exact match {correct}/{total} = {:.1}%", accuracy * 100.0))
             }
-            Event::Sample { prompt, completion, expected, .. } => self.line(format!(
-                "  sample: {prompt:?} -> {completion:?}{}",
-                expected.as_ref().map(|e| format!(" (expected {e:?})")).unwrap_or_default()
+            Event::Sample { prompt, completion, expected, reward, .. } => self.line(format!(
+                "  sample: {prompt:?} -> {completion:?}{}{}",
+                expected.as_ref().map(|e| format!(" (expected {e:?})")).unwrap_or_default(),
+                reward.map(|r| format!(" reward {r:.3}")).unwrap_or_default()
             )),
+            Event::TeacherEval { step, loss, ppl, .. } => self.line(format!("step {step:>6}  teacher eval loss {loss:.4}  ppl {ppl:.3}")),
+            Event::Grpo(g) => {
+                self.extra = format!("  reward {:.3} ± {:.3}  kl {:.4}  len {:.1}", g.reward_mean, g.reward_std, g.kl, g.completion_len_mean)
+            }
+            Event::Distill { kd_loss, ce_loss, .. } => self.extra = format!("  kd {kd_loss:.4}  ce {ce_loss:.4}"),
             Event::Checkpoint { step, path } => self.line(format!("step {step:>6}  checkpoint {path}")),
             Event::Warning { step, message } => self.line(format!("step {step:>6}  warning: {message}")),
             Event::End { step, reason, elapsed_s } => {

@@ -99,6 +99,22 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Why `other` would read token ids differently, or None when both map every token
+    /// (added tokens included) to the same id.
+    pub fn vocab_difference(&self, other: &Tokenizer) -> Option<String> {
+        let (a, b) = (self.inner.get_vocab(true), other.inner.get_vocab(true));
+        if a.len() != b.len() {
+            return Some(format!("{} tokens vs {}", a.len(), b.len()));
+        }
+        let mut tokens: Vec<(&String, &u32)> = a.iter().collect();
+        tokens.sort_by_key(|(_, id)| **id);
+        tokens.into_iter().find_map(|(token, id)| match b.get(token) {
+            Some(other_id) if other_id == id => None,
+            Some(other_id) => Some(format!("token {token:?} is id {id} vs {other_id}")),
+            None => Some(format!("token {token:?} (id {id}) is missing from the other")),
+        })
+    }
+
     /// Renders `messages` with the model's chat template.
     pub fn apply_chat_template(&self, messages: &Value, options: &ChatOptions) -> Result<String, TokenizerError> {
         let template = self

@@ -32,6 +32,9 @@ pub struct LoopState {
     pub window_loss: f64,
     pub window_steps: usize,
     pub window_tokens: usize,
+    /// GRPO rollouts still in use (`num_iterations` > 1 reuses them over several steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollouts: Option<super::grpo::Rollouts>,
 }
 
 pub fn dir_name(step: usize) -> String {

@@ -13,6 +13,16 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::eval::{batch_hidden, mask_tensor, pick_targets};
+use super::rollout::{rollout_group, rollout_rows};
+use crate::backend::{QuantMatmul, TrainBackend};
+use crate::data::{rows_in_order, Batch, PromptAnswer};
+use crate::generate::{Sampler, SamplingConfig, StopConfig};
+use crate::model::Model;
+use crate::recipe::DistillSection;
 
 /// Sum over the masked tokens of the per-token divergence; `student` and `teacher` logits are
 /// `[b, s, v]`, `mask` `[b, s]` (1 on completion tokens). Summing lets the trainer feed the
@@ -42,6 +52,91 @@ pub fn divergence_sum<B: Backend>(student: Tensor<B, 3>, teacher: Tensor<B, 3>, 
 pub fn divergence<B: Backend>(student: Tensor<B, 3>, teacher: Tensor<B, 3>, mask: Tensor<B, 2>, beta: f64, temperature: f64) -> Tensor<B, 1> {
     let tokens = mask.clone().sum().clamp_min(1.0);
     divergence_sum(student, teacher, mask, beta, temperature) / tokens
+}
+
+/// Distillation's part of a run: the teacher and the loss settings.
+pub struct Distill<I: QuantMatmul> {
+    cfg: DistillSection,
+    teacher: Model<I>,
+    /// Logit columns compared: both models' logits cut to the shorter (checkpoints often pad
+    /// the vocabulary differently around one tokenizer).
+    vocab: usize,
+    /// Prompts for on-policy steps (empty when `lmbda` = 0).
+    prompts: Vec<PromptAnswer>,
+    stop: StopConfig,
+    batch_size: usize,
+    seed: u64,
+}
+
+/// The two halves of a distillation step's loss, summed over its completion tokens.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sums {
+    pub kd: f64,
+    pub ce: f64,
+}
+
+impl<I: QuantMatmul> Distill<I> {
+    pub fn new(cfg: &DistillSection, teacher: Model<I>, vocab: usize, prompts: Vec<PromptAnswer>, eos_ids: &[u32], batch_size: usize, seed: u64) -> Self {
+        let stop = StopConfig { max_new_tokens: cfg.max_new_tokens, eos_ids: eos_ids.to_vec() };
+        Self { cfg: cfg.clone(), teacher, vocab, prompts, stop, batch_size, seed }
+    }
+
+    pub fn teacher(&self) -> &Model<I> {
+        &self.teacher
+    }
+
+    /// Whether step `step` trains on the student's own completions (a seeded draw per step, so
+    /// a resumed run makes the same choices).
+    pub fn on_policy(&self, step: usize) -> bool {
+        self.cfg.lmbda > 0.0 && !self.prompts.is_empty() && StdRng::seed_from_u64(self.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).random::<f64>() < self.cfg.lmbda
+    }
+
+    /// `count` micro-batches of prompts drawn for step `step`, completed by `student` (sampled
+    /// at the distillation temperature); the completions are the targets.
+    pub fn student_batches(&self, student: &Model<I>, step: usize, count: usize) -> Vec<Batch> {
+        let seed = self.seed.wrapping_add(step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut sampler = Sampler::new(SamplingConfig { temperature: self.cfg.temperature as f32, top_k: 0, top_p: 1.0, seed });
+        (0..count)
+            .map(|_| {
+                let rows: Vec<_> = (0..self.batch_size)
+                    .flat_map(|_| {
+                        let p = &self.prompts[rng.random_range(0..self.prompts.len())];
+                        let c = rollout_group(student, &p.prompt_ids, 1, &mut sampler, &self.stop);
+                        rollout_rows(&p.prompt_ids, &c)
+                    })
+                    .collect();
+                rows_in_order(&rows)
+            })
+            .collect()
+    }
+
+    /// The loss of one micro-batch, already divided by `step_tokens` (the target tokens of the
+    /// whole step), and its sums. Both models' logits are made `chunk_size` positions at a
+    /// time; the teacher's never exist for the whole sequence.
+    pub fn loss<B: TrainBackend<InnerBackend = I>>(&self, model: &Model<B>, batch: &Batch, step_tokens: usize, on_policy: bool) -> (Tensor<B, 1>, Sums) {
+        let device = model.embed_tokens.device();
+        let hidden = batch_hidden(model, batch, &device); // [b, s, h]
+        let teacher_hidden = batch_hidden(&self.teacher, batch, &self.teacher.embed_tokens.device()); // [b, s, h_t]
+        let (mut kd, mut ce) = (Tensor::<B, 1>::zeros([1], &device), Tensor::<B, 1>::zeros([1], &device));
+        let cut = |t: Tensor<B, 3>| {
+            let [b, s, v] = t.dims();
+            if v == self.vocab { t } else { t.slice([0..b, 0..s, 0..self.vocab]) }
+        };
+        for start in (0..batch.seq).step_by(self.cfg.chunk_size) {
+            let len = self.cfg.chunk_size.min(batch.seq - start);
+            let mask = mask_tensor::<B>(batch, start, len, &device);
+            let student = cut(model.lm_head(hidden.clone().narrow(1, start, len))); // [b, len, v]
+            let teacher = cut(Tensor::from_inner(self.teacher.lm_head(teacher_hidden.clone().narrow(1, start, len))));
+            kd = kd + divergence_sum(student.clone(), teacher, mask.clone(), self.cfg.beta, self.cfg.temperature);
+            ce = ce + (pick_targets(log_softmax(student, 2), batch, start) * mask).sum().neg();
+        }
+        let sums = Sums { kd: kd.clone().into_scalar().elem::<f64>(), ce: ce.clone().into_scalar().elem::<f64>() };
+        let w = self.cfg.ce_weight;
+        // The labels of an on-policy batch are the student's own samples: no cross-entropy.
+        let loss = if on_policy { kd.mul_scalar(1.0 - w) } else { kd.mul_scalar(1.0 - w) + ce.mul_scalar(w) };
+        (loss.div_scalar(step_tokens.max(1) as f64), sums)
+    }
 }
 
 #[cfg(test)]
@@ -122,5 +217,44 @@ mod tests {
                 assert!((fd - g[i] as f64).abs() < 2e-4, "beta {beta}, logit {i}: autodiff {} vs finite difference {fd}", g[i]);
             }
         }
+    }
+
+    /// Chunking is exact: one position at a time gives the loss of the whole sequence, and
+    /// the sums add up to the per-token losses computed directly.
+    #[test]
+    fn chunked_loss_equals_the_whole_sequence_loss() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+        let device = Default::default();
+        let student = Model::<Autodiff<Cpu>>::load(&fixtures.join("llama"), &device).unwrap();
+        // Same architecture and tokenizer, other weights: the PEFT fixture's merged model.
+        let teacher = Model::<Cpu>::load(&fixtures.join("llama-lora-merged"), &device).unwrap();
+        let vocab = teacher.config.vocab_size;
+        let examples = vec![
+            crate::data::Example { ids: vec![1, 17, 42, 9, 5, 8], train_mask: vec![false, false, false, true, true, true], line: 1 },
+            crate::data::Example { ids: vec![3, 4, 21, 22], train_mask: vec![false, true, true, true], line: 2 },
+        ];
+        let batch = rows_in_order(&examples);
+        let mut values = Vec::new();
+        for chunk_size in [1, 2, 64] {
+            let cfg = DistillSection { beta: 0.3, temperature: 1.7, ce_weight: 0.25, chunk_size, ..DistillSection::default() };
+            let d = Distill::new(&cfg, teacher.clone(), vocab, Vec::new(), &[], 2, 0);
+            let (loss, sums) = d.loss(&student, &batch, batch.tokens, false);
+            values.push((scalar(loss), sums.kd, sums.ce));
+        }
+        for v in &values[1..] {
+            assert!((v.0 - values[0].0).abs() < 1e-6 && (v.1 - values[0].1).abs() < 1e-5 && (v.2 - values[0].2).abs() < 1e-5, "{values:?}");
+        }
+        // The same numbers from the whole logits at once.
+        let hidden = batch_hidden(&student, &batch, &device);
+        let s_logits = student.lm_head(hidden).inner();
+        let t_logits = teacher.lm_head(batch_hidden(&teacher, &batch, &device));
+        let mask = mask_tensor::<Cpu>(&batch, 0, batch.seq, &device);
+        let kd = scalar(divergence_sum(s_logits.clone(), t_logits, mask.clone(), 0.3, 1.7));
+        let ce = -scalar((pick_targets(log_softmax(s_logits, 2), &batch, 0) * mask).sum());
+        let (loss, kd_sum, ce_sum) = values[0];
+        assert!((kd - kd_sum).abs() < 1e-5 && (ce - ce_sum).abs() < 1e-5, "kd {kd} vs {kd_sum}, ce {ce} vs {ce_sum}");
+        let want = (0.75 * kd + 0.25 * ce) / batch.tokens as f64;
+        assert!((loss - want).abs() < 1e-6, "{loss} vs {want}");
+        assert!(kd > 1e-4, "teacher and student should differ");
     }
 }

@@ -13,20 +13,34 @@ use crate::generate::{generate, Sampler, SamplingConfig, StopConfig};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
+/// The final hidden states at every position of `batch` (packed rows keep to their segments):
+/// `[b, s, hidden]`.
+pub fn batch_hidden<B: QuantMatmul>(model: &Model<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 3> {
+    let ids: Vec<i64> = batch.ids.iter().map(|&i| i as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.batch, batch.seq]), device);
+    model.forward_packed_hidden(ids, &batch.positions, &batch.segments)
+}
+
+/// `log p(target)` for log-probabilities `logp` `[b, s, v]` (or a chunk of positions
+/// `start..start + len` of the batch): `[b, len]`.
+pub fn pick_targets<B: Backend>(logp: Tensor<B, 3>, batch: &Batch, start: usize) -> Tensor<B, 2> {
+    let [b, len, _] = logp.dims();
+    let targets: Vec<i64> = (0..b).flat_map(|r| batch.targets[r * batch.seq + start..r * batch.seq + start + len].iter().map(|&t| t as i64)).collect();
+    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, len, 1]), &logp.device());
+    logp.gather(2, targets).reshape([b, len])
+}
+
+/// The batch's loss mask for positions `start..start + len`: `[b, len]`.
+pub fn mask_tensor<B: Backend>(batch: &Batch, start: usize, len: usize, device: &B::Device) -> Tensor<B, 2> {
+    let m: Vec<f32> = (0..batch.batch).flat_map(|r| batch.loss_mask[r * batch.seq + start..r * batch.seq + start + len].iter().copied()).collect();
+    Tensor::from_data(TensorData::new(m, [batch.batch, len]), device)
+}
+
 /// Sum over target tokens of −log p(target), for one batch: a scalar tensor. Dividing by the
 /// number of target tokens gives the mean loss.
 pub fn loss_sum<B: QuantMatmul>(model: &Model<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
-    let (b, s) = (batch.batch, batch.seq);
-    let ids: Vec<i64> = batch.ids.iter().map(|&i| i as i64).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), device);
-    let hidden = model.forward_packed_hidden(ids, &batch.positions, &batch.segments);
-    let logits = model.lm_head(hidden); // [b, s, v]
-    let logp = log_softmax(logits, 2);
-    let targets: Vec<i64> = batch.targets.iter().map(|&t| t as i64).collect();
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, s, 1]), device);
-    let picked = logp.gather(2, targets).reshape([b * s]); // [b, s, 1] -> [b*s]
-    let mask = Tensor::<B, 1>::from_data(TensorData::new(batch.loss_mask.clone(), [b * s]), device);
-    picked.mul(mask).sum().neg()
+    let logp = log_softmax(model.lm_head(batch_hidden(model, batch, device)), 2); // [b, s, v]
+    (pick_targets(logp, batch, 0) * mask_tensor(batch, 0, batch.seq, device)).sum().neg()
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]

@@ -15,8 +15,27 @@
 //!   `dr_grpo`: sum / (sequences × max_completion_length);
 //!   `dapo`: sum / completion tokens in the whole accumulated batch.
 
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::tensor::TensorData;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+
+use super::checkpoint::LoopState;
+use super::rollout::{rollout_group, rollout_rows, token_logprobs, Completion};
+use super::{add_grads, StepGrads};
+use crate::backend::{QuantMatmul, TrainBackend};
+use crate::data::{rows_in_order, PromptAnswer};
+use crate::generate::{Sampler, SamplingConfig, StopConfig};
+use crate::lora;
+use crate::model::Model;
+use crate::recipe::GrpoSection;
+use crate::reward::{RewardError, Rewards, Sample};
+use crate::run::{Event, GrpoStats, RewardStat};
+use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -103,6 +122,301 @@ pub fn loss<B: Backend>(
         LossType::DrGrpo => masked.sum().div_scalar((sequences * cfg.max_completion_length) as f64),
         LossType::Dapo => masked.sum().div_scalar(tokens_in_batch.max(1.0)),
     }
+}
+
+/// Completions of one prompt with their scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    /// Index into the training prompts.
+    pub prompt: usize,
+    pub completions: Vec<Completion>,
+    pub rewards: Vec<Option<f64>>,
+    /// `[completion][reward function]`.
+    pub per_scorer: Vec<Vec<Option<f64>>>,
+    pub advantages: Vec<Option<f64>>,
+    /// `log p_old` of each completion's tokens, kept when `num_iterations` > 1 (with one
+    /// iteration the policy is its own old policy).
+    pub old_logp: Option<Vec<Vec<f32>>>,
+}
+
+/// The rollouts of a step, reused by the next `num_iterations − 1` steps (and saved with a
+/// checkpoint, so that a resumed run reuses them too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollouts {
+    /// The step that sampled them.
+    pub step: usize,
+    pub groups: Vec<Group>,
+}
+
+/// GRPO's part of a run: prompts, reward functions, sampling and the loss settings.
+pub struct Grpo<I: QuantMatmul> {
+    cfg: GrpoSection,
+    loss_cfg: LossConfig,
+    rewards: Rewards,
+    prompts: Vec<PromptAnswer>,
+    prompt_texts: Vec<String>,
+    stop: StopConfig,
+    /// The starting weights, frozen, when every weight trains; with LoRA the reference is the
+    /// policy with its adapters off.
+    frozen: Option<Model<I>>,
+    batch_size: usize,
+    grad_accum: usize,
+    seed: u64,
+}
+
+impl<I: QuantMatmul> Grpo<I> {
+    pub fn new(
+        cfg: &GrpoSection,
+        prompts: Vec<PromptAnswer>,
+        tokenizer: &Tokenizer,
+        eos_ids: &[u32],
+        frozen: Option<Model<I>>,
+        train: &crate::recipe::TrainSection,
+        seed: u64,
+    ) -> Result<Self, RewardError> {
+        // As exact-match evaluation shows them: special tokens kept, so a reward command sees the
+        // prompt the model saw.
+        let prompt_texts = prompts.iter().map(|p| tokenizer.decode(&p.prompt_ids, false).unwrap_or_default()).collect();
+        Ok(Self {
+            loss_cfg: LossConfig {
+                epsilon_low: cfg.epsilon,
+                epsilon_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
+                beta: cfg.beta,
+                loss_type: cfg.loss_type,
+                max_completion_length: cfg.max_completion_length,
+            },
+            rewards: Rewards::new(&cfg.rewards)?,
+            cfg: cfg.clone(),
+            prompts,
+            prompt_texts,
+            stop: StopConfig { max_new_tokens: cfg.max_completion_length, eos_ids: eos_ids.to_vec() },
+            frozen,
+            batch_size: train.batch_size,
+            grad_accum: train.grad_accum,
+            seed,
+        })
+    }
+
+    /// Micro-batches of prompts in one pass over the data.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.prompts.len().div_ceil(self.batch_size).max(1)
+    }
+
+    /// The prompts of the micro-batch at `cursor`: epoch `e` visits them in an order shuffled
+    /// by `seed + e`, so a resumed run meets the same ones.
+    fn micro_batch(&self, cursor: usize) -> Vec<usize> {
+        let per_epoch = self.batches_per_epoch();
+        let mut order: Vec<usize> = (0..self.prompts.len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(self.seed.wrapping_add((cursor / per_epoch) as u64)));
+        let start = (cursor % per_epoch) * self.batch_size;
+        order[start.min(order.len())..(start + self.batch_size).min(order.len())].to_vec()
+    }
+
+    /// Samples and scores `group_size` completions for each prompt of the step's micro-batches.
+    fn sample(&mut self, policy: &Model<I>, state: &mut LoopState, tokenizer: &Tokenizer, warn: &mut dyn FnMut(String)) -> Rollouts {
+        let sampling = SamplingConfig {
+            temperature: self.cfg.temperature as f32,
+            top_k: self.cfg.top_k,
+            top_p: self.cfg.top_p as f32,
+            seed: self.seed.wrapping_add(state.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+        };
+        let mut sampler = Sampler::new(sampling);
+        let mut groups = Vec::new();
+        for _ in 0..self.grad_accum {
+            for prompt in self.micro_batch(state.cursor) {
+                let p = &self.prompts[prompt];
+                let completions = rollout_group(policy, &p.prompt_ids, self.cfg.group_size, &mut sampler, &self.stop);
+                let (mut rewards, mut per_scorer) = (Vec::new(), Vec::new());
+                for c in &completions {
+                    let text = tokenizer.decode(&c.ids, true).unwrap_or_default();
+                    let sample = Sample { prompt: &self.prompt_texts[prompt], completion: &text, answer: Some(&p.answer), tokens: c.tokens().len() };
+                    let scored = self.rewards.score(&sample, warn);
+                    rewards.push(scored.total);
+                    per_scorer.push(scored.per_scorer);
+                }
+                groups.push(Group { prompt, completions, rewards, per_scorer, advantages: Vec::new(), old_logp: None });
+            }
+            state.cursor += 1;
+        }
+        let flat: Vec<Option<f64>> = groups.iter().flat_map(|g| g.rewards.iter().copied()).collect();
+        let mut adv = advantages(&flat, self.cfg.group_size, self.cfg.scale_rewards).into_iter();
+        for g in &mut groups {
+            g.advantages = adv.by_ref().take(g.completions.len()).collect();
+            if self.cfg.num_iterations > 1 {
+                let batch = rows_in_order(&rollout_rows(&self.prompts[g.prompt].prompt_ids, &g.completions));
+                let (logp, _) = token_logprobs(policy, &batch);
+                let values = host(logp);
+                let start = self.prompts[g.prompt].prompt_ids.len() - 1;
+                g.old_logp = Some(g.completions.iter().enumerate().map(|(r, c)| values[r * batch.seq + start..][..c.tokens().len()].to_vec()).collect());
+            }
+        }
+        Rollouts { step: state.step, groups }
+    }
+
+    /// One optimiser step's gradients: new rollouts every `num_iterations` steps, then the
+    /// clipped objective over them, micro-batch by micro-batch.
+    pub fn step<B: TrainBackend<InnerBackend = I>>(
+        &mut self,
+        model: &Model<B>,
+        state: &mut LoopState,
+        tokenizer: &Tokenizer,
+        warn: &mut dyn FnMut(String),
+    ) -> (StepGrads, GrpoStats) {
+        let policy = model.valid();
+        let fresh = state.rollouts.as_ref().is_none_or(|r| state.step >= r.step + self.cfg.num_iterations);
+        if fresh {
+            state.rollouts = Some(self.sample(&policy, state, tokenizer, warn));
+        }
+        let Some(rollouts) = state.rollouts.clone() else { return (StepGrads::default(), GrpoStats::default()) };
+        let reference = match &self.frozen {
+            Some(m) => m.clone(),
+            None => lora::without_adapters(policy),
+        };
+        let device = model.embed_tokens.device();
+        // dapo divides by the completion tokens of the whole step; the others average over
+        // micro-batches, as TRL does with gradient accumulation.
+        let tokens_in_batch: usize = rollouts.groups.iter().flat_map(|g| g.completions.iter().zip(&g.advantages)).filter(|(_, a)| a.is_some()).map(|(c, _)| c.tokens().len()).sum();
+        let per_micro = if self.loss_cfg.loss_type == LossType::Dapo { 1.0 } else { 1.0 / self.grad_accum as f64 };
+
+        let mut out = StepGrads::default();
+        let mut m = Measure::default();
+        for micro in rollouts.groups.chunks(self.batch_size.max(1)) {
+            let mut rows = Vec::new();
+            let (mut adv, mut old, mut row_ok) = (Vec::new(), Vec::new(), Vec::new());
+            for g in micro {
+                let prompt = &self.prompts[g.prompt].prompt_ids;
+                rows.extend(rollout_rows(prompt, &g.completions));
+                for (i, c) in g.completions.iter().enumerate() {
+                    adv.push(g.advantages[i].unwrap_or(0.0) as f32);
+                    row_ok.push(g.advantages[i].is_some());
+                    old.push((prompt.len() - 1, g.old_logp.as_ref().map(|o| o[i].clone()), c.tokens().len()));
+                }
+            }
+            let batch = rows_in_order(&rows);
+            let (b, s) = (batch.batch, batch.seq);
+            // Completions with a null reward teach nothing: their tokens leave the mask.
+            let mut mask_v = batch.loss_mask.clone();
+            for (r, ok) in row_ok.iter().enumerate() {
+                if !ok {
+                    mask_v[r * s..(r + 1) * s].fill(0.0);
+                }
+            }
+            let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_v.clone(), [b, s]), &device);
+            let (logp, entropy) = token_logprobs(model, &batch);
+            let (ref_logp, _) = token_logprobs(&reference, &batch);
+            let old_logp = match old.iter().all(|(_, o, _)| o.is_some()) {
+                true => {
+                    let mut v = vec![0.0f32; b * s];
+                    for (r, (start, o, n)) in old.iter().enumerate() {
+                        if let Some(o) = o {
+                            v[r * s + start..][..*n].copy_from_slice(&o[..*n]);
+                        }
+                    }
+                    Tensor::from_data(TensorData::new(v, [b, s]), &device)
+                }
+                false => logp.clone().detach(),
+            };
+            let advantages = Tensor::<B, 1>::from_data(TensorData::new(adv.clone(), [b]), &device);
+            let ref_logp = Tensor::<B, 2>::from_inner(ref_logp);
+            let loss = loss(logp.clone(), old_logp.clone(), Some(ref_logp.clone()), advantages, mask, &self.loss_cfg, tokens_in_batch as f64).mul_scalar(per_micro);
+            out.loss += loss.clone().into_scalar().elem::<f64>();
+            out.tokens += b * s;
+            add_grads(model, &mut out.grads, GradientsParams::from_grads(loss.backward(), model));
+            m.add(&host(logp), &host(old_logp), &host(ref_logp), &host(entropy), &mask_v, &adv, s, &self.loss_cfg);
+        }
+        let stats = self.stats(&rollouts, &m, state.step, out.loss);
+        (out, stats)
+    }
+
+    fn stats(&self, rollouts: &Rollouts, m: &Measure, step: usize, loss: f64) -> GrpoStats {
+        let groups = &rollouts.groups;
+        let all: Vec<f64> = groups.iter().flat_map(|g| g.rewards.iter().flatten().copied()).collect();
+        let group_stds: Vec<f64> = groups.iter().map(|g| mean_std(g.rewards.iter().flatten().copied()).1).filter(|s| s.is_finite()).collect();
+        // A group with fewer than two rewards present has a NaN std: no spread either way.
+        let zero_std = groups.iter().filter(|g| !(mean_std(g.rewards.iter().flatten().copied()).1 > 0.0)).count();
+        let rewards = self
+            .rewards
+            .names()
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let values = groups.iter().flat_map(|g| g.per_scorer.iter().filter_map(move |s| s[i]));
+                let (mean, std) = mean_std(values);
+                RewardStat { name, mean, std }
+            })
+            .collect();
+        let lens: Vec<usize> = groups.iter().flat_map(|g| g.completions.iter().map(|c| c.tokens().len())).collect();
+        let n = lens.len().max(1) as f64;
+        let tokens = m.tokens.max(1.0);
+        GrpoStats {
+            step,
+            loss,
+            reward_mean: mean_std(all.iter().copied()).0,
+            reward_std: group_stds.iter().sum::<f64>() / group_stds.len() as f64,
+            rewards,
+            null_rewards: groups.iter().flat_map(|g| &g.rewards).filter(|r| r.is_none()).count(),
+            zero_std_frac: zero_std as f64 / groups.len().max(1) as f64,
+            kl: m.kl / tokens,
+            clip_ratio: (m.clip_low + m.clip_high) / tokens,
+            clip_low: m.clip_low / tokens,
+            clip_high: m.clip_high / tokens,
+            completion_len_mean: lens.iter().sum::<usize>() as f64 / n,
+            completion_len_min: lens.iter().copied().min().unwrap_or(0),
+            completion_len_max: lens.iter().copied().max().unwrap_or(0),
+            truncated_frac: groups.iter().flat_map(|g| &g.completions).filter(|c| c.truncated).count() as f64 / n,
+            entropy: m.entropy / tokens,
+        }
+    }
+
+    /// The first `log_completions` rollouts of the step, as `sample` events.
+    pub fn samples(&self, rollouts: &Rollouts, tokenizer: &Tokenizer, step: usize) -> Vec<Event> {
+        rollouts
+            .groups
+            .iter()
+            .flat_map(|g| g.completions.iter().zip(&g.rewards).map(move |(c, r)| (g.prompt, c, *r)))
+            .take(self.cfg.log_completions)
+            .map(|(p, c, reward)| Event::Sample {
+                step,
+                prompt: self.prompt_texts[p].clone(),
+                completion: tokenizer.decode(&c.ids, true).unwrap_or_default(),
+                expected: Some(self.prompts[p].answer.clone()),
+                reward,
+            })
+            .collect()
+    }
+}
+
+/// Token-level sums over a step's masked completion tokens, for the metrics.
+#[derive(Default)]
+struct Measure {
+    tokens: f64,
+    kl: f64,
+    clip_low: f64,
+    clip_high: f64,
+    entropy: f64,
+}
+
+impl Measure {
+    #[allow(clippy::too_many_arguments)]
+    fn add(&mut self, logp: &[f32], old: &[f32], reference: &[f32], entropy: &[f32], mask: &[f32], adv: &[f32], seq: usize, cfg: &LossConfig) {
+        for (i, &w) in mask.iter().enumerate() {
+            if w == 0.0 {
+                continue;
+            }
+            let a = adv[i / seq];
+            let ratio = ((logp[i] - old[i]) as f64).exp();
+            let d = (reference[i] - logp[i]) as f64;
+            self.tokens += 1.0;
+            self.kl += d.exp() - d - 1.0;
+            self.entropy += entropy[i] as f64;
+            self.clip_low += f64::from(u8::from(ratio < 1.0 - cfg.epsilon_low && a < 0.0));
+            self.clip_high += f64::from(u8::from(ratio > 1.0 + cfg.epsilon_high && a > 0.0));
+        }
+    }
+}
+
+fn host<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -59,8 +59,39 @@ pub enum TrainError {
     NoModel { path: PathBuf },
     #[error("{path}: no training examples")]
     NoExamples { path: PathBuf },
+    #[error(transparent)]
+    Reward(#[from] crate::reward::RewardError),
+    #[error("teacher {teacher} and student {student} tokenize differently ({message}); distillation compares their next-token distributions id by id, so both need the same tokenizer")]
+    TeacherVocab { teacher: PathBuf, student: PathBuf, message: String },
+    #[error("{path}: no prompts: GRPO and on-policy distillation need prompts with answers ({{\"prompt\", \"completion\"}} or chat records)")]
+    NoPrompts { path: PathBuf },
     #[error("stopped after {count} steps in a row with a non-finite loss or gradient (train.max_bad_steps); lower train.learning_rate or check the data")]
     Diverged { count: usize },
+}
+
+/// What one step computed: its gradients (None when no token carried loss), the loss value,
+/// and the positions processed (for tokens/s).
+#[derive(Default)]
+pub struct StepGrads {
+    pub grads: Option<GradientsParams>,
+    pub loss: f64,
+    pub tokens: usize,
+}
+
+/// Adds a micro-batch's gradients to the step's.
+pub(crate) fn add_grads<B: TrainBackend>(model: &Model<B>, acc: &mut Option<GradientsParams>, g: GradientsParams) {
+    match acc {
+        Some(acc) => optim::accumulate(model, acc, g),
+        None => *acc = Some(g),
+    }
+}
+
+/// The method-specific half of a run: how a step's gradients are made.
+enum Objective<I: QuantMatmul> {
+    /// Supervised fine-tuning (`lora`, `full`): cross-entropy on the dataset's targets.
+    Sft,
+    Grpo(Box<grpo::Grpo<I>>),
+    Distill(Box<distill::Distill<I>>),
 }
 
 /// Command-line choices that are not part of the recipe.
@@ -99,7 +130,16 @@ fn prepare_init_base(recipe: &Recipe, init: &crate::recipe::InitSection, run_dir
         let path = path.to_path_buf();
         move |source| TrainError::Io { path, source }
     };
-    if !dir.join("tokenizer.json").exists() {
+    if let Some(d) = &recipe.distill {
+        // A student distilled from scratch speaks its teacher's tokenizer.
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+            let from = d.teacher.join(name);
+            if from.exists() {
+                std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
+            }
+        }
+    } else if !dir.join("tokenizer.json").exists() {
         let mut files = vec![recipe.data.train.clone()];
         files.extend(recipe.data.valid.clone());
         data::train_tokenizer(&files, init.vocab_size, &dir)?;
@@ -245,15 +285,18 @@ fn run_loop<B: TrainBackend>(
         None => Model::init_random(base.config.clone(), seed, device),
     };
     let spec = lora_spec(recipe);
-    let mut model = match recipe.method {
-        Method::Lora => lora::attach(model, &spec, seed),
-        Method::Full => model,
-    };
+    // With every weight training, GRPO's reference is the starting point, kept frozen.
+    let frozen = (recipe.method == Method::Grpo && !recipe.trains_lora()).then(|| model.valid());
+    let mut model = if recipe.trains_lora() { lora::attach(model, &spec, seed) } else { model };
     let data = load_data(recipe, &tokenizer, eos_ids.first().copied())?;
+    let t = &recipe.train;
+    let mut objective = make_objective::<B>(recipe, &base, &tokenizer, &eos_ids, frozen, device)?;
 
     // Schedule.
-    let t = &recipe.train;
-    let batches_per_epoch = epoch_batches(recipe, &data.train, 0).len().max(1);
+    let batches_per_epoch = match &objective {
+        Objective::Grpo(g) => g.batches_per_epoch(),
+        _ => epoch_batches(recipe, &data.train, 0).len().max(1),
+    };
     let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum);
     let total_steps = if t.steps > 0 { t.steps } else { t.epochs.max(1) * steps_per_epoch };
     let schedule = LrSchedule { kind: t.lr_schedule, lr: t.learning_rate, warmup: t.warmup_steps, total: total_steps, min_ratio: t.min_lr_ratio };
@@ -287,6 +330,10 @@ fn run_loop<B: TrainBackend>(
         valid_examples: data.valid.len(),
         resumed: resuming,
     });
+    if let (Objective::Distill(d), false) = (&objective, data.valid.is_empty()) {
+        let r = eval::evaluate(d.teacher(), &data.valid, t.batch_size, recipe.data.max_seq_len, recipe.eval.max_batches);
+        sink.emit(&Event::TeacherEval { step: state.step, loss: r.loss, ppl: r.ppl, tokens: r.tokens });
+    }
 
     let mut accuracy_before = None;
     if !resuming {
@@ -310,40 +357,50 @@ fn run_loop<B: TrainBackend>(
         // Dropout masks depend on the step only, so a resumed run draws the same ones.
         B::seed(device, seed.wrapping_add(state.step as u64).wrapping_mul(0x9E37_79B9));
 
-        // The step's micro-batches.
-        let mut micro = Vec::with_capacity(t.grad_accum);
-        for _ in 0..t.grad_accum {
-            let epoch = state.cursor / batches_per_epoch;
-            if epoch_cache.as_ref().is_some_and(|(e, _)| *e != epoch) {
-                epoch_cache = None;
+        let next = state.step + 1;
+        let out = match &mut objective {
+            Objective::Sft => {
+                let micro = next_micro_batches(recipe, &data.train, &mut state, &mut epoch_cache, batches_per_epoch);
+                sft_grads(&model, &micro, device)
             }
-            let (_, batches) = epoch_cache.get_or_insert_with(|| (epoch, epoch_batches(recipe, &data.train, epoch)));
-            // Packing a different shuffle can give an epoch one batch fewer than epoch 0.
-            micro.push(batches[(state.cursor % batches_per_epoch).min(batches.len() - 1)].clone());
-            state.cursor += 1;
-        }
-        let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
-        let epoch = (state.cursor - 1) / batches_per_epoch;
-
-        let mut grads: Option<GradientsParams> = None;
-        let mut loss_value = 0.0f64;
-        for batch in &micro {
-            if batch.tokens == 0 {
-                continue;
+            Objective::Distill(d) => {
+                let on_policy = d.on_policy(state.step);
+                let micro = match on_policy {
+                    true => d.student_batches(&model.valid(), state.step, t.grad_accum),
+                    false => next_micro_batches(recipe, &data.train, &mut state, &mut epoch_cache, batches_per_epoch),
+                };
+                let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
+                let (mut out, mut sums) = (StepGrads::default(), distill::Sums::default());
+                for batch in micro.iter().filter(|b| b.tokens > 0) {
+                    let (loss, s) = d.loss(&model, batch, step_tokens, on_policy);
+                    out.loss += loss.clone().into_scalar().elem::<f64>();
+                    out.tokens += batch.batch * batch.seq;
+                    (sums.kd, sums.ce) = (sums.kd + s.kd, sums.ce + s.ce);
+                    add_grads(&model, &mut out.grads, GradientsParams::from_grads(loss.backward(), &model));
+                }
+                let per_token = |v: f64| v / step_tokens.max(1) as f64;
+                let ce_loss = if on_policy { f64::NAN } else { per_token(sums.ce) };
+                sink.emit(&Event::Distill { step: next, loss: out.loss, kd_loss: per_token(sums.kd), ce_loss, on_policy });
+                out
             }
-            let loss = eval::loss_sum(&model, batch, device).div_scalar(step_tokens.max(1) as f64);
-            loss_value += loss.clone().into_scalar().elem::<f64>();
-            let g = GradientsParams::from_grads(loss.backward(), &model);
-            match &mut grads {
-                Some(acc) => optim::accumulate(&model, acc, g),
-                None => grads = Some(g),
+            Objective::Grpo(g) => {
+                let mut warnings = Vec::new();
+                let (out, mut stats) = g.step(&model, &mut state, &tokenizer, &mut |w| warnings.push(w));
+                for message in warnings {
+                    sink.emit(&Event::Warning { step: next, message });
+                }
+                stats.step = next;
+                sink.emit(&Event::Grpo(Box::new(stats)));
+                out
             }
-        }
-        let Some(mut grads) = grads else {
+        };
+        let epoch = state.cursor.saturating_sub(1) / batches_per_epoch;
+        let Some(mut grads) = out.grads else {
             sink.emit(&Event::Warning { step: state.step, message: "step had no target tokens; skipped".into() });
             state.step += 1;
             continue;
         };
+        let loss_value = out.loss;
         let grad_norm = optim::global_grad_norm(&model, &grads);
         if !loss_value.is_finite() || !grad_norm.is_finite() {
             state.bad_in_row += 1;
@@ -364,7 +421,7 @@ fn run_loop<B: TrainBackend>(
 
         state.window_loss += loss_value;
         state.window_steps += 1;
-        state.window_tokens += micro.iter().map(|b| b.batch * b.seq).sum::<usize>();
+        state.window_tokens += out.tokens;
         if state.step % t.log_every == 0 || state.step == total_steps {
             sink.emit(&Event::Train {
                 step: state.step,
@@ -386,6 +443,7 @@ fn run_loop<B: TrainBackend>(
         if every > 0 && state.step % every == 0 && state.step < total_steps && !data.valid.is_empty() {
             let r = eval_step(&model.valid(), &data.valid, recipe, &mut state, sink);
             last_eval = Some(r);
+            emit_rollout_samples(&objective, &state, &tokenizer, sink);
             if recipe.checkpoint.early_stop_patience > 0 && state.evals_since_best >= recipe.checkpoint.early_stop_patience {
                 reason = "early_stop".into();
                 break;
@@ -403,6 +461,7 @@ fn run_loop<B: TrainBackend>(
         last_eval = Some(eval_step(&valid_model, &data.valid, recipe, &mut state, sink));
     }
     save_checkpoint(&model, &opt, &state, recipe, run_dir, sink)?;
+    emit_rollout_samples(&objective, &state, &tokenizer, sink);
     let mut accuracy_after = None;
     if reason == "completed" || reason == "early_stop" {
         accuracy_after = report_accuracy(&valid_model, &tokenizer, &data.prompts, &eos_ids, recipe, state.step, sink);
@@ -410,6 +469,84 @@ fn run_loop<B: TrainBackend>(
     }
     sink.emit(&Event::End { step: state.step, reason: reason.clone(), elapsed_s: started.elapsed().as_secs_f64() });
     Ok(TrainOutcome { run_dir: run_dir.to_path_buf(), steps: state.step, reason, final_eval: last_eval, accuracy_before, accuracy_after })
+}
+
+/// The method's half of the run: GRPO's prompts and rewards, or the distillation teacher.
+fn make_objective<B: TrainBackend>(
+    recipe: &Recipe,
+    base: &Base,
+    tokenizer: &Tokenizer,
+    eos_ids: &[u32],
+    frozen: Option<Model<B::InnerBackend>>,
+    device: &B::Device,
+) -> Result<Objective<B::InnerBackend>, TrainError> {
+    let d = &recipe.data;
+    let prompts = || -> Result<Vec<PromptAnswer>, TrainError> {
+        let prompts = data::load_prompts(&d.train, d.format, tokenizer)?;
+        if prompts.is_empty() {
+            return Err(TrainError::NoPrompts { path: d.train.clone() });
+        }
+        Ok(prompts)
+    };
+    Ok(match (&recipe.grpo, &recipe.distill) {
+        (Some(g), _) if recipe.method == Method::Grpo => {
+            Objective::Grpo(Box::new(grpo::Grpo::new(g, prompts()?, tokenizer, eos_ids, frozen, &recipe.train, recipe.run.seed)?))
+        }
+        (_, Some(dc)) if recipe.method == Method::Distill => {
+            let teacher_tokenizer = Tokenizer::load(&dc.teacher)?;
+            if let Some(message) = tokenizer.vocab_difference(&teacher_tokenizer) {
+                return Err(TrainError::TeacherVocab { teacher: dc.teacher.clone(), student: base.dir.clone(), message });
+            }
+            let q = dc.teacher_quantize.as_deref().and_then(crate::quant::affine::QuantSpec::parse);
+            let teacher = Model::<B>::load_quantized(&dc.teacher, q, device)?.valid();
+            let vocab = teacher.config.vocab_size.min(base.config.vocab_size);
+            if tokenizer.vocab_size() > vocab {
+                let message = format!("the tokenizer has {} tokens but one model has only {vocab} logits", tokenizer.vocab_size());
+                return Err(TrainError::TeacherVocab { teacher: dc.teacher.clone(), student: base.dir.clone(), message });
+            }
+            let on_policy_prompts = if dc.lmbda > 0.0 { prompts()? } else { Vec::new() };
+            Objective::Distill(Box::new(distill::Distill::new(dc, teacher, vocab, on_policy_prompts, eos_ids, recipe.train.batch_size, recipe.run.seed)))
+        }
+        _ => Objective::Sft,
+    })
+}
+
+/// The step's `grad_accum` micro-batches at the data cursor, which they advance.
+fn next_micro_batches(recipe: &Recipe, train: &[Example], state: &mut LoopState, cache: &mut Option<(usize, Vec<Batch>)>, batches_per_epoch: usize) -> Vec<Batch> {
+    let mut micro = Vec::with_capacity(recipe.train.grad_accum);
+    for _ in 0..recipe.train.grad_accum {
+        let epoch = state.cursor / batches_per_epoch;
+        if cache.as_ref().is_some_and(|(e, _)| *e != epoch) {
+            *cache = None;
+        }
+        let (_, batches) = cache.get_or_insert_with(|| (epoch, epoch_batches(recipe, train, epoch)));
+        // Packing a different shuffle can give an epoch one batch fewer than epoch 0.
+        micro.push(batches[(state.cursor % batches_per_epoch).min(batches.len() - 1)].clone());
+        state.cursor += 1;
+    }
+    micro
+}
+
+/// Cross-entropy gradients of the micro-batches, each loss divided by the step's target-token
+/// count so that accumulation equals one big batch.
+fn sft_grads<B: TrainBackend>(model: &Model<B>, micro: &[Batch], device: &B::Device) -> StepGrads {
+    let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
+    let mut out = StepGrads::default();
+    for batch in micro.iter().filter(|b| b.tokens > 0) {
+        let loss = eval::loss_sum(model, batch, device).div_scalar(step_tokens as f64);
+        out.loss += loss.clone().into_scalar().elem::<f64>();
+        out.tokens += batch.batch * batch.seq;
+        add_grads(model, &mut out.grads, GradientsParams::from_grads(loss.backward(), model));
+    }
+    out
+}
+
+fn emit_rollout_samples<I: QuantMatmul>(objective: &Objective<I>, state: &LoopState, tokenizer: &Tokenizer, sink: &mut dyn EventSink) {
+    if let (Objective::Grpo(g), Some(r)) = (objective, &state.rollouts) {
+        for e in g.samples(r, tokenizer, state.step) {
+            sink.emit(&e);
+        }
+    }
 }
 
 fn eval_step<B: QuantMatmul>(model: &Model<B>, valid: &[Example], recipe: &Recipe, state: &mut LoopState, sink: &mut dyn EventSink) -> eval::EvalResult {
@@ -432,7 +569,7 @@ fn report_accuracy<B: QuantMatmul>(model: &Model<B>, tokenizer: &Tokenizer, prom
     }
     let answers = eval::exact_match(model, tokenizer, prompts, eos_ids, recipe.eval.max_new_tokens);
     for a in answers.iter().take(3) {
-        sink.emit(&Event::Sample { step, prompt: a.prompt.clone(), completion: a.completion.clone(), expected: Some(a.expected.clone()) });
+        sink.emit(&Event::Sample { step, prompt: a.prompt.clone(), completion: a.completion.clone(), expected: Some(a.expected.clone()), reward: None });
     }
     let correct = answers.iter().filter(|a| a.correct).count();
     let accuracy = correct as f64 / answers.len() as f64;
@@ -451,7 +588,7 @@ fn save_checkpoint<B: TrainBackend>(model: &Model<B>, opt: &AdamW<B::InnerBacken
 /// Writes the results: the PEFT adapter (LoRA) and/or a fused or fully trained HF directory.
 fn export<B: QuantMatmul>(model: &Model<B>, base: &Base, recipe: &Recipe, spec: &LoraSpec, run_dir: &Path, sink: &mut dyn EventSink, step: usize) -> Result<(), TrainError> {
     let base_name = base.dir.display().to_string();
-    if recipe.method == Method::Lora && recipe.export.adapter {
+    if recipe.trains_lora() && recipe.export.adapter {
         let dir = run_dir.join("adapter");
         lora::peft::save(model, spec, &base_name, recipe.model.quantize_spec(), &dir)?;
         sink.emit(&Event::Checkpoint { step, path: dir.display().to_string() });
@@ -460,7 +597,7 @@ fn export<B: QuantMatmul>(model: &Model<B>, base: &Base, recipe: &Recipe, spec: 
         let message = format!("the adapter was trained over a {q} base: the fused model is the dequantised {q} weights plus the update, not the original float weights");
         sink.emit(&Event::Warning { step, message });
     }
-    if recipe.method == Method::Full || recipe.export.fused {
+    if !recipe.trains_lora() || recipe.export.fused {
         let dir = run_dir.join("final");
         let fused = lora::fuse(model.clone());
         crate::model::save::save_hf_dir(&fused, &base.config_json, &base.dir, &dir)?;
@@ -470,7 +607,7 @@ fn export<B: QuantMatmul>(model: &Model<B>, base: &Base, recipe: &Recipe, spec: 
         // The GGUF is made from a Hugging Face directory: the final one when written, else a
         // fused copy in a temporary directory.
         let scratch;
-        let dir = if recipe.method == Method::Full || recipe.export.fused {
+        let dir = if !recipe.trains_lora() || recipe.export.fused {
             run_dir.join("final")
         } else {
             scratch = tempfile::tempdir_in(run_dir).map_err(|source| TrainError::Io { path: run_dir.to_path_buf(), source })?;

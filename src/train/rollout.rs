@@ -1,29 +1,42 @@
 //! GRPO rollouts: G sampled continuations of one prompt, decoded side by side with the KV
 //! cache (one prefill, then G rows per step), and the log-probabilities of completions under a
-//! model, which the loss needs with gradients.
+//! model, which the loss needs with gradients (and the reference without).
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::TensorData;
+use serde::{Deserialize, Serialize};
 
+use super::eval::{batch_hidden, pick_targets};
 use crate::backend::QuantMatmul;
+use crate::data::{Batch, Example};
 use crate::generate::{ids_tensor, Sampler, StopConfig};
 use crate::model::Model;
 
 /// One sampled completion.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Completion {
-    /// New token ids, the end-of-sequence token excluded.
+    /// New token ids, the end-of-sequence token excluded (what the text is decoded from).
     pub ids: Vec<u32>,
+    /// The end-of-sequence token that ended it.
+    pub eos: Option<u32>,
     /// Stopped by the length limit rather than an end-of-sequence token.
     pub truncated: bool,
+}
+
+impl Completion {
+    /// What the policy produced, its end-of-sequence token included: training on it is how
+    /// the model learns to stop.
+    pub fn tokens(&self) -> Vec<u32> {
+        self.ids.iter().copied().chain(self.eos).collect()
+    }
 }
 
 /// `group` continuations of `prompt`, sampled row after row from `sampler` at every step (so
 /// a seed fixes all of them). Rows that have ended still ride along in the batch until every
 /// row has ended or reached `stop.max_new_tokens`.
 pub fn rollout_group<B: QuantMatmul>(model: &Model<B>, prompt: &[u32], group: usize, sampler: &mut Sampler, stop: &StopConfig) -> Vec<Completion> {
-    let mut out = vec![Completion { ids: Vec::new(), truncated: false }; group];
+    let mut out = vec![Completion::default(); group];
     if prompt.is_empty() || group == 0 || stop.max_new_tokens == 0 {
         return out;
     }
@@ -44,6 +57,7 @@ pub fn rollout_group<B: QuantMatmul>(model: &Model<B>, prompt: &[u32], group: us
                 continue;
             }
             if stop.eos_ids.contains(&id) {
+                out[r].eos = Some(id);
                 done[r] = true;
             } else {
                 out[r].ids.push(id);
@@ -61,35 +75,27 @@ pub fn rollout_group<B: QuantMatmul>(model: &Model<B>, prompt: &[u32], group: us
     }
 }
 
-/// Log-probabilities `[n, t]` of each completion's tokens after `prompt` under `model`, with
-/// the mask `[n, t]` (1 on real tokens, 0 on the padding of shorter completions); `t` is the
-/// longest completion. One forward over `[n, prompt + t]` rows. None for an empty prompt or no
-/// completions: nothing predicts a first token without context.
-pub fn completion_logprobs<B: QuantMatmul>(model: &Model<B>, prompt: &[u32], completions: &[Vec<u32>]) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
-    if prompt.is_empty() || completions.is_empty() {
-        return None;
-    }
+/// One training row per completion of `prompt`: the prompt as context, the completion's tokens
+/// (end-of-sequence included) as targets.
+pub fn rollout_rows(prompt: &[u32], completions: &[Completion]) -> Vec<Example> {
+    completions
+        .iter()
+        .map(|c| {
+            let tokens = c.tokens();
+            let ids: Vec<u32> = prompt.iter().chain(&tokens).copied().collect();
+            let train_mask = (0..ids.len()).map(|i| i >= prompt.len()).collect();
+            Example { ids, train_mask, line: 0 }
+        })
+        .collect()
+}
+
+/// The log-probability of every target of `batch` under `model` and the entropy (nats) of the
+/// distribution it was drawn from: `[b, s]` each, meaningful where the loss mask is 1.
+pub fn token_logprobs<B: QuantMatmul>(model: &Model<B>, batch: &Batch) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let device = model.embed_tokens.device();
-    let n = completions.len();
-    let t = completions.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let p = prompt.len();
-    let (mut ids, mut targets, mut mask) = (Vec::with_capacity(n * (p + t)), Vec::with_capacity(n * t), Vec::with_capacity(n * t));
-    for c in completions {
-        // Padding after a completion is never attended to by its real tokens (causal), so any
-        // id serves; its positions are masked out.
-        ids.extend(prompt.iter().chain(c.iter()).map(|&i| i as i64));
-        ids.extend(std::iter::repeat_n(0i64, t - c.len()));
-        targets.extend(c.iter().map(|&i| i as i64));
-        targets.extend(std::iter::repeat_n(0i64, t - c.len()));
-        mask.extend(std::iter::repeat_n(1.0f32, c.len()));
-        mask.extend(std::iter::repeat_n(0.0f32, t - c.len()));
-    }
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, p + t]), &device);
-    let hidden = model.forward_hidden(ids, None).narrow(1, p - 1, t); // positions predicting the completion
-    let logp = log_softmax(model.lm_head(hidden), 2); // [n, t, v]
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [n, t, 1]), &device);
-    let picked = logp.gather(2, targets).reshape([n, t]);
-    Some((picked, Tensor::from_data(TensorData::new(mask, [n, t]), &device)))
+    let logp = log_softmax(model.lm_head(batch_hidden(model, batch, &device)), 2); // [b, s, v]
+    let entropy = (logp.clone().exp() * logp.clone()).sum_dim(2).neg().reshape([batch.batch, batch.seq]);
+    (pick_targets(logp, batch, 0), entropy)
 }
 
 #[cfg(test)]
@@ -130,23 +136,27 @@ mod tests {
     }
 
     #[test]
-    fn completion_logprobs_match_step_by_step_logits() {
+    fn token_logprobs_match_step_by_step_logits() {
         let model = model();
         let prompt = [1u32, 17, 42, 9];
-        let completions = vec![vec![5u32, 8, 13], vec![21u32]];
-        assert!(completion_logprobs(&model, &[], &completions).is_none());
-        let (logp, mask) = completion_logprobs(&model, &prompt, &completions).unwrap();
-        assert_eq!(logp.dims(), [2, 3]);
-        assert_eq!(mask.into_data().to_vec::<f32>().unwrap(), vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        let completions = vec![Completion { ids: vec![5, 8], eos: Some(13), truncated: false }, Completion { ids: vec![21], eos: None, truncated: true }];
+        let batch = crate::data::rows_in_order(&rollout_rows(&prompt, &completions));
+        let (logp, entropy) = token_logprobs(&model, &batch);
+        assert_eq!(logp.dims(), [2, 6]);
+        // Row 0 predicts 5, 8, 13 from positions 3, 4, 5; row 1 predicts 21 from position 3.
+        assert_eq!(batch.loss_mask, vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
         let got = logp.into_data().to_vec::<f32>().unwrap();
+        let ent = entropy.into_data().to_vec::<f32>().unwrap();
         for (row, c) in completions.iter().enumerate() {
             let mut seq = prompt.to_vec();
-            for (j, &tok) in c.iter().enumerate() {
+            for (j, tok) in c.tokens().into_iter().enumerate() {
                 let logits = model.forward(ids_tensor::<Cpu>(&seq, &Default::default()), None); // [1, s, v]
                 let s = seq.len();
                 let last = log_softmax(logits.narrow(1, s - 1, 1), 2).into_data().to_vec::<f32>().unwrap();
-                let want = last[tok as usize];
-                assert!((got[row * 3 + j] - want).abs() < 1e-5, "row {row} token {j}: {} vs {want}", got[row * 3 + j]);
+                let at = row * 6 + 3 + j;
+                assert!((got[at] - last[tok as usize]).abs() < 1e-5, "row {row} token {j}: {} vs {}", got[at], last[tok as usize]);
+                let h: f32 = -last.iter().map(|l| l.exp() * l).sum::<f32>();
+                assert!((ent[at] - h).abs() < 1e-4, "row {row} token {j}: entropy {} vs {h}", ent[at]);
                 seq.push(tok);
             }
         }
