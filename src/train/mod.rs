@@ -482,7 +482,13 @@ fn make_objective<B: TrainBackend>(
 ) -> Result<Objective<B::InnerBackend>, TrainError> {
     let d = &recipe.data;
     let prompts = || -> Result<Vec<PromptAnswer>, TrainError> {
-        let prompts = data::load_prompts(&d.train, d.format, tokenizer)?;
+        let mut prompts = data::load_prompts(&d.train, d.format, tokenizer)?;
+        // Nothing predicts a first token without context.
+        let before = prompts.len();
+        prompts.retain(|p| !p.prompt_ids.is_empty());
+        if prompts.len() < before {
+            tracing::warn!("{}: {} records with an empty prompt are skipped", d.train.display(), before - prompts.len());
+        }
         if prompts.is_empty() {
             return Err(TrainError::NoPrompts { path: d.train.clone() });
         }
