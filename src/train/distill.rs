@@ -11,6 +11,7 @@
 //! tokens). No T² factor, as TRL. The training loss mixes in cross-entropy on the labels as
 //! torchtune's `kd_ratio` does: `ce_weight·ce + (1 − ce_weight)·kd`.
 
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use rand::rngs::StdRng;
@@ -18,6 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use super::eval::{batch_hidden, mask_tensor, pick_targets};
 use super::rollout::{rollout_group, rollout_rows};
+use super::{add_grads, StepGrads};
 use crate::backend::{QuantMatmul, TrainBackend};
 use crate::data::{rows_in_order, Batch, PromptAnswer};
 use crate::generate::{Sampler, SamplingConfig, StopConfig};
@@ -109,6 +111,20 @@ impl<I: QuantMatmul> Distill<I> {
                 rows_in_order(&rows)
             })
             .collect()
+    }
+
+    /// One optimiser step's gradients over `micro` and the sums of its two losses.
+    pub fn step<B: TrainBackend<InnerBackend = I>>(&self, model: &Model<B>, micro: &[Batch], on_policy: bool) -> (StepGrads, Sums) {
+        let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
+        let (mut out, mut sums) = (StepGrads::default(), Sums::default());
+        for batch in micro.iter().filter(|b| b.tokens > 0) {
+            let (loss, s) = self.loss(model, batch, step_tokens, on_policy);
+            out.loss += loss.clone().into_scalar().elem::<f64>();
+            out.tokens += batch.batch * batch.seq;
+            (sums.kd, sums.ce) = (sums.kd + s.kd, sums.ce + s.ce);
+            add_grads(model, &mut out.grads, GradientsParams::from_grads(loss.backward(), model));
+        }
+        (out, sums)
     }
 
     /// The loss of one micro-batch, already divided by `step_tokens` (the target tokens of the

@@ -369,15 +369,8 @@ fn run_loop<B: TrainBackend>(
                     true => d.student_batches(&model.valid(), state.step, t.grad_accum),
                     false => next_micro_batches(recipe, &data.train, &mut state, &mut epoch_cache, batches_per_epoch),
                 };
+                let (out, sums) = d.step(&model, &micro, on_policy);
                 let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
-                let (mut out, mut sums) = (StepGrads::default(), distill::Sums::default());
-                for batch in micro.iter().filter(|b| b.tokens > 0) {
-                    let (loss, s) = d.loss(&model, batch, step_tokens, on_policy);
-                    out.loss += loss.clone().into_scalar().elem::<f64>();
-                    out.tokens += batch.batch * batch.seq;
-                    (sums.kd, sums.ce) = (sums.kd + s.kd, sums.ce + s.ce);
-                    add_grads(&model, &mut out.grads, GradientsParams::from_grads(loss.backward(), &model));
-                }
                 let per_token = |v: f64| v / step_tokens.max(1) as f64;
                 let ce_loss = if on_policy { f64::NAN } else { per_token(sums.ce) };
                 sink.emit(&Event::Distill { step: next, loss: out.loss, kd_loss: per_token(sums.kd), ce_loss, on_policy });
