@@ -62,6 +62,15 @@ fn check_cache<B: QuantMatmul>(name: &str, device: &B::Device) {
         pos += chunk;
     }
     assert_eq!(cache.len(), 20);
+    // A sliding-window layer keeps only what a later query can still see.
+    for (i, spec) in model.config.layers.iter().enumerate() {
+        let want = match (spec.kv_source, spec.sliding_window) {
+            (Some(_), _) => 0,
+            (None, Some(w)) => (w - 1).min(20),
+            (None, None) => 20,
+        };
+        assert_eq!(cache.layer_len(i), want, "{name}: layer {i} caches {} positions", cache.layer_len(i));
+    }
 }
 
 macro_rules! parity_tests {
@@ -108,4 +117,6 @@ parity_tests! {
     qwen2 => "qwen2",
     qwen3 => "qwen3",
     gemma3 => "gemma3",
+    gemma4 => "gemma4",
+    qwen3_moe => "qwen3-moe",
 }

@@ -79,7 +79,7 @@ fn fresh_adapter_leaves_the_model_unchanged() {
     let device = Default::default();
     let base = Model::<Cpu>::load(&model_dir("qwen2"), &device).unwrap();
     let before = logits_of(&base, "qwen2");
-    let spec = lora::LoraSpec { rank: 4, alpha: 8.0, dropout: 0.0, rslora: false, targets: vec!["all-linear".into()], layers: None };
+    let spec = lora::LoraSpec { rank: 4, alpha: 8.0, dropout: 0.0, rslora: false, targets: vec!["all-linear".into()], layers: None, experts: false };
     let adapted = lora::attach(base, &spec, 0);
     assert_eq!(lora::count(&adapted), 14);
     let after = logits_of(&adapted, "qwen2");

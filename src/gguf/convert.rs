@@ -19,7 +19,7 @@ use serde_json::Value as Json;
 use super::file::{self, GgufError, TensorPlan, Value};
 use super::mix::{self, Choice, FileType, MixContext};
 use super::vocab::{self, VocabError};
-use crate::model::config::{Arch, ConfigContext, HfConfig, ModelConfig, RopeScaling};
+use crate::model::config::{Arch, ConfigContext, ModelConfig, MoeKind, RopeScaling};
 use crate::model::layers::inv_freq;
 use crate::model::weights::TensorSource;
 use crate::model::ModelError;
@@ -130,6 +130,9 @@ impl Export {
             (Arch::Qwen2, _) => GgufArch::Qwen2,
             (Arch::Qwen3, _) => GgufArch::Qwen3,
             (Arch::Gemma3, _) => GgufArch::Gemma3,
+            (Arch::Qwen3Moe | Arch::Gemma4, _) => {
+                return Err(ExportError::Unsupported { path: config_path, message: format!("GGUF export of {} is not implemented in kiln (llama.cpp's gemma4 architecture exists; kiln exports llama, mistral, qwen2, qwen3, qwen3_moe and gemma3)", cfg.model_type) })
+            }
         };
         let prefix = ["model", "model.language_model", "language_model.model"]
             .into_iter()
@@ -388,28 +391,21 @@ fn read_json(path: &Path) -> Result<Json, ModelError> {
     serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })
 }
 
-/// The resolved config, plus the MoE block for `qwen3_moe` (whose attention and norms are
-/// Qwen 3's).
+/// The resolved config, plus the MoE block for `qwen3_moe` in the form llama.cpp's `qwen3moe`
+/// can express.
 fn read_config(raw: &Json, path: &Path) -> Result<(ModelConfig, Option<Moe>), ModelError> {
-    if raw.get("model_type").and_then(Json::as_str) != Some("qwen3_moe") {
-        return Ok((ModelConfig::from_json(&raw.to_string(), path)?, None));
-    }
+    let cfg = ModelConfig::from_json(&raw.to_string(), path)?;
+    let Some(m) = cfg.moe.clone().filter(|m| m.kind == MoeKind::Qwen3) else {
+        return Ok((cfg, None));
+    };
     let ctx = ConfigContext { path: path.to_path_buf() };
-    let hf: HfConfig = serde_json::from_value(raw.clone()).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
-    let cfg = crate::model::arch::qwen::config(&hf, &ctx, Arch::Qwen3)?;
-    let num = |key: &str| raw.get(key).and_then(Json::as_u64).map(|v| v as usize).ok_or_else(|| ctx.missing(key));
-    let experts = num("num_experts").or_else(|_| num("num_local_experts"))?;
-    let moe = Moe { experts, experts_used: num("num_experts_per_tok")?, expert_ff: num("moe_intermediate_size")? };
-    if moe.experts == 0 || moe.experts_used == 0 || moe.experts_used > moe.experts {
-        return Err(ctx.invalid("num_experts_per_tok", format!("{} of {} experts per token: expected between 1 and the number of experts", moe.experts_used, moe.experts)));
-    }
-    if raw.get("norm_topk_prob").and_then(Json::as_bool) == Some(false) {
+    if !m.norm_topk {
         return Err(ctx.invalid("norm_topk_prob", "false: llama.cpp's qwen3moe always renormalises the top-k router weights, so the exported model would compute something else"));
     }
-    if raw.get("mlp_only_layers").and_then(Json::as_array).is_some_and(|a| !a.is_empty()) || num("decoder_sparse_step").is_ok_and(|s| s != 1) {
+    if cfg.layers.iter().any(|l| !l.moe) {
         return Err(ctx.invalid("mlp_only_layers", "dense layers between MoE layers have no GGUF form in llama.cpp's qwen3moe; kiln cannot export this model"));
     }
-    Ok((cfg, Some(moe)))
+    Ok((cfg, Some(Moe { experts: m.num_experts, experts_used: m.top_k, expert_ff: m.width })))
 }
 
 fn model_name(dir: &Path) -> String {

@@ -77,6 +77,9 @@ pub struct LoraSpec {
     pub targets: Vec<String>,
     /// Half-open layer range; all layers when None.
     pub layers: Option<(usize, usize)>,
+    /// Also adapt every expert's projections (MoE models); otherwise only attention and dense
+    /// MLPs.
+    pub experts: bool,
 }
 
 impl LoraSpec {
@@ -99,32 +102,59 @@ impl LoraSpec {
     }
 }
 
-/// The linear layers of decoder layer `layer` under their PEFT names, mutably.
-pub fn projections_mut<B: Backend>(model: &mut Model<B>, layer: usize) -> Vec<(&'static str, &mut Linear<B>)> {
-    let l = &mut model.layers[layer];
-    vec![
-        ("q_proj", &mut l.self_attn.q_proj),
-        ("k_proj", &mut l.self_attn.k_proj),
-        ("v_proj", &mut l.self_attn.v_proj),
-        ("o_proj", &mut l.self_attn.o_proj),
-        ("gate_proj", &mut l.mlp.gate_proj),
-        ("up_proj", &mut l.mlp.up_proj),
-        ("down_proj", &mut l.mlp.down_proj),
-    ]
+/// The projections of decoder layer `layer` an adapter can wrap, by module path inside the
+/// layer (PEFT's names after `model.layers.N.`): attention (`self_attn.q_proj`, ...; a
+/// KV-sharing layer has no k/v), the dense MLP (`mlp.gate_proj`, ...) and each expert's MLP
+/// (`mlp.experts.3.gate_proj` for Qwen 3 MoE, `experts.3.gate_proj` for Gemma 4). Routers and
+/// Gemma 4's per-layer input branch are not adaptable.
+macro_rules! projections_fn {
+    ($name:ident, $iter:ident, $($mut_:ident)?) => {
+        pub fn $name<B: Backend>(model: & $($mut_)? Model<B>, layer: usize) -> Vec<(String, & $($mut_)? Linear<B>)> {
+            let experts_at = expert_path(&model.config);
+            let l = & $($mut_)? model.layers[layer];
+            let a = & $($mut_)? l.self_attn;
+            let mut out = vec![("self_attn.q_proj".to_string(), & $($mut_)? a.q_proj)];
+            if let Some(k) = & $($mut_)? a.k_proj {
+                out.push(("self_attn.k_proj".into(), k));
+            }
+            if let Some(v) = & $($mut_)? a.v_proj {
+                out.push(("self_attn.v_proj".into(), v));
+            }
+            out.push(("self_attn.o_proj".into(), & $($mut_)? a.o_proj));
+            if let Some(m) = & $($mut_)? l.mlp {
+                out.push(("mlp.gate_proj".into(), & $($mut_)? m.gate_proj));
+                out.push(("mlp.up_proj".into(), & $($mut_)? m.up_proj));
+                out.push(("mlp.down_proj".into(), & $($mut_)? m.down_proj));
+            }
+            if let Some(moe) = & $($mut_)? l.moe {
+                for (j, m) in moe.experts.$iter().enumerate() {
+                    out.push((format!("{experts_at}.{j}.gate_proj"), & $($mut_)? m.gate_proj));
+                    out.push((format!("{experts_at}.{j}.up_proj"), & $($mut_)? m.up_proj));
+                    out.push((format!("{experts_at}.{j}.down_proj"), & $($mut_)? m.down_proj));
+                }
+            }
+            out
+        }
+    };
+}
+projections_fn!(projections, iter,);
+projections_fn!(projections_mut, iter_mut, mut);
+
+fn expert_path(cfg: &crate::model::ModelConfig) -> &'static str {
+    match cfg.moe.as_ref().map(|m| m.kind) {
+        Some(crate::model::config::MoeKind::Gemma4) => "experts",
+        _ => "mlp.experts",
+    }
 }
 
-/// The linear layers of decoder layer `layer` under their PEFT names.
-pub fn projections<B: Backend>(model: &Model<B>, layer: usize) -> Vec<(&'static str, &Linear<B>)> {
-    let l = &model.layers[layer];
-    vec![
-        ("q_proj", &l.self_attn.q_proj),
-        ("k_proj", &l.self_attn.k_proj),
-        ("v_proj", &l.self_attn.v_proj),
-        ("o_proj", &l.self_attn.o_proj),
-        ("gate_proj", &l.mlp.gate_proj),
-        ("up_proj", &l.mlp.up_proj),
-        ("down_proj", &l.mlp.down_proj),
-    ]
+/// The projection's own name (`q_proj`) from its module path (`self_attn.q_proj`).
+pub fn proj_name(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+/// Whether a module path is inside an expert.
+pub fn in_expert(path: &str) -> bool {
+    path.split('.').any(|part| part == "experts")
 }
 
 /// Freezes the model and attaches fresh adapters to the targeted layers; returns the model
@@ -138,8 +168,8 @@ pub fn attach<B: Backend>(model: Model<B>, spec: &LoraSpec, seed: u64) -> Model<
         if !spec.covers_layer(i) {
             continue;
         }
-        for (name, linear) in projections_mut(&mut model, i) {
-            if targets.iter().any(|t| t == name) {
+        for (path, linear) in projections_mut(&mut model, i) {
+            if targets.iter().any(|t| t == proj_name(&path)) && (spec.experts || !in_expert(&path)) {
                 let (d_in, d_out) = (linear.d_in(), linear.d_out());
                 linear.lora = Some(Lora::init(d_in, d_out, spec.rank, spec.scale(), spec.dropout, &mut rng, &device));
             }

@@ -30,9 +30,8 @@ pub enum AdapterError {
     Empty { path: PathBuf },
 }
 
-fn module_path(layer: usize, proj: &str) -> String {
-    let block = if matches!(proj, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
-    format!("base_model.model.model.layers.{layer}.{block}.{proj}")
+fn module_path(layer: usize, path: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{path}")
 }
 
 /// Writes the model's adapters to `dir` in PEFT format (files written atomically).
@@ -42,12 +41,13 @@ pub fn save<B: Backend>(model: &Model<B>, spec: &LoraSpec, base_model: &str, bas
     let mut tensors = Vec::new();
     let mut targets: Vec<String> = Vec::new();
     for i in 0..model.layers.len() {
-        for (name, linear) in projections(model, i) {
+        for (path, linear) in projections(model, i) {
             let Some(lora) = &linear.lora else { continue };
+            let name = super::proj_name(&path);
             if !targets.iter().any(|t| t == name) {
                 targets.push(name.to_string());
             }
-            let key = module_path(i, name);
+            let key = module_path(i, &path);
             let a = lora.a.val().transpose(); // [in, r] -> [r, in]
             let b = lora.b.val().transpose(); // [r, out] -> [out, r]
             tensors.push((format!("{key}.lora_A.weight"), a.dims().to_vec(), to_vec(a)));
@@ -153,6 +153,7 @@ pub fn read_spec(dir: &Path) -> Result<LoraSpec, AdapterError> {
         rslora: cfg.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
         targets,
         layers: None,
+        experts: false,
     })
 }
 
@@ -165,9 +166,10 @@ pub fn load<B: Backend>(model: Model<B>, dir: &Path) -> Result<(Model<B>, LoraSp
     let mut model = model;
     let device = model.embed_tokens.device();
     let mut attached = 0;
+    let mut experts = false;
     for i in 0..model.layers.len() {
-        for (name, linear) in projections_mut(&mut model, i) {
-            let key = module_path(i, name);
+        for (path, linear) in projections_mut(&mut model, i) {
+            let key = module_path(i, &path);
             let a_key = format!("{key}.lora_A.weight");
             if !files.contains(&a_key) {
                 continue;
@@ -180,10 +182,11 @@ pub fn load<B: Backend>(model: Model<B>, dir: &Path) -> Result<(Model<B>, LoraSp
             let b = Tensor::<B, 2>::from_data(TensorData::new(transpose_host(&b, d_out, spec.rank), [spec.rank, d_out]), &device);
             linear.lora = Some(Lora { a: Param::from_tensor(a), b: Param::from_tensor(b), scale: spec.scale(), dropout: 0.0 });
             attached += 1;
+            experts |= super::in_expert(&path);
         }
     }
     if attached == 0 {
         return Err(AdapterError::Empty { path });
     }
-    Ok((model, spec))
+    Ok((model, LoraSpec { experts, ..spec }))
 }

@@ -57,6 +57,29 @@ pub struct HfConfig {
     pub pad_token_id: Option<Value>,
     /// Multimodal checkpoints (Gemma 3 4B+) nest the language model's config here.
     pub text_config: Option<Box<HfConfig>>,
+    /// Gemma 4: per-layer overrides (`{"3": {"head_dim": 512}}`), or, in older configs,
+    /// `global_head_dim` / `num_global_key_value_heads` for the full-attention layers.
+    pub per_layer_config: Option<Value>,
+    pub global_head_dim: Option<usize>,
+    pub num_global_key_value_heads: Option<usize>,
+    /// Gemma 4's per-layer input embeddings (0 or absent: none).
+    pub hidden_size_per_layer_input: Option<usize>,
+    pub vocab_size_per_layer_input: Option<usize>,
+    pub attention_k_eq_v: Option<bool>,
+    pub use_bidirectional_attention: Option<Value>,
+    pub num_kv_shared_layers: Option<usize>,
+    pub use_double_wide_mlp: Option<bool>,
+    pub enable_moe_block: Option<bool>,
+    /// Mixture of experts: Qwen 3 MoE spells them `num_experts` (or `num_local_experts`) and
+    /// `num_experts_per_tok`, Gemma 4 `num_experts` and `top_k_experts`.
+    #[serde(alias = "num_local_experts")]
+    pub num_experts: Option<usize>,
+    #[serde(alias = "top_k_experts")]
+    pub num_experts_per_tok: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+    pub norm_topk_prob: Option<bool>,
+    pub decoder_sparse_step: Option<usize>,
+    pub mlp_only_layers: Option<Vec<usize>>,
 }
 
 /// Which decoder family; decides naming and the small differences between them.
@@ -67,7 +90,9 @@ pub enum Arch {
     Mistral,
     Qwen2,
     Qwen3,
+    Qwen3Moe,
     Gemma3,
+    Gemma4,
 }
 
 impl Arch {
@@ -77,7 +102,9 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3_moe",
             Arch::Gemma3 => "gemma3",
+            Arch::Gemma4 => "gemma4",
         }
     }
 }
@@ -99,6 +126,10 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// Llama 3.1's piecewise frequency scaling.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position: f64 },
+    /// Gemma 4's "proportional" rope: the first `angles` frequencies of the full head's
+    /// spectrum rotate (`theta^(-2i/head_dim)`, divided by `factor`), the rest have frequency 0
+    /// and pass through. Unlike partial rotary, pairs still span the whole head (i, i + d/2).
+    Proportional { angles: usize, factor: f64 },
 }
 
 /// One rotary embedding: layers of one type share it.
@@ -117,6 +148,45 @@ pub struct LayerSpec {
     pub sliding_window: Option<usize>,
     /// Index into [`ModelConfig::ropes`].
     pub rope: usize,
+    pub head_dim: usize,
+    pub num_kv_heads: usize,
+    /// Gemma 4's KV sharing: this layer computes no keys or values of its own and attends over
+    /// those of the given earlier layer.
+    pub kv_source: Option<usize>,
+    /// Keys double as values (Gemma 4's `attention_k_eq_v` on full-attention layers).
+    pub k_eq_v: bool,
+    /// Width of the dense MLP; None for a layer whose feed-forward is experts only.
+    pub mlp_width: Option<usize>,
+    /// The layer has a mixture-of-experts block ([`ModelConfig::moe`]).
+    pub moe: bool,
+}
+
+/// A mixture-of-experts block: a router picks `top_k` of `num_experts` gated MLPs per token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Each expert's MLP width.
+    pub width: usize,
+    /// Renormalise the chosen experts' probabilities to sum to one.
+    pub norm_topk: bool,
+    pub kind: MoeKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeKind {
+    /// Qwen 3 MoE: the experts replace the MLP and read its normalised input.
+    Qwen3,
+    /// Gemma 4: the experts run beside the dense MLP on the block's residual input, with their
+    /// own norms; the router normalises its input and scales each expert's weight.
+    Gemma4,
+}
+
+/// Gemma 4's per-layer input embeddings: a second table of `dim` values per layer and token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerLayerInput {
+    pub dim: usize,
+    pub vocab: usize,
 }
 
 /// Everything the model code needs, resolved. No Options where a default exists.
@@ -154,6 +224,12 @@ pub struct ModelConfig {
     pub final_logit_softcap: Option<f64>,
     pub ropes: Vec<RopeConfig>,
     pub layers: Vec<LayerSpec>,
+    /// Gemma 4: values RMS-normalised per head (no weight).
+    pub v_norm: bool,
+    /// Gemma 4: each layer's output is multiplied by its stored `layer_scalar`.
+    pub layer_scalar: bool,
+    pub per_layer_input: Option<PerLayerInput>,
+    pub moe: Option<MoeConfig>,
     /// The dtype the checkpoint was saved in (`float32`, `bfloat16`, ...).
     pub dtype: String,
     pub bos_token_id: Option<u32>,
@@ -187,12 +263,12 @@ impl ModelConfig {
         let model_type = hf.model_type.clone().ok_or_else(|| ctx.missing("model_type"))?;
         // Multimodal wrappers: the text model's config sits in `text_config`.
         let (hf, model_type) = match (&hf.text_config, model_type.as_str()) {
-            (Some(text), "gemma3") => {
+            (Some(text), "gemma3" | "gemma4") => {
                 let mut text = (**text).clone();
                 text.eos_token_id = text.eos_token_id.or(hf.eos_token_id.clone());
                 text.bos_token_id = text.bos_token_id.or(hf.bos_token_id.clone());
                 text.dtype = text.dtype.or(hf.dtype.clone());
-                (text, "gemma3_text".to_string())
+                (text, format!("{model_type}_text"))
             }
             _ => (hf, model_type),
         };
@@ -201,7 +277,9 @@ impl ModelConfig {
             "mistral" => arch::llama::config(&hf, &ctx, Arch::Mistral),
             "qwen2" => arch::qwen::config(&hf, &ctx, Arch::Qwen2),
             "qwen3" => arch::qwen::config(&hf, &ctx, Arch::Qwen3),
+            "qwen3_moe" => arch::qwen::config(&hf, &ctx, Arch::Qwen3Moe),
             "gemma3_text" => arch::gemma3::config(&hf, &ctx),
+            "gemma4_text" => arch::gemma4::config(&hf, &ctx),
             other => Err(ModelError::UnknownArchitecture {
                 path: path.to_path_buf(),
                 model_type: other.to_string(),
@@ -211,10 +289,27 @@ impl ModelConfig {
 
     pub fn num_params_estimate(&self) -> usize {
         let d = self.hidden_size;
-        let attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads);
-        let mlp = 3 * d * self.intermediate_size;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let attn = d * l.head_dim * (2 * self.num_heads + 2 * l.num_kv_heads);
+                let mlp = 3 * d * l.mlp_width.unwrap_or(0);
+                let experts = match (&self.moe, l.moe) {
+                    (Some(m), true) => m.num_experts * (3 * d * m.width + d),
+                    _ => 0,
+                };
+                attn + mlp + experts
+            })
+            .sum();
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
-        self.vocab_size * d + self.num_layers * (attn + mlp) + head
+        let ple = self.per_layer_input.as_ref().map_or(0, |p| p.vocab * p.dim * self.num_layers + d * p.dim * self.num_layers * 3);
+        self.vocab_size * d + layers + head + ple
+    }
+
+    /// Whether any layer routes tokens through experts.
+    pub fn has_experts(&self) -> bool {
+        self.moe.is_some() && self.layers.iter().any(|l| l.moe)
     }
 }
 
@@ -301,6 +396,10 @@ pub fn base_config(hf: &HfConfig, ctx: &ConfigContext, arch: Arch) -> Result<Mod
         final_logit_softcap: None,
         ropes: Vec::new(),
         layers: Vec::new(),
+        v_norm: false,
+        layer_scalar: false,
+        per_layer_input: None,
+        moe: None,
         dtype: hf.dtype.clone().unwrap_or_else(|| "float32".into()),
         bos_token_id: token_ids(hf.bos_token_id.as_ref()).first().copied(),
         eos_token_ids: token_ids(hf.eos_token_id.as_ref()),
@@ -349,6 +448,13 @@ pub fn rope_from_params(params: &Value, default_theta: f64, rotary_dim: usize, c
         .unwrap_or("default");
     let scaling = match kind {
         "default" => RopeScaling::None,
+        "proportional" => {
+            let share = num("partial_rotary_factor").unwrap_or(1.0);
+            let angles = (share * rotary_dim as f64) as usize / 2;
+            let factor = num("factor").unwrap_or(1.0);
+            // The whole head rotates (zero frequencies past `angles`), so no partial width below.
+            return Ok(RopeConfig { theta, scaling: RopeScaling::Proportional { angles, factor }, rotary_dim });
+        }
         "linear" => RopeScaling::Linear { factor: need("factor")? },
         "llama3" => RopeScaling::Llama3 {
             factor: need("factor")?,
@@ -359,7 +465,7 @@ pub fn rope_from_params(params: &Value, default_theta: f64, rotary_dim: usize, c
         other => {
             return Err(ctx.invalid(
                 &format!("{key}.rope_type"),
-                format!("rope type `{other}` is not supported (supported: default, linear, llama3)"),
+                format!("rope type `{other}` is not supported (supported: default, linear, llama3, proportional)"),
             ))
         }
     };

@@ -10,18 +10,20 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::activation;
 
-use super::config::{Activation, ModelConfig};
-use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask, repeat_kv, rope_tables, Linear, RmsNorm};
+use super::config::{Activation, LayerSpec, ModelConfig, MoeKind};
+use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask, repeat_kv, rms_normalize, rope_tables, Linear, RmsNorm};
+use super::moe::{Moe, RouterStats};
 use super::weights::WeightFiles;
 use crate::quant::affine::QuantSpec;
 use kiln_kernels::QuantMatmul;
 use super::ModelError;
 
-/// Keys and values of every layer so far, each `[b, kv, t, d]`. Created by
+/// Keys and values of every layer so far, each `[b, kv, t, d]` (a sliding-window layer keeps
+/// only its last window − 1 positions; a KV-sharing layer keeps none). Created by
 /// [`Model::make_cache`]; passed to [`Model::forward`] to decode one step at a time.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<Option<Kv<B>>>,
     len: usize,
 }
 
@@ -35,6 +37,12 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
+    /// Positions layer `i` holds (fewer than [`KvCache::len`] for a sliding-window layer, 0 for
+    /// a layer that shares another's keys and values).
+    pub fn layer_len(&self, i: usize) -> usize {
+        self.layers.get(i).and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+
     /// A cache of one sequence repeated as `n` rows, so that `n` continuations of one prompt
     /// decode side by side after a single prefill.
     pub fn repeat_rows(&self, n: usize) -> Self {
@@ -43,25 +51,37 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// One layer's keys and values, `[b, kv, t, d]` each.
+pub type Kv<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
+    /// None on a layer that attends over another layer's keys and values (Gemma 4 KV sharing).
+    pub k_proj: Option<Linear<B>>,
+    /// None where keys double as values, or keys and values are shared.
+    pub v_proj: Option<Linear<B>>,
     pub o_proj: Linear<B>,
     pub q_norm: Option<RmsNorm<B>>,
     pub k_norm: Option<RmsNorm<B>>,
+    /// Gemma 4 RMS-normalises values (no weight).
+    pub v_norm: bool,
+    pub eps: f64,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub scale: f64,
     /// 0 when off.
     pub logit_softcap: f64,
+    /// A sliding-window layer's cache keeps only the last `window - 1` positions: no later
+    /// query can see further back. 0: keep everything.
+    pub cache_keep: usize,
 }
 
 impl<B: QuantMatmul> Attention<B> {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
-        let (e, d, h, kv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, spec: &LayerSpec, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
+        let (e, d, h, kv) = (cfg.hidden_size, spec.head_dim, cfg.num_heads, spec.num_kv_heads);
+        let owns_kv = spec.kv_source.is_none();
         let norm = |name: &str| -> Result<Option<RmsNorm<B>>, ModelError> {
             if cfg.qk_norm {
                 let path = format!("{prefix}.{name}");
@@ -70,58 +90,88 @@ impl<B: QuantMatmul> Attention<B> {
                 Ok(None)
             }
         };
+        let proj = |name: &str, d_in: usize, d_out: usize, bias: bool| Linear::load(files, &format!("{prefix}.{name}"), d_in, d_out, bias, quantize, device);
         Ok(Self {
-            q_proj: Linear::load(files, &format!("{prefix}.q_proj"), e, h * d, cfg.qkv_bias, quantize, device)?,
-            k_proj: Linear::load(files, &format!("{prefix}.k_proj"), e, kv * d, cfg.qkv_bias, quantize, device)?,
-            v_proj: Linear::load(files, &format!("{prefix}.v_proj"), e, kv * d, cfg.qkv_bias, quantize, device)?,
-            o_proj: Linear::load(files, &format!("{prefix}.o_proj"), h * d, e, cfg.o_bias, quantize, device)?,
+            q_proj: proj("q_proj", e, h * d, cfg.qkv_bias)?,
+            k_proj: if owns_kv { Some(proj("k_proj", e, kv * d, cfg.qkv_bias)?) } else { None },
+            v_proj: if owns_kv && !spec.k_eq_v { Some(proj("v_proj", e, kv * d, cfg.qkv_bias)?) } else { None },
+            o_proj: proj("o_proj", h * d, e, cfg.o_bias)?,
             q_norm: norm("q_norm")?,
-            k_norm: norm("k_norm")?,
+            k_norm: if owns_kv { norm("k_norm")? } else { None },
+            v_norm: cfg.v_norm,
+            eps: cfg.rms_norm_eps,
             num_heads: h,
             num_kv_heads: kv,
             head_dim: d,
             scale: cfg.attn_scale,
             logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
+            cache_keep: spec.sliding_window.map_or(0, |w| w.saturating_sub(1).max(1)),
         })
     }
 
     /// `x` `[b, s, e]`; `rope` the (cos, sin) tables `[b or 1, s, r]` of these positions; `mask`
-    /// `[b or 1, s, t]`.
+    /// `[b or 1, s, t]`; `shared` the keys and values of the layer this one shares with (its
+    /// cache already applied). Returns the output and the keys and values attended over.
     fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &(Tensor<B, 3>, Tensor<B, 3>),
         mask: &Tensor<B, 3>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> Tensor<B, 3> {
+        cache: Option<&mut Option<Kv<B>>>,
+        shared: Option<Kv<B>>,
+    ) -> (Tensor<B, 3>, Kv<B>) {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]); // [b, s, h*d] -> [b, s, h, d]
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]); // [b, s, kv*d] -> [b, s, kv, d]
-        let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
-        let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
-            _ => (q, k),
+        let q = match &self.q_norm {
+            Some(n) => n.forward(q),
+            None => q,
         };
         let q = apply_rope(q.swap_dims(1, 2), &rope.0, &rope.1); // [b, s, h, d] -> [b, h, s, d]
-        let k = apply_rope(k.swap_dims(1, 2), &rope.0, &rope.1); // [b, s, kv, d] -> [b, kv, s, d]
-        let v = v.swap_dims(1, 2); // [b, s, kv, d] -> [b, kv, s, d]
 
-        let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)), // [b, kv, t, d]
-                    None => (k, v),
+        let (k, v) = match (shared, &self.k_proj) {
+            (Some(kv), _) => kv,
+            (None, Some(k_proj)) => {
+                let k = k_proj.forward(x.clone()).reshape([b, s, kv, d]); // [b, s, kv*d] -> [b, s, kv, d]
+                let v = match &self.v_proj {
+                    Some(v_proj) => v_proj.forward(x).reshape([b, s, kv, d]),
+                    None => k.clone(), // keys double as values, before the key norm and rope
                 };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
+                let k = match &self.k_norm {
+                    Some(n) => n.forward(k),
+                    None => k,
+                };
+                let v = if self.v_norm { rms_normalize(v, self.eps) } else { v };
+                let k = apply_rope(k.swap_dims(1, 2), &rope.0, &rope.1); // [b, s, kv, d] -> [b, kv, s, d]
+                let v = v.swap_dims(1, 2); // [b, s, kv, d] -> [b, kv, s, d]
+                match cache {
+                    Some(slot) => {
+                        let (k, v) = match slot.take() {
+                            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)), // [b, kv, t, d]
+                            None => (k, v),
+                        };
+                        let t = k.dims()[2];
+                        *slot = Some(if self.cache_keep > 0 && t > self.cache_keep {
+                            let from = t - self.cache_keep;
+                            (k.clone().narrow(2, from, self.cache_keep), v.clone().narrow(2, from, self.cache_keep))
+                        } else {
+                            (k.clone(), v.clone())
+                        });
+                        (k, v)
+                    }
+                    None => (k, v),
+                }
             }
-            None => (k, v),
+            (None, None) => unreachable!("a KV-sharing layer runs after the layer it shares with (checked when the config was read)"),
         };
+        let kv_used = (k.clone(), v.clone());
         let k = repeat_kv(k, h / kv); // [b, kv, t, d] -> [b, h, t, d]
         let v = repeat_kv(v, h / kv);
 
-        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale); // [b, h, s, t]
+        let mut scores = q.matmul(k.swap_dims(2, 3)); // [b, h, s, t]
+        if self.scale != 1.0 {
+            scores = scores.mul_scalar(self.scale);
+        }
         if self.logit_softcap > 0.0 {
             scores = scores.div_scalar(self.logit_softcap).tanh().mul_scalar(self.logit_softcap);
         }
@@ -129,7 +179,15 @@ impl<B: QuantMatmul> Attention<B> {
         let probs = activation::softmax(scores, 3);
         let out = probs.matmul(v); // [b, h, s, d]
         let out = out.swap_dims(1, 2).reshape([b, s, h * d]); // [b, h, s, d] -> [b, s, h*d]
-        self.o_proj.forward(out)
+        (self.o_proj.forward(out), kv_used)
+    }
+}
+
+pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+    match act {
+        Activation::Silu => activation::silu(x),
+        Activation::GeluTanh => activation::gelu_approximate(x),
+        Activation::Gelu => activation::gelu(x),
     }
 }
 
@@ -144,25 +202,43 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: QuantMatmul> Mlp<B> {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
-        let (e, f, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(files: &WeightFiles, prefix: &str, e: usize, f: usize, bias: bool, activation: Activation, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
         Ok(Self {
             gate_proj: Linear::load(files, &format!("{prefix}.gate_proj"), e, f, bias, quantize, device)?,
             up_proj: Linear::load(files, &format!("{prefix}.up_proj"), e, f, bias, quantize, device)?,
             down_proj: Linear::load(files, &format!("{prefix}.down_proj"), f, e, bias, quantize, device)?,
-            activation: cfg.activation,
+            activation,
         })
     }
 
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone()); // [b, s, f]
-        let gate = match self.activation {
-            Activation::Silu => activation::silu(gate),
-            Activation::GeluTanh => activation::gelu_approximate(gate),
-            Activation::Gelu => activation::gelu(gate),
-        };
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gate = activate(self.gate_proj.forward(x.clone()), self.activation); // [.., f]
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }
+}
+
+/// Gemma 4's norms around an MoE block that runs beside the dense MLP.
+#[derive(Module, Debug)]
+pub struct MoeNorms<B: Backend> {
+    /// On the dense MLP's output (`post_feedforward_layernorm_1`).
+    pub post_mlp: RmsNorm<B>,
+    /// On the experts' input (`pre_feedforward_layernorm_2`).
+    pub pre_experts: RmsNorm<B>,
+    /// On the experts' output (`post_feedforward_layernorm_2`).
+    pub post_experts: RmsNorm<B>,
+}
+
+/// Gemma 4's per-layer input branch: `x + norm(proj(act(gate(x)) · ple_i))`.
+#[derive(Module, Debug)]
+pub struct PerLayerBranch<B: Backend> {
+    /// `[e] -> [p]`
+    pub gate: Linear<B>,
+    /// `[p] -> [e]`
+    pub projection: Linear<B>,
+    pub norm: RmsNorm<B>,
+    #[module(skip)]
+    pub activation: Activation,
 }
 
 /// One transformer block. Llama-style blocks use `input_layernorm` before attention and
@@ -172,51 +248,145 @@ impl<B: QuantMatmul> Mlp<B> {
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub self_attn: Attention<B>,
-    pub mlp: Mlp<B>,
+    /// None where experts replace the dense MLP (Qwen 3 MoE).
+    pub mlp: Option<Mlp<B>>,
+    pub moe: Option<Moe<B>>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
+    pub moe_norms: Option<MoeNorms<B>>,
+    pub per_layer_input: Option<PerLayerBranch<B>>,
+    /// Gemma 4 multiplies each layer's output by a stored scalar; 1 elsewhere.
+    pub layer_scalar: f64,
 }
 
 impl<B: QuantMatmul> DecoderLayer<B> {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
-        let norm = |name: &str| RmsNorm::load(files, &format!("{prefix}.{name}"), cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset, device);
+    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, spec: &LayerSpec, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
+        let e = cfg.hidden_size;
+        let norm = |name: &str| RmsNorm::load(files, &format!("{prefix}.{name}"), e, cfg.rms_norm_eps, cfg.norm_weight_offset, device);
         let (pre_ff, post_ff) = if cfg.sandwich_norms {
             (Some(norm("pre_feedforward_layernorm")?), Some(norm("post_feedforward_layernorm")?))
         } else {
             (None, None)
         };
+        let mlp = match spec.mlp_width {
+            Some(f) => Some(Mlp::load(files, &format!("{prefix}.mlp"), e, f, cfg.mlp_bias, cfg.activation, quantize, device)?),
+            None => None,
+        };
+        let moe = match (&cfg.moe, spec.moe) {
+            (Some(m), true) => Some(Moe::load(files, prefix, cfg, m, quantize, device)?),
+            _ => None,
+        };
+        let moe_norms = match (&cfg.moe, spec.moe) {
+            (Some(m), true) if m.kind == MoeKind::Gemma4 => Some(MoeNorms {
+                post_mlp: norm("post_feedforward_layernorm_1")?,
+                pre_experts: norm("pre_feedforward_layernorm_2")?,
+                post_experts: norm("post_feedforward_layernorm_2")?,
+            }),
+            _ => None,
+        };
+        let per_layer_input = match &cfg.per_layer_input {
+            Some(p) => Some(PerLayerBranch {
+                gate: Linear::load(files, &format!("{prefix}.per_layer_input_gate"), e, p.dim, false, None, device)?,
+                projection: Linear::load(files, &format!("{prefix}.per_layer_projection"), p.dim, e, false, None, device)?,
+                norm: norm("post_per_layer_input_norm")?,
+                activation: cfg.activation,
+            }),
+            None => None,
+        };
+        let layer_scalar = if cfg.layer_scalar { files.f32(&format!("{prefix}.layer_scalar"), &[1])?[0] as f64 } else { 1.0 };
         Ok(Self {
-            self_attn: Attention::load(files, &format!("{prefix}.self_attn"), cfg, quantize, device)?,
-            mlp: Mlp::load(files, &format!("{prefix}.mlp"), cfg, quantize, device)?,
+            self_attn: Attention::load(files, &format!("{prefix}.self_attn"), cfg, spec, quantize, device)?,
+            mlp,
+            moe,
             input_layernorm: norm("input_layernorm")?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             pre_feedforward_layernorm: pre_ff,
             post_feedforward_layernorm: post_ff,
+            moe_norms,
+            per_layer_input,
+            layer_scalar,
         })
     }
 
+    /// `ple` is this layer's slice of the per-layer inputs `[b, s, p]` (Gemma 4). Returns the
+    /// output, the keys and values attended over, and what the router did (MoE layers).
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &(Tensor<B, 3>, Tensor<B, 3>),
         mask: &Tensor<B, 3>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> Tensor<B, 3> {
-        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
-        match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
+        cache: Option<&mut Option<Kv<B>>>,
+        shared: Option<Kv<B>>,
+        ple: Option<Tensor<B, 3>>,
+    ) -> (Tensor<B, 3>, Kv<B>, Option<RouterStats>) {
+        let (attn, kv) = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache, shared);
+        let (x, stats) = match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(attn);
-                let mlp = self.mlp.forward(pre.forward(x.clone()));
-                x + post.forward(mlp)
+                let (ff, stats) = self.feed_forward(pre.forward(x.clone()), &x);
+                (x + post.forward(ff), stats)
             }
             _ => {
                 let x = x + attn;
-                let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
-                x + mlp
+                let (ff, stats) = self.feed_forward(self.post_attention_layernorm.forward(x.clone()), &x);
+                (x + ff, stats)
             }
+        };
+        let x = match (&self.per_layer_input, ple) {
+            (Some(branch), Some(ple)) => {
+                let h = activate(branch.gate.forward(x.clone()), branch.activation) * ple; // [b, s, p]
+                x + branch.norm.forward(branch.projection.forward(h))
+            }
+            _ => x,
+        };
+        let x = if self.layer_scalar != 1.0 { x.mul_scalar(self.layer_scalar as f32) } else { x };
+        (x, kv, stats)
+    }
+
+    /// The feed-forward part on the normalised input `h`: the dense MLP, the experts in its
+    /// place, or (Gemma 4) both side by side, the experts routed on the block's residual `x`.
+    fn feed_forward(&self, h: Tensor<B, 3>, x: &Tensor<B, 3>) -> (Tensor<B, 3>, Option<RouterStats>) {
+        let dense = self.mlp.as_ref().map(|mlp| mlp.forward(h.clone()));
+        match (&self.moe, &self.moe_norms, dense) {
+            (Some(moe), Some(norms), Some(dense)) => {
+                let (experts, stats) = moe.forward(x.clone(), norms.pre_experts.forward(x.clone()));
+                (norms.post_mlp.forward(dense) + norms.post_experts.forward(experts), Some(stats))
+            }
+            (Some(moe), _, _) => {
+                let (out, stats) = moe.forward(h.clone(), h);
+                (out, Some(stats))
+            }
+            (None, _, Some(dense)) => (dense, None),
+            (None, _, None) => unreachable!("a layer without experts always has an MLP (set when the config was read)"),
         }
+    }
+}
+
+/// Gemma 4's per-layer input embeddings: a table `[v, L·p]` scaled by √p, mixed with a
+/// projection of the (scaled) token embeddings, one `[p]` vector per layer and token.
+#[derive(Module, Debug)]
+pub struct PerLayerEmbedding<B: Backend> {
+    /// [v, L·p]
+    pub embed: Param<Tensor<B, 2>>,
+    /// `[e] -> [L·p]`
+    pub projection: Linear<B>,
+    /// RMSNorm over p.
+    pub norm: RmsNorm<B>,
+    pub layers: usize,
+    pub dim: usize,
+}
+
+impl<B: QuantMatmul> PerLayerEmbedding<B> {
+    /// `[b, s, L, p]` for token ids `[b, s]` and their scaled embeddings `[b, s, e]`.
+    fn inputs(&self, ids: Tensor<B, 2, Int>, embeds: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, s, e] = embeds.dims();
+        let (l, p) = (self.layers, self.dim);
+        let tokens = burn::tensor::module::embedding(self.embed.val(), ids).mul_scalar((p as f32).sqrt()).reshape([b, s, l, p]);
+        let context = self.projection.forward(embeds).mul_scalar((e as f64).powf(-0.5) as f32).reshape([b, s, l, p]);
+        (self.norm.forward(context) + tokens).mul_scalar(0.5f64.sqrt() as f32)
     }
 }
 
@@ -225,6 +395,8 @@ impl<B: QuantMatmul> DecoderLayer<B> {
 pub struct Model<B: Backend> {
     /// [v, e]
     pub embed_tokens: Param<Tensor<B, 2>>,
+    /// Gemma 4's per-layer input embeddings.
+    pub per_layer: Option<PerLayerEmbedding<B>>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
     /// None when the head is tied to `embed_tokens`.
@@ -239,9 +411,9 @@ impl<B: QuantMatmul> Model<B> {
         Self::load_quantized(dir, None, device)
     }
 
-    /// As [`Model::load`], quantising the seven projections of every layer with `quantize`
-    /// (embeddings, norms and the LM head stay in float). Projections the checkpoint already
-    /// stores MLX-quantised load as stored either way.
+    /// As [`Model::load`], quantising the projections of every layer (attention, MLP and
+    /// experts) with `quantize`; embeddings, norms, routers and the LM head stay in float.
+    /// Projections the checkpoint already stores MLX-quantised load as stored either way.
     pub fn load_quantized(dir: &Path, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
         let files = WeightFiles::open(dir)?;
@@ -256,8 +428,24 @@ impl<B: QuantMatmul> Model<B> {
             .find(|p| files.contains(&format!("{p}.embed_tokens.weight")))
             .unwrap_or("model");
         let embed_tokens = load_tensor::<B, 2>(files, &format!("{prefix}.embed_tokens.weight"), [cfg.vocab_size, cfg.hidden_size], device)?;
-        let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(files, &format!("{prefix}.layers.{i}"), cfg, quantize, device))
+        let per_layer = match &cfg.per_layer_input {
+            Some(p) => {
+                let width = cfg.num_layers * p.dim;
+                Some(PerLayerEmbedding {
+                    embed: Param::from_tensor(load_tensor(files, &format!("{prefix}.embed_tokens_per_layer.weight"), [p.vocab, width], device)?),
+                    projection: Linear::load(files, &format!("{prefix}.per_layer_model_projection"), cfg.hidden_size, width, false, None, device)?,
+                    norm: RmsNorm::load(files, &format!("{prefix}.per_layer_projection_norm"), p.dim, cfg.rms_norm_eps, cfg.norm_weight_offset, device)?,
+                    layers: cfg.num_layers,
+                    dim: p.dim,
+                })
+            }
+            None => None,
+        };
+        let layers = cfg
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| DecoderLayer::load(files, &format!("{prefix}.layers.{i}"), cfg, spec, quantize, device))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(files, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset, device)?;
         // A tied checkpoint that still stores `lm_head.weight` (some exports do) uses it.
@@ -266,7 +454,7 @@ impl<B: QuantMatmul> Model<B> {
         } else {
             Some(Linear::load(files, "lm_head", cfg.hidden_size, cfg.vocab_size, false, None, device)?)
         };
-        Ok(Self { embed_tokens: Param::from_tensor(embed_tokens), layers, norm, lm_head, config })
+        Ok(Self { embed_tokens: Param::from_tensor(embed_tokens), per_layer, layers, norm, lm_head, config })
     }
 
     /// An empty cache for [`Model::forward`].
@@ -277,12 +465,23 @@ impl<B: QuantMatmul> Model<B> {
     /// Final hidden states `[b, s, e]` for token ids `[b, s]`; with a cache, the ids continue
     /// the cached sequence and the cache is extended.
     pub fn forward_hidden(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        self.causal(ids, cache, None)
+    }
+
+    /// What every MoE layer's router did on `ids` `[b, s]` (empty for a dense model).
+    pub fn router_stats(&self, ids: Tensor<B, 2, Int>) -> Vec<RouterStats> {
+        let mut stats = Vec::new();
+        self.causal(ids, None, Some(&mut stats));
+        stats
+    }
+
+    fn causal(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>, stats: Option<&mut Vec<RouterStats>>) -> Tensor<B, 3> {
         let [_, s] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len);
         let positions: Vec<usize> = (past..past + s).collect();
         let device = ids.device();
-        let masks = |window| causal_mask::<B>(s, past, window, &device);
-        self.run_layers(ids, &positions, 1, masks, cache)
+        let masks = |window, kept| causal_mask::<B>(s, past, kept, window, &device);
+        self.run_layers(ids, &positions, 1, masks, cache, stats)
     }
 
     /// Final hidden states `[b, s, e]` of packed rows: `positions` and `segments` (`[b, s]`,
@@ -292,8 +491,8 @@ impl<B: QuantMatmul> Model<B> {
         let [b, _] = ids.dims();
         let device = ids.device();
         let pos: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
-        let masks = |window| packed_mask::<B>(segments, positions, b, window, &device);
-        self.run_layers(ids, &pos, b, masks, None)
+        let masks = |window, _kept| packed_mask::<B>(segments, positions, b, window, &device);
+        self.run_layers(ids, &pos, b, masks, None, None)
     }
 
     fn run_layers(
@@ -301,31 +500,56 @@ impl<B: QuantMatmul> Model<B> {
         ids: Tensor<B, 2, Int>,
         positions: &[usize],
         rope_rows: usize,
-        make_mask: impl Fn(Option<usize>) -> Tensor<B, 3>,
+        make_mask: impl Fn(Option<usize>, usize) -> Tensor<B, 3>,
         mut cache: Option<&mut KvCache<B>>,
+        mut stats: Option<&mut Vec<RouterStats>>,
     ) -> Tensor<B, 3> {
-        let [_, s] = ids.dims();
+        let [b, s] = ids.dims();
         let device = ids.device();
         let cfg = &self.config;
-        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), ids); // [b, s, e]
+        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), ids.clone()); // [b, s, e]
         if let Some(scale) = cfg.embed_scale {
             // Gemma rounds the scale to the activation dtype (f32 here) before multiplying.
             x = x.mul_scalar(scale as f32);
         }
+        let per_layer = self.per_layer.as_ref().map(|p| p.inputs(ids, x.clone())); // [b, s, L, p]
         let ropes: Vec<_> = cfg.ropes.iter().map(|r| rope_tables::<B>(&inv_freq(r), positions, rope_rows, &device)).collect();
-        // One mask per distinct window: global layers share one, sliding layers another.
-        let mut windows: Vec<Option<usize>> = Vec::new();
-        for spec in &cfg.layers {
-            if !windows.contains(&spec.sliding_window) {
-                windows.push(spec.sliding_window);
+        // One mask per distinct (window, cached keys kept): global layers share one, sliding
+        // layers another (their cache keeps only the window).
+        let kept = |i: usize| -> usize {
+            let owner = cfg.layers[i].kv_source.unwrap_or(i);
+            cache.as_ref().and_then(|c| c.layers[owner].as_ref()).map_or(0, |(k, _)| k.dims()[2])
+        };
+        let keys: Vec<(Option<usize>, usize)> = (0..self.layers.len()).map(|i| (cfg.layers[i].sliding_window, kept(i))).collect();
+        let mut distinct: Vec<(Option<usize>, usize)> = Vec::new();
+        for key in &keys {
+            if !distinct.contains(key) {
+                distinct.push(*key);
             }
         }
-        let masks: Vec<Tensor<B, 3>> = windows.iter().map(|&w| make_mask(w)).collect();
+        let masks: Vec<Tensor<B, 3>> = distinct.iter().map(|&(w, kept)| make_mask(w, kept)).collect();
+        let is_source: Vec<bool> = (0..self.layers.len()).map(|i| cfg.layers.iter().any(|l| l.kv_source == Some(i))).collect();
+        let mut kv_of: Vec<Option<Kv<B>>> = vec![None; self.layers.len()];
         for (i, layer) in self.layers.iter().enumerate() {
             let spec = &cfg.layers[i];
-            let mask = &masks[windows.iter().position(|w| *w == spec.sliding_window).unwrap_or(0)];
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &ropes[spec.rope], mask, slot);
+            let mask = &masks[distinct.iter().position(|k| *k == keys[i]).unwrap_or(0)];
+            let shared = spec.kv_source.and_then(|j| kv_of[j].clone());
+            let slot = match spec.kv_source {
+                None => cache.as_deref_mut().map(|c| &mut c.layers[i]),
+                Some(_) => None,
+            };
+            let ple = per_layer.as_ref().map(|p| {
+                let dim = p.dims()[3];
+                p.clone().narrow(2, i, 1).reshape([b, s, dim]) // [b, s, L, p] -> [b, s, p]
+            });
+            let (y, kv, routed) = layer.forward(x, &ropes[spec.rope], mask, slot, shared, ple);
+            x = y;
+            if is_source[i] {
+                kv_of[i] = Some(kv);
+            }
+            if let (Some(all), Some(r)) = (stats.as_deref_mut(), routed) {
+                all.push(RouterStats { layer: i, ..r });
+            }
         }
         if let Some(c) = cache {
             c.len += s;

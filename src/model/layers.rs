@@ -92,9 +92,15 @@ impl<B: Backend> Linear<B> {
             return Ok(Self::from_quant(&stored, bias, device));
         }
         let weight = files.f32(&name, &[d_out, d_in])?;
+        Self::from_host(name, &weight, d_out, d_in, bias, quantize, device)
+    }
+
+    /// A layer from an HF-layout weight on the host (`[out, in]`), quantised with `quantize`
+    /// when given; `name` is for error messages.
+    pub fn from_host(name: String, weight: &[f32], d_out: usize, d_in: usize, bias: Option<Param<Tensor<B, 1>>>, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
         match quantize {
             Some(spec) => {
-                let q = spec.quantize(&weight, d_out, d_in).map_err(|e| {
+                let q = spec.quantize(weight, d_out, d_in).map_err(|e| {
                     let mut message = e.to_string();
                     if let QuantSpec::Mlx { bits, group } = spec {
                         let fits: Vec<String> = [32, 64, 128].iter().filter(|g| d_in % *g == 0 && **g != group).map(|g| format!("q{bits}_g{g}")).collect();
@@ -106,7 +112,7 @@ impl<B: Backend> Linear<B> {
                 })?;
                 Ok(Self::from_quant(&q, bias, device))
             }
-            None => Ok(Self::from_hf(&weight, d_out, d_in, bias.map(|b| b.val()), device)),
+            None => Ok(Self::from_hf(weight, d_out, d_in, bias.map(|b| b.val()), device)),
         }
     }
 
@@ -197,11 +203,15 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let last = D - 1;
-        let rms = x.clone().powi_scalar(2).mean_dim(last).add_scalar(self.eps).sqrt(); // [.., 1]
         let w = self.weight.val().add_scalar(self.offset).unsqueeze::<D>(); // [d] -> [1.., d]
-        x.div(rms).mul(w)
+        rms_normalize(x, self.eps).mul(w)
     }
+}
+
+/// `x / sqrt(mean(x²) + eps)` over the last dimension, with no weight.
+pub fn rms_normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+    let rms = x.clone().powi_scalar(2).mean_dim(D - 1).add_scalar(eps).sqrt(); // [.., 1]
+    x.div(rms)
 }
 
 /// Inverse frequencies of one rope, computed in f32 as transformers does (its tables are f32,
@@ -213,6 +223,9 @@ pub fn inv_freq(rope: &RopeConfig) -> Vec<f32> {
         .collect();
     match rope.scaling {
         RopeScaling::None => base,
+        RopeScaling::Proportional { angles, factor } => {
+            base.iter().enumerate().map(|(i, &f)| if i < angles { f / factor as f32 } else { 0.0 }).collect()
+        }
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
             let low_wavelen = original_max_position / low_freq_factor;
@@ -282,16 +295,18 @@ pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<
     out
 }
 
-/// Additive attention mask `[1, s, t]` for `s` queries at positions `past..past + s` over `t =
-/// past + s` keys: 0 where a query may look, -inf elsewhere (the future, and keys `window` or
-/// more positions back).
-pub fn causal_mask<B: Backend>(s: usize, past: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 3> {
-    let t = past + s;
+/// Additive attention mask `[1, s, t]` for `s` queries at positions `past..past + s` over
+/// `t = kept + s` keys, the last `kept` cached positions and the new ones (a sliding-window
+/// layer's cache keeps only its window): 0 where a query may look, -inf elsewhere (the
+/// future, and keys `window` or more positions back).
+pub fn causal_mask<B: Backend>(s: usize, past: usize, kept: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 3> {
+    let t = kept + s;
+    let first = past - kept;
     let mut data = vec![0f32; s * t];
     for i in 0..s {
         let q = past + i;
         for k in 0..t {
-            if !may_attend(q, k, window) {
+            if !may_attend(q, first + k, window) {
                 data[i * t + k] = f32::NEG_INFINITY;
             }
         }
@@ -340,7 +355,7 @@ mod tests {
 
     #[test]
     fn sliding_mask_keeps_window_including_self() {
-        let m = causal_mask::<Cpu>(4, 0, Some(2), &Default::default());
+        let m = causal_mask::<Cpu>(4, 0, 0, Some(2), &Default::default());
         assert_eq!(m.dims(), [1, 4, 4]);
         let v = m.into_data().to_vec::<f32>().unwrap();
         let allowed: Vec<bool> = v.iter().map(|x| x.is_finite()).collect();

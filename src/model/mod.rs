@@ -9,6 +9,7 @@ pub mod config;
 pub mod decoder;
 pub mod layers;
 pub mod mlx;
+pub mod moe;
 pub mod save;
 pub mod weights;
 
@@ -28,7 +29,7 @@ pub enum ModelError {
     MissingConfigKey { path: PathBuf, key: String },
     #[error("{path}: `{key}`: {message}")]
     InvalidConfigValue { path: PathBuf, key: String, message: String },
-    #[error("{path}: model_type `{model_type}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma3_text)")]
+    #[error("{path}: model_type `{model_type}` is not supported (supported: llama, mistral, qwen2, qwen3, qwen3_moe, gemma3_text, gemma4_text)")]
     UnknownArchitecture { path: PathBuf, model_type: String },
     #[error("{dir}: no model.safetensors or model.safetensors.index.json")]
     NoWeights { dir: PathBuf },

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::decoder::{Attention, DecoderLayer, Mlp};
 use super::layers::{Linear, RmsNorm};
+use super::config::MoeKind;
 use super::{Model, ModelConfig, ModelError};
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
@@ -19,46 +20,76 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
     (shape, t.into_data().convert::<f32>().into_vec().unwrap_or_default())
 }
 
-/// Every weight under its Hugging Face name, in HF layout (linear weights `[out, in]`).
-/// Adapters must be fused first: a layer with an adapter contributes its base weight only.
+/// Every weight under its Hugging Face name, in HF layout (linear weights `[out, in]`; Gemma 4's
+/// experts stacked into `experts.gate_up_proj` `[x, 2·w, e]` and `experts.down_proj`
+/// `[x, e, w]`, as its checkpoints store them). Adapters must be fused first: a layer with an
+/// adapter contributes its base weight only.
 pub fn hf_tensors<B: Backend>(model: &Model<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut out = Vec::new();
     let mut push = |name: String, (shape, data): (Vec<usize>, Vec<f32>)| out.push((name, shape, data));
-    let linear = |push: &mut dyn FnMut(String, (Vec<usize>, Vec<f32>)), prefix: String, l: &Linear<B>| {
-        push(format!("{prefix}.weight"), host(l.dense_weight().transpose()));
-        if let Some(b) = &l.bias {
-            push(format!("{prefix}.bias"), host(b.val()));
-        }
-    };
-    let norm = |push: &mut dyn FnMut(String, (Vec<usize>, Vec<f32>)), prefix: String, n: &RmsNorm<B>| {
-        push(format!("{prefix}.weight"), host(n.weight.val()));
-    };
+    let weight = |l: &Linear<B>| host(l.dense_weight().transpose());
+    let stacked_experts = model.config.moe.as_ref().is_some_and(|m| m.kind == MoeKind::Gemma4);
     push("model.embed_tokens.weight".into(), host(model.embed_tokens.val()));
+    if let Some(p) = &model.per_layer {
+        push("model.embed_tokens_per_layer.weight".into(), host(p.embed.val()));
+        push("model.per_layer_model_projection.weight".into(), weight(&p.projection));
+        push("model.per_layer_projection_norm.weight".into(), host(p.norm.weight.val()));
+    }
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
+        for (path, l) in crate::lora::projections(model, i) {
+            if stacked_experts && crate::lora::in_expert(&path) {
+                continue;
+            }
+            push(format!("{p}.{path}.weight"), weight(l));
+            if let Some(b) = &l.bias {
+                push(format!("{p}.{path}.bias"), host(b.val()));
+            }
+        }
         let a = &layer.self_attn;
-        for (name, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-            linear(&mut push, format!("{p}.self_attn.{name}"), l);
+        let mut norms: Vec<(&str, &RmsNorm<B>)> = vec![("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)];
+        norms.extend(a.q_norm.iter().map(|n| ("self_attn.q_norm", n)));
+        norms.extend(a.k_norm.iter().map(|n| ("self_attn.k_norm", n)));
+        norms.extend(layer.pre_feedforward_layernorm.iter().map(|n| ("pre_feedforward_layernorm", n)));
+        norms.extend(layer.post_feedforward_layernorm.iter().map(|n| ("post_feedforward_layernorm", n)));
+        if let Some(m) = &layer.moe_norms {
+            norms.extend([("post_feedforward_layernorm_1", &m.post_mlp), ("pre_feedforward_layernorm_2", &m.pre_experts), ("post_feedforward_layernorm_2", &m.post_experts)]);
         }
-        if let (Some(q), Some(k)) = (&a.q_norm, &a.k_norm) {
-            norm(&mut push, format!("{p}.self_attn.q_norm"), q);
-            norm(&mut push, format!("{p}.self_attn.k_norm"), k);
+        if let Some(b) = &layer.per_layer_input {
+            push(format!("{p}.per_layer_input_gate.weight"), weight(&b.gate));
+            push(format!("{p}.per_layer_projection.weight"), weight(&b.projection));
+            norms.push(("post_per_layer_input_norm", &b.norm));
         }
-        for (name, l) in [("gate_proj", &layer.mlp.gate_proj), ("up_proj", &layer.mlp.up_proj), ("down_proj", &layer.mlp.down_proj)] {
-            linear(&mut push, format!("{p}.mlp.{name}"), l);
+        for (name, n) in norms {
+            push(format!("{p}.{name}.weight"), host(n.weight.val()));
         }
-        norm(&mut push, format!("{p}.input_layernorm"), &layer.input_layernorm);
-        norm(&mut push, format!("{p}.post_attention_layernorm"), &layer.post_attention_layernorm);
-        if let Some(n) = &layer.pre_feedforward_layernorm {
-            norm(&mut push, format!("{p}.pre_feedforward_layernorm"), n);
+        if let Some(moe) = &layer.moe {
+            if stacked_experts {
+                push(format!("{p}.router.proj.weight"), weight(&moe.router));
+                if let (Some(scale), Some(per_expert)) = (&moe.router_scale, &moe.per_expert_scale) {
+                    push(format!("{p}.router.scale"), host(scale.val()));
+                    push(format!("{p}.router.per_expert_scale"), host(per_expert.val()));
+                }
+                let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+                let (x, w, e) = (moe.experts.len(), moe.experts.first().map_or(0, |m| m.gate_proj.d_out()), model.config.hidden_size);
+                for m in &moe.experts {
+                    gate_up.extend(weight(&m.gate_proj).1);
+                    gate_up.extend(weight(&m.up_proj).1);
+                    down.extend(weight(&m.down_proj).1);
+                }
+                push(format!("{p}.experts.gate_up_proj"), (vec![x, 2 * w, e], gate_up));
+                push(format!("{p}.experts.down_proj"), (vec![x, e, w], down));
+            } else {
+                push(format!("{p}.mlp.gate.weight"), weight(&moe.router));
+            }
         }
-        if let Some(n) = &layer.post_feedforward_layernorm {
-            norm(&mut push, format!("{p}.post_feedforward_layernorm"), n);
+        if model.config.layer_scalar {
+            push(format!("{p}.layer_scalar"), (vec![1], vec![layer.layer_scalar as f32]));
         }
     }
     push("model.norm.weight".into(), host(model.norm.weight.val()));
     if let Some(head) = &model.lm_head {
-        push("lm_head.weight".into(), host(head.dense_weight().transpose()));
+        push("lm_head.weight".into(), weight(head));
     }
     out
 }
@@ -153,22 +184,29 @@ impl<B: Backend> Model<B> {
             eps: cfg.rms_norm_eps,
             offset: cfg.norm_weight_offset,
         };
-        let (e, d, h, kv, f) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        let e = cfg.hidden_size;
+        let h = cfg.num_heads;
         let mut layers = Vec::new();
-        for _ in 0..cfg.num_layers {
+        // The families `[model.init]` creates: no experts, no per-layer inputs, no KV sharing.
+        for spec in &cfg.layers {
+            let (d, kv) = (spec.head_dim, spec.num_kv_heads);
             let self_attn = Attention {
                 q_proj: lin(e, h * d, cfg.qkv_bias),
-                k_proj: lin(e, kv * d, cfg.qkv_bias),
-                v_proj: lin(e, kv * d, cfg.qkv_bias),
+                k_proj: Some(lin(e, kv * d, cfg.qkv_bias)),
+                v_proj: (!spec.k_eq_v).then(|| lin(e, kv * d, cfg.qkv_bias)),
                 o_proj: lin(h * d, e, cfg.o_bias),
                 q_norm: cfg.qk_norm.then(|| norm(d)),
                 k_norm: cfg.qk_norm.then(|| norm(d)),
+                v_norm: cfg.v_norm,
+                eps: cfg.rms_norm_eps,
                 num_heads: h,
                 num_kv_heads: kv,
                 head_dim: d,
                 scale: cfg.attn_scale,
                 logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
+                cache_keep: spec.sliding_window.map_or(0, |w| w.saturating_sub(1).max(1)),
             };
+            let f = spec.mlp_width.unwrap_or(cfg.intermediate_size);
             let mlp = Mlp {
                 gate_proj: lin(e, f, cfg.mlp_bias),
                 up_proj: lin(e, f, cfg.mlp_bias),
@@ -177,11 +215,15 @@ impl<B: Backend> Model<B> {
             };
             layers.push(DecoderLayer {
                 self_attn,
-                mlp,
+                mlp: Some(mlp),
+                moe: None,
                 input_layernorm: norm(e),
                 post_attention_layernorm: norm(e),
                 pre_feedforward_layernorm: cfg.sandwich_norms.then(|| norm(e)),
                 post_feedforward_layernorm: cfg.sandwich_norms.then(|| norm(e)),
+                moe_norms: None,
+                per_layer_input: None,
+                layer_scalar: 1.0,
             });
         }
         let lm_head = (!cfg.tie_word_embeddings).then(|| lin(e, cfg.vocab_size, false));
@@ -189,6 +231,7 @@ impl<B: Backend> Model<B> {
         let embed = normal(&mut rng, cfg.vocab_size * e, 0.02);
         Self {
             embed_tokens: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [cfg.vocab_size, e]), device)),
+            per_layer: None,
             layers,
             norm: norm(e),
             lm_head,

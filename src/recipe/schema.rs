@@ -224,6 +224,9 @@ pub struct LoraSection {
     /// Half-open range of decoder layers that get adapters; all layers when absent.
     #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "layer_range")]
     pub layers: Option<[usize; 2]>,
+    /// MoE models: also give every expert's gate/up/down projections an adapter (otherwise
+    /// only attention and dense MLPs are adapted).
+    pub experts: bool,
 }
 
 impl Default for LoraSection {
@@ -235,6 +238,7 @@ impl Default for LoraSection {
             rslora: false,
             targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
             layers: None,
+            experts: false,
         }
     }
 }

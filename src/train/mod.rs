@@ -190,6 +190,7 @@ pub fn lora_spec(recipe: &Recipe) -> LoraSpec {
         rslora: l.rslora,
         targets: l.targets.clone(),
         layers: l.layers.map(|[a, b]| (a, b)),
+        experts: l.experts,
     }
 }
 

@@ -60,6 +60,6 @@ pub fn config(hf: &HfConfig, ctx: &ConfigContext) -> Result<ModelConfig, ModelEr
     };
     cfg.ropes = vec![global, local];
     let pattern = hf.sliding_window_pattern.unwrap_or(6).max(1);
-    cfg.layers = super::layer_specs(&hf, ctx, cfg.num_layers, 1, |i| (i + 1) % pattern != 0)?;
+    cfg.layers = super::layer_specs(&hf, ctx, &cfg, 1, |i| (i + 1) % pattern != 0)?;
     Ok(cfg)
 }

@@ -11,6 +11,6 @@ pub fn config(hf: &HfConfig, ctx: &ConfigContext, arch: Arch) -> Result<ModelCon
     let mut cfg = base_config(hf, ctx, arch)?;
     cfg.ropes = vec![single_rope(hf, ctx, cfg.head_dim, 10_000.0)?];
     let windowed = arch == Arch::Mistral && hf.sliding_window.is_some();
-    cfg.layers = super::layer_specs(hf, ctx, cfg.num_layers, 0, |_| windowed)?;
+    cfg.layers = super::layer_specs(hf, ctx, &cfg, 0, |_| windowed)?;
     Ok(cfg)
 }

@@ -7,21 +7,24 @@
 //! here and its block variant to the decoder.
 
 pub mod gemma3;
+pub mod gemma4;
 pub mod llama;
 pub mod qwen;
 
-use super::config::{ConfigContext, HfConfig, LayerSpec};
+use super::config::{ConfigContext, HfConfig, LayerSpec, ModelConfig};
 use super::ModelError;
 
 /// Per-layer attention kinds from `layer_types` when the config lists them, else from
-/// `is_sliding(i)`. Sliding layers use rope `sliding_rope`, others rope 0.
+/// `is_sliding(i)`. Sliding layers use rope `sliding_rope`, others rope 0; everything else is
+/// the model-wide geometry of `cfg`, for the family to override.
 pub(crate) fn layer_specs(
     hf: &HfConfig,
     ctx: &ConfigContext,
-    num_layers: usize,
+    cfg: &ModelConfig,
     sliding_rope: usize,
     is_sliding: impl Fn(usize) -> bool,
 ) -> Result<Vec<LayerSpec>, ModelError> {
+    let num_layers = cfg.num_layers;
     let sliding: Vec<bool> = match &hf.layer_types {
         Some(types) => {
             if types.len() != num_layers {
@@ -47,12 +50,32 @@ pub(crate) fn layer_specs(
     sliding
         .into_iter()
         .map(|s| {
-            if s {
-                let window = hf.sliding_window.ok_or_else(|| ctx.missing("sliding_window"))?;
-                Ok(LayerSpec { sliding_window: Some(window), rope: sliding_rope })
+            let (sliding_window, rope) = if s {
+                (Some(hf.sliding_window.ok_or_else(|| ctx.missing("sliding_window"))?), sliding_rope)
             } else {
-                Ok(LayerSpec { sliding_window: None, rope: 0 })
-            }
+                (None, 0)
+            };
+            Ok(LayerSpec {
+                sliding_window,
+                rope,
+                head_dim: cfg.head_dim,
+                num_kv_heads: cfg.num_kv_heads,
+                kv_source: None,
+                k_eq_v: false,
+                mlp_width: Some(cfg.intermediate_size),
+                moe: false,
+            })
         })
         .collect()
+}
+
+/// A router that can pick what it is asked to.
+pub(crate) fn check_moe(moe: &super::config::MoeConfig, ctx: &ConfigContext) -> Result<(), ModelError> {
+    if moe.num_experts == 0 || moe.top_k == 0 || moe.top_k > moe.num_experts {
+        return Err(ctx.invalid(
+            "num_experts_per_tok",
+            format!("{} of {} experts per token: expected between 1 and the number of experts", moe.top_k, moe.num_experts),
+        ));
+    }
+    Ok(())
 }
