@@ -11,6 +11,7 @@ pub mod generate;
 pub mod gguf;
 pub mod lora;
 pub mod model;
+pub mod probe;
 pub mod quant;
 pub mod run;
 pub mod recipe;

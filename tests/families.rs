@@ -72,6 +72,15 @@ fn fine_tune_and_fuse(name: &str, experts: bool, adapters: usize) {
     let evals: Vec<f64> = rec.events.iter().filter_map(|e| match e { Event::Eval { loss, .. } => Some(*loss), _ => None }).collect();
     assert!(evals.len() >= 2 && evals.iter().all(|l| l.is_finite()), "{name}: {evals:?}");
     assert!(evals.last().unwrap() < evals.first().unwrap(), "{name}: eval loss did not fall: {evals:?}");
+    // Each evaluation of an MoE model reports its routers.
+    let probes: Vec<(&str, usize)> = rec.events.iter().filter_map(|e| match e { Event::Probe { signal, values, .. } => Some((signal.as_str(), values.len())), _ => None }).collect();
+    let moe_layers = Model::<Cpu>::load(&model_dir(name), &Default::default()).unwrap().config.layers.iter().filter(|l| l.moe).count();
+    if moe_layers > 0 {
+        assert_eq!(probes.len(), 2 * evals.len(), "{name}: {probes:?}");
+        assert!(probes.iter().all(|(s, n)| ["expert_load", "router_entropy"].contains(s) && *n == moe_layers), "{probes:?}");
+    } else {
+        assert!(probes.is_empty(), "{name}: {probes:?}");
+    }
 
     let device = Default::default();
     let adapter = tmp.path().join("tiny/adapter");

@@ -37,6 +37,9 @@ pub enum Event {
     Grpo(Box<GrpoStats>),
     /// One distillation step.
     Distill { step: usize, loss: f64, kd_loss: f64, ce_loss: f64, on_policy: bool },
+    /// A signal measured inside the model on the fixed probe batch (`probe/`): `values[i]` is
+    /// layer `layers[i]`'s vector (one number for a per-layer scalar, one per expert or head).
+    Probe { step: usize, signal: String, layers: Vec<usize>, values: Vec<Vec<f64>> },
     Checkpoint { step: usize, path: String },
     Warning { step: usize, message: String },
     End { step: usize, reason: String, elapsed_s: f64 },
@@ -53,6 +56,7 @@ impl Event {
             | Event::TeacherEval { step, .. }
             | Event::Sample { step, .. }
             | Event::Distill { step, .. }
+            | Event::Probe { step, .. }
             | Event::Checkpoint { step, .. }
             | Event::Warning { step, .. }
             | Event::End { step, .. }
@@ -228,6 +232,20 @@ impl EventSink for ProgressSink {
                 self.extra = format!("  reward {:.3} ± {:.3}  kl {:.4}  len {:.1}", g.reward_mean, g.reward_std, g.kl, g.completion_len_mean)
             }
             Event::Distill { kd_loss, ce_loss, .. } => self.extra = format!("  kd {kd_loss:.4}  ce {ce_loss:.4}"),
+            Event::Probe { step, signal, values, .. } => {
+                // One figure per layer: the value, or the range of a layer's vector.
+                let per_layer: Vec<String> = values
+                    .iter()
+                    .map(|v| match v.as_slice() {
+                        [x] => format!("{x:.3}"),
+                        _ => {
+                            let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+                            format!("{lo:.2}–{hi:.2}")
+                        }
+                    })
+                    .collect();
+                self.line(format!("step {step:>6}  {signal} by layer: {}", per_layer.join("  ")))
+            }
             Event::Checkpoint { step, path } => self.line(format!("step {step:>6}  checkpoint {path}")),
             Event::Warning { step, message } => self.line(format!("step {step:>6}  warning: {message}")),
             Event::End { step, reason, elapsed_s } => {

@@ -560,8 +560,15 @@ fn eval_step<B: QuantMatmul>(model: &Model<B>, valid: &[Example], recipe: &Recip
         state.evals_since_best += 1;
     }
     sink.emit(&Event::Eval { step: state.step, loss: r.loss, ppl: r.ppl, tokens: r.tokens, best });
+    let routers = crate::probe::router_stats(model, valid, PROBE_EXAMPLES, recipe.data.max_seq_len);
+    for e in crate::probe::expert_events(&routers, state.step) {
+        sink.emit(&e);
+    }
     r
 }
+
+/// Validation examples the probe signals are measured on, at every evaluation.
+const PROBE_EXAMPLES: usize = 8;
 
 fn report_accuracy<B: QuantMatmul>(model: &Model<B>, tokenizer: &Tokenizer, prompts: &[PromptAnswer], eos_ids: &[u32], recipe: &Recipe, step: usize, sink: &mut dyn EventSink) -> Option<f64> {
     if prompts.is_empty() {
