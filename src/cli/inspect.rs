@@ -54,6 +54,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "eos_token_ids": cfg.eos_token_ids,
         "tokenizer": tokenizer.is_some(),
         "chat_template": chat_template,
+        "experts": cfg.moe.as_ref().map(|m| json!({"count": m.num_experts, "per_token": m.top_k, "width": m.width, "moe_layers": cfg.layers.iter().filter(|l| l.moe).count()})),
+        "full_attention_head_dim": cfg.layers.iter().find(|l| l.sliding_window.is_none()).map(|l| l.head_dim),
+        "kv_shared_layers": cfg.layers.iter().filter(|l| l.kv_source.is_some()).count(),
+        "per_layer_input_dim": cfg.per_layer_input.as_ref().map(|p| p.dim),
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -66,6 +70,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("  layers           {}{}", cfg.num_layers, if sliding > 0 { format!(" ({sliding} sliding-window)") } else { String::new() });
     println!("  hidden / mlp     {} / {}", cfg.hidden_size, cfg.intermediate_size);
     println!("  heads            {} query, {} key/value, head_dim {}", cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    // Layers that differ from the first: Gemma 4's full-attention geometry and KV sharing.
+    let differ: Vec<String> = cfg
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.head_dim != cfg.head_dim || l.num_kv_heads != cfg.num_kv_heads || l.kv_source.is_some())
+        .map(|(i, l)| {
+            let shared = l.kv_source.map(|j| format!(", keys/values of layer {j}")).unwrap_or_default();
+            format!("{i}: head_dim {}, {} key/value{shared}", l.head_dim, l.num_kv_heads)
+        })
+        .collect();
+    if !differ.is_empty() {
+        println!("  layers differing {}", differ.join("; "));
+    }
+    if let Some(m) = &cfg.moe {
+        let n = cfg.layers.iter().filter(|l| l.moe).count();
+        println!("  experts          {} per layer, {} per token, width {} ({n} MoE layers)", m.num_experts, m.top_k, m.width);
+    }
+    if let Some(p) = &cfg.per_layer_input {
+        println!("  per-layer input  {} per layer (vocab {})", p.dim, p.vocab);
+    }
     println!("  vocab            {}", cfg.vocab_size);
     println!("  context length   {}", cfg.max_position_embeddings);
     println!("  tied embeddings  {}", if cfg.tie_word_embeddings { "yes" } else { "no" });
