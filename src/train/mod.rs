@@ -331,6 +331,9 @@ fn run_loop<B: TrainBackend>(
         valid_examples: data.valid.len(),
         resumed: resuming,
     });
+    if recipe.trains_lora() && spec.experts && !model.config.has_experts() {
+        sink.emit(&Event::Warning { step: state.step, message: format!("lora.experts = true, but {} has no experts: only attention and MLP projections are adapted", model.config.model_type) });
+    }
     if let (Objective::Distill(d), false) = (&objective, data.valid.is_empty()) {
         let r = eval::evaluate(d.teacher(), &data.valid, t.batch_size, recipe.data.max_seq_len, recipe.eval.max_batches);
         sink.emit(&Event::TeacherEval { step: state.step, loss: r.loss, ppl: r.ppl, tokens: r.tokens });
