@@ -58,11 +58,15 @@ fn check_cache<B: QuantMatmul>(name: &str, device: &B::Device) {
         let got: Vec<f32> = logits.into_data().convert::<f32>().into_vec().unwrap();
         let want: Vec<f64> = full[pos * vocab..(pos + chunk) * vocab].iter().map(|&x| x as f64).collect();
         let diff = max_abs_diff(&got, &want);
-        assert!(diff < 1e-5, "{name}: cached logits at {pos}..{} differ by {diff:e}", pos + chunk);
+        // f32 rounding of different matmul shapes: a few 1e-6 on the CPU, up to ~5e-5 on
+        // lavapipe, on logits up to ~10 (the Gemma 4 feature fixtures' weights are larger); a
+        // cache bug shows as 1e-1 or more. The same bound as the logits against transformers.
+        assert!(diff < TOLERANCE, "{name}: cached logits at {pos}..{} differ by {diff:e}", pos + chunk);
         pos += chunk;
     }
     assert_eq!(cache.len(), 20);
-    // A sliding-window layer keeps only what a later query can still see.
+    // A sliding-window layer keeps only what a later query can still see; a layer that reuses
+    // another's keys and values keeps nothing.
     for (i, spec) in model.config.layers.iter().enumerate() {
         let want = match (spec.kv_source, spec.sliding_window) {
             (Some(_), _) => 0,
@@ -118,5 +122,9 @@ parity_tests! {
     qwen3 => "qwen3",
     gemma3 => "gemma3",
     gemma4 => "gemma4",
+    gemma4_kv_shared => "gemma4-kv-shared",
+    gemma4_k_eq_v => "gemma4-k-eq-v",
+    gemma4_moe => "gemma4-moe",
     qwen3_moe => "qwen3-moe",
+    qwen3_moe_mixed => "qwen3-moe-mixed",
 }

@@ -11,6 +11,9 @@
 //!   every norm weight is written +1.
 //! - Llama 3.1 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors.
 //! - Qwen 3 MoE experts are stacked into one 3-D tensor per projection.
+//! - Gemma 4 keeps its norms as they are (no offset), its experts fused (`ffn_gate_up_exps`),
+//!   and expresses proportional rope as a `rope_freqs` tensor of frequency divisors (1 where a
+//!   frequency rotates, 1e30 where it is zero).
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +50,7 @@ pub enum GgufArch {
     Qwen3,
     Qwen3Moe,
     Gemma3,
+    Gemma4,
 }
 
 impl GgufArch {
@@ -57,6 +61,7 @@ impl GgufArch {
             GgufArch::Qwen3 => "qwen3",
             GgufArch::Qwen3Moe => "qwen3moe",
             GgufArch::Gemma3 => "gemma3",
+            GgufArch::Gemma4 => "gemma4",
         }
     }
 }
@@ -130,9 +135,9 @@ impl Export {
             (Arch::Qwen2, _) => GgufArch::Qwen2,
             (Arch::Qwen3, _) => GgufArch::Qwen3,
             (Arch::Gemma3, _) => GgufArch::Gemma3,
-            (Arch::Qwen3Moe | Arch::Gemma4, _) => {
-                return Err(ExportError::Unsupported { path: config_path, message: format!("GGUF export of {} is not implemented in kiln (llama.cpp's gemma4 architecture exists; kiln exports llama, mistral, qwen2, qwen3, qwen3_moe and gemma3)", cfg.model_type) })
-            }
+            (Arch::Gemma4, _) => GgufArch::Gemma4,
+            // read_config gives every exportable Qwen 3 MoE its `moe`.
+            (Arch::Qwen3Moe, false) => unreachable!("qwen3_moe without experts"),
         };
         let prefix = ["model", "model.language_model", "language_model.model"]
             .into_iter()
@@ -160,7 +165,10 @@ impl Export {
             let len = factors.len();
             add("rope_freqs.weight".into(), Recipe::Values(factors), vec![len]);
         }
-        for i in 0..cfg.num_layers {
+        if arch == GgufArch::Gemma4 {
+            gemma4_items(&cfg, prefix, &weights, &mut add)?;
+        }
+        for i in (0..cfg.num_layers).filter(|_| arch != GgufArch::Gemma4) {
             let hf = |rest: &str| format!("{prefix}.layers.{i}.{rest}");
             let blk = |rest: &str| format!("blk.{i}.{rest}");
             let mut one = |gguf: String, hf_name: String, op: Op, required: bool| -> Result<(), ExportError> {
@@ -427,6 +435,9 @@ fn general_metadata(arch: GgufArch, file_type: FileType, name: String) -> Vec<(S
 /// The `<arch>.*` hyper-parameters llama.cpp reads for this family, with the value types it
 /// insists on (it rejects a u32 stored as i32).
 fn arch_metadata(cfg: &ModelConfig, arch: GgufArch, moe: Option<Moe>, path: &Path) -> Result<Vec<(String, Value)>, ExportError> {
+    if arch == GgufArch::Gemma4 {
+        return gemma4_metadata(cfg, cfg.moe.as_ref()).map_err(|message| ExportError::Unsupported { path: path.to_path_buf(), message });
+    }
     let a = arch.name();
     let key = |k: &str| format!("{a}.{k}");
     let u32v = |v: usize| Value::U32(v as u32);
@@ -463,6 +474,162 @@ fn arch_metadata(cfg: &ModelConfig, arch: GgufArch, moe: Option<Moe>, path: &Pat
     }
     if arch == GgufArch::Gemma3 {
         gemma3_metadata(cfg, &key, &mut m).map_err(unsupported)?;
+    }
+    Ok(m)
+}
+
+/// Gemma 4's tensors past the token embedding and before the final norm, as llama.cpp's
+/// converter names them (`conversion/gemma.py`, `Gemma4Model`).
+fn gemma4_items(cfg: &ModelConfig, prefix: &str, weights: &TensorSource, add: &mut dyn FnMut(String, Recipe, Vec<usize>)) -> Result<(), ExportError> {
+    let copy = |hf: String| Recipe::Copy { hf, op: Op::None };
+    let mut take = |gguf: String, hf: String, required: bool| -> Result<(), ExportError> {
+        match weights.shape(&hf) {
+            Some(shape) => {
+                add(gguf, copy(hf), shape);
+                Ok(())
+            }
+            None if !required => Ok(()),
+            None => Err(ModelError::MissingTensor { name: hf, expected: vec![] }.into()),
+        }
+    };
+    if cfg.per_layer_input.is_some() {
+        take("per_layer_token_embd.weight".into(), format!("{prefix}.embed_tokens_per_layer.weight"), true)?;
+        take("per_layer_model_proj.weight".into(), format!("{prefix}.per_layer_model_projection.weight"), true)?;
+        take("per_layer_proj_norm.weight".into(), format!("{prefix}.per_layer_projection_norm.weight"), true)?;
+    }
+    for (i, layer) in cfg.layers.iter().enumerate() {
+        let hf = |rest: &str| format!("{prefix}.layers.{i}.{rest}");
+        let blk = |rest: &str| format!("blk.{i}.{rest}");
+        let owns_kv = layer.kv_source.is_none();
+        for (gguf, name, required) in [
+            ("attn_norm.weight", "input_layernorm.weight", true),
+            ("attn_q.weight", "self_attn.q_proj.weight", true),
+            ("attn_k.weight", "self_attn.k_proj.weight", owns_kv),
+            ("attn_v.weight", "self_attn.v_proj.weight", owns_kv && !layer.k_eq_v),
+            ("attn_output.weight", "self_attn.o_proj.weight", true),
+            ("attn_q_norm.weight", "self_attn.q_norm.weight", true),
+            ("attn_k_norm.weight", "self_attn.k_norm.weight", owns_kv),
+            ("post_attention_norm.weight", "post_attention_layernorm.weight", true),
+            ("ffn_norm.weight", "pre_feedforward_layernorm.weight", true),
+            ("post_ffw_norm.weight", "post_feedforward_layernorm.weight", true),
+            ("ffn_gate.weight", "mlp.gate_proj.weight", true),
+            ("ffn_up.weight", "mlp.up_proj.weight", true),
+            ("ffn_down.weight", "mlp.down_proj.weight", true),
+            ("layer_output_scale.weight", "layer_scalar", true),
+        ] {
+            // Only what this layer has: a KV-sharing layer's checkpoint may still carry unused
+            // k/v tensors, which llama.cpp would refuse as unexpected.
+            if required || (owns_kv && !(layer.k_eq_v && gguf == "attn_v.weight")) {
+                take(blk(gguf), hf(name), required)?;
+            }
+        }
+        if cfg.per_layer_input.is_some() {
+            take(blk("inp_gate.weight"), hf("per_layer_input_gate.weight"), true)?;
+            take(blk("proj.weight"), hf("per_layer_projection.weight"), true)?;
+            take(blk("post_norm.weight"), hf("post_per_layer_input_norm.weight"), true)?;
+        }
+        if layer.moe {
+            for (gguf, name) in [
+                ("ffn_gate_inp.weight", "router.proj.weight"),
+                ("ffn_gate_inp.scale", "router.scale"),
+                ("ffn_down_exps.scale", "router.per_expert_scale"),
+                ("ffn_gate_up_exps.weight", "experts.gate_up_proj"),
+                ("ffn_down_exps.weight", "experts.down_proj"),
+                ("post_ffw_norm_1.weight", "post_feedforward_layernorm_1.weight"),
+                ("pre_ffw_norm_2.weight", "pre_feedforward_layernorm_2.weight"),
+                ("post_ffw_norm_2.weight", "post_feedforward_layernorm_2.weight"),
+            ] {
+                take(blk(gguf), hf(name), true)?;
+            }
+        }
+    }
+    if let Some(full) = cfg.layers.iter().find(|l| l.sliding_window.is_none()) {
+        if let RopeScaling::Proportional { angles, .. } = cfg.ropes[full.rope].scaling {
+            let half = full.head_dim / 2;
+            let factors: Vec<f32> = (0..half).map(|j| if j < angles { 1.0 } else { 1e30 }).collect();
+            add("rope_freqs.weight".into(), Recipe::Values(factors), vec![half]);
+        }
+    }
+    Ok(())
+}
+
+/// `gemma4.*` hyper-parameters, and a refusal for what llama.cpp's gemma4 graph cannot compute.
+fn gemma4_metadata(cfg: &ModelConfig, moe: Option<&crate::model::config::MoeConfig>) -> Result<Vec<(String, Value)>, String> {
+    let key = |k: &str| format!("gemma4.{k}");
+    let u32v = |v: usize| Value::U32(v as u32);
+    let n = cfg.num_layers;
+    let full: Vec<_> = cfg.layers.iter().filter(|l| l.sliding_window.is_none()).collect();
+    let sliding: Vec<_> = cfg.layers.iter().filter(|l| l.sliding_window.is_some()).collect();
+    let (Some(f), s) = (full.first(), sliding.first()) else { return Err("no full-attention layer".into()) };
+    let s = s.copied().unwrap_or(f);
+    if cfg.activation != crate::model::config::Activation::GeluTanh {
+        return Err("llama.cpp's gemma4 uses the tanh GELU only".into());
+    }
+    if cfg.qkv_bias || cfg.o_bias || cfg.mlp_bias {
+        return Err("biases on the projections are not part of llama.cpp's gemma4".into());
+    }
+    if cfg.per_layer_input.as_ref().is_some_and(|p| p.vocab != cfg.vocab_size) {
+        return Err("vocab_size_per_layer_input differs from vocab_size, which llama.cpp's gemma4 cannot hold".into());
+    }
+    for group in [&full, &sliding] {
+        if group.iter().any(|l| l.head_dim != group[0].head_dim || l.num_kv_heads != group[0].num_kv_heads) {
+            return Err("layers of one attention type differ in head_dim or key/value heads".into());
+        }
+    }
+    match cfg.ropes[f.rope].scaling {
+        RopeScaling::Proportional { factor, .. } if factor == 1.0 => {}
+        RopeScaling::None => {}
+        _ => return Err("full-attention rope must be proportional (factor 1) or default for llama.cpp's gemma4".into()),
+    }
+    if sliding.first().is_some() && !matches!(cfg.ropes[s.rope].scaling, RopeScaling::None) {
+        return Err("rope scaling on sliding-window layers has no form in llama.cpp's gemma4".into());
+    }
+    // llama.cpp's shared layers reuse layer n-shared-2 (sliding) or n-shared-1 (full).
+    let shared = cfg.layers.iter().filter(|l| l.kv_source.is_some()).count();
+    for (i, l) in cfg.layers.iter().enumerate() {
+        if let Some(j) = l.kv_source {
+            let want = if l.sliding_window.is_some() { n - shared - 2 } else { n - shared - 1 };
+            if j != want {
+                return Err(format!("layer {i} shares keys and values with layer {j}; llama.cpp's gemma4 would use layer {want} (it expects the last two unshared layers to be sliding, then full)"));
+            }
+        }
+    }
+    let per_layer = |f: &dyn Fn(&crate::model::config::LayerSpec) -> usize| -> Value {
+        let values: Vec<usize> = cfg.layers.iter().map(f).collect();
+        if values.iter().all(|&v| v == values[0]) {
+            u32v(values[0])
+        } else {
+            Value::Array(super::file::ValueType::I32, values.into_iter().map(|v| Value::I32(v as i32)).collect())
+        }
+    };
+    let mut m = vec![
+        (key("context_length"), u32v(cfg.max_position_embeddings)),
+        (key("embedding_length"), u32v(cfg.hidden_size)),
+        (key("block_count"), u32v(n)),
+        (key("feed_forward_length"), per_layer(&|l| l.mlp_width.unwrap_or(0))),
+        (key("attention.head_count"), u32v(cfg.num_heads)),
+        (key("attention.head_count_kv"), per_layer(&|l| l.num_kv_heads)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (key("rope.freq_base"), Value::F32(cfg.ropes[f.rope].theta as f32)),
+        (key("rope.freq_base_swa"), Value::F32(cfg.ropes[s.rope].theta as f32)),
+        (key("attention.sliding_window"), u32v(s.sliding_window.unwrap_or(cfg.max_position_embeddings))),
+        (key("attention.sliding_window_pattern"), Value::Array(super::file::ValueType::Bool, cfg.layers.iter().map(|l| Value::Bool(l.sliding_window.is_some())).collect())),
+        (key("attention.shared_kv_layers"), u32v(shared)),
+        (key("embedding_length_per_layer_input"), u32v(cfg.per_layer_input.as_ref().map_or(0, |p| p.dim))),
+        (key("attention.key_length"), u32v(f.head_dim)),
+        (key("attention.value_length"), u32v(f.head_dim)),
+        (key("attention.key_length_swa"), u32v(s.head_dim)),
+        (key("attention.value_length_swa"), u32v(s.head_dim)),
+        (key("rope.dimension_count"), u32v(f.head_dim)),
+        (key("rope.dimension_count_swa"), u32v(cfg.ropes[s.rope].rotary_dim)),
+    ];
+    if let Some(c) = cfg.final_logit_softcap {
+        m.push((key("final_logit_softcapping"), Value::F32(c as f32)));
+    }
+    if let Some(moe) = moe {
+        m.push((key("expert_count"), u32v(moe.num_experts)));
+        m.push((key("expert_used_count"), u32v(moe.top_k)));
+        m.push((key("expert_feed_forward_length"), u32v(moe.width)));
     }
     Ok(m)
 }

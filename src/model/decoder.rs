@@ -10,7 +10,7 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::activation;
 
-use super::config::{Activation, LayerSpec, ModelConfig, MoeKind};
+use super::config::{Activation, ModelConfig, MoeKind};
 use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask, repeat_kv, rms_normalize, rope_tables, Linear, RmsNorm};
 use super::moe::{Moe, RouterStats};
 use super::weights::WeightFiles;
@@ -79,7 +79,8 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: QuantMatmul> Attention<B> {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, spec: &LayerSpec, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
+    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, index: usize, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
+        let spec = &cfg.layers[index];
         let (e, d, h, kv) = (cfg.hidden_size, spec.head_dim, cfg.num_heads, spec.num_kv_heads);
         let owns_kv = spec.kv_source.is_none();
         let norm = |name: &str| -> Result<Option<RmsNorm<B>>, ModelError> {
@@ -105,7 +106,10 @@ impl<B: QuantMatmul> Attention<B> {
             head_dim: d,
             scale: cfg.attn_scale,
             logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
-            cache_keep: spec.sliding_window.map_or(0, |w| w.saturating_sub(1).max(1)),
+            cache_keep: match spec.sliding_window {
+                Some(w) => w.saturating_sub(1).max(1),
+                None => 0,
+            },
         })
     }
 
@@ -130,7 +134,15 @@ impl<B: QuantMatmul> Attention<B> {
         let q = apply_rope(q.swap_dims(1, 2), &rope.0, &rope.1); // [b, s, h, d] -> [b, h, s, d]
 
         let (k, v) = match (shared, &self.k_proj) {
-            (Some(kv), _) => kv,
+            (Some(kv), _) => {
+                // Burn 0.21 on wgpu: without this flush (after the queries, before reusing another
+                // layer's keys and values), one decode step of the gemma4-kv-shared fixture
+                // (cache length 8, lavapipe) came out wrong; a flush before the layer did not
+                // help, so it is an operation-fusion fault inside Burn, not a race in kiln. Costs
+                // one synchronisation per KV-sharing layer and forward.
+                let _ = B::sync(&kv.0.device());
+                kv
+            }
             (None, Some(k_proj)) => {
                 let k = k_proj.forward(x.clone()).reshape([b, s, kv, d]); // [b, s, kv*d] -> [b, s, kv, d]
                 let v = match &self.v_proj {
@@ -262,7 +274,8 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: QuantMatmul> DecoderLayer<B> {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, spec: &LayerSpec, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
+    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, index: usize, quantize: Option<QuantSpec>, device: &B::Device) -> Result<Self, ModelError> {
+        let spec = &cfg.layers[index];
         let e = cfg.hidden_size;
         let norm = |name: &str| RmsNorm::load(files, &format!("{prefix}.{name}"), e, cfg.rms_norm_eps, cfg.norm_weight_offset, device);
         let (pre_ff, post_ff) = if cfg.sandwich_norms {
@@ -297,7 +310,7 @@ impl<B: QuantMatmul> DecoderLayer<B> {
         };
         let layer_scalar = if cfg.layer_scalar { files.f32(&format!("{prefix}.layer_scalar"), &[1])?[0] as f64 } else { 1.0 };
         Ok(Self {
-            self_attn: Attention::load(files, &format!("{prefix}.self_attn"), cfg, spec, quantize, device)?,
+            self_attn: Attention::load(files, &format!("{prefix}.self_attn"), cfg, index, quantize, device)?,
             mlp,
             moe,
             input_layernorm: norm("input_layernorm")?,
@@ -445,7 +458,7 @@ impl<B: QuantMatmul> Model<B> {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, spec)| DecoderLayer::load(files, &format!("{prefix}.layers.{i}"), cfg, spec, quantize, device))
+            .map(|(i, _)| DecoderLayer::load(files, &format!("{prefix}.layers.{i}"), cfg, i, quantize, device))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(files, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset, device)?;
         // A tied checkpoint that still stores `lm_head.weight` (some exports do) uses it.
