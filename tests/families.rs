@@ -114,6 +114,18 @@ fn qwen3_moe_lora_on_attention_and_every_expert() {
 }
 
 #[test]
+fn gemma4_moe_lora_on_stacked_experts_fuses_back_into_them() {
+    // 4 layers × (7 dense + 4 experts × 3) projections.
+    fine_tune_and_fuse("gemma4-moe", true, 76);
+}
+
+#[test]
+fn gemma4_kv_sharing_layers_have_no_key_value_adapters() {
+    // 6 layers × 7 projections, less k and v on the 2 sharing layers.
+    fine_tune_and_fuse("gemma4-kv-shared", false, 38);
+}
+
+#[test]
 fn qwen3_moe_lora_without_experts_adapts_attention_only() {
     let spec = lora::LoraSpec { rank: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets: vec!["all-linear".into()], layers: None, experts: false };
     let model = lora::attach(Model::<Cpu>::load(&model_dir("qwen3-moe"), &Default::default()).unwrap(), &spec, 0);
@@ -125,7 +137,7 @@ fn qwen3_moe_lora_without_experts_adapts_attention_only() {
 #[test]
 fn save_round_trips_every_tensor() {
     use kiln::model::weights::WeightFiles;
-    for name in ["gemma4", "qwen3-moe"] {
+    for name in ["gemma4", "gemma4-kv-shared", "gemma4-k-eq-v", "gemma4-moe", "qwen3-moe", "qwen3-moe-mixed"] {
         let model = Model::<Cpu>::load(&model_dir(name), &Default::default()).unwrap();
         let saved = kiln::model::save::hf_tensors(&model);
         let original = WeightFiles::open(&model_dir(name)).unwrap();
