@@ -147,16 +147,7 @@ pub fn make_batches(
         chunk.sort_by_key(|ex| ex.inputs.len());
         for group in chunk.chunks(batch_size) {
             let seq = group.iter().map(|ex| ex.inputs.len()).max().unwrap_or(0);
-            let rows: Vec<Row> = group
-                .iter()
-                .map(|ex| {
-                    let mut row = Row::default();
-                    row.push(ex);
-                    row.pad_to(seq);
-                    row
-                })
-                .collect();
-            batches.push(assemble(&rows, seq));
+            batches.push(one_per_row(group, seq));
         }
     }
     if let Some(rng) = rng.as_mut() {
@@ -180,7 +171,12 @@ pub fn rows_in_order(examples: &[Example]) -> Batch {
         })
         .collect();
     let seq = shifted.iter().map(|ex| ex.inputs.len()).max().unwrap_or(0).max(1);
-    let rows: Vec<Row> = shifted
+    one_per_row(&shifted, seq)
+}
+
+/// A batch of one example a row, each padded to `seq`.
+fn one_per_row(examples: &[Shifted], seq: usize) -> Batch {
+    let rows: Vec<Row> = examples
         .iter()
         .map(|ex| {
             let mut row = Row::default();
