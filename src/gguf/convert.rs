@@ -588,9 +588,11 @@ fn gemma4_metadata(cfg: &ModelConfig, moe: Option<&crate::model::config::MoeConf
     let shared = cfg.layers.iter().filter(|l| l.kv_source.is_some()).count();
     for (i, l) in cfg.layers.iter().enumerate() {
         if let Some(j) = l.kv_source {
-            let want = if l.sliding_window.is_some() { n - shared - 2 } else { n - shared - 1 };
-            if j != want {
-                return Err(format!("layer {i} shares keys and values with layer {j}; llama.cpp's gemma4 would use layer {want} (it expects the last two unshared layers to be sliding, then full)"));
+            let back = if l.sliding_window.is_some() { shared + 2 } else { shared + 1 };
+            let want = n.checked_sub(back);
+            if want != Some(j) {
+                let uses = want.map_or_else(|| "no layer".to_string(), |w| format!("layer {w}"));
+                return Err(format!("layer {i} shares keys and values with layer {j}; llama.cpp's gemma4 would use {uses} (it expects the last two unshared layers to be sliding, then full)"));
             }
         }
     }

@@ -21,11 +21,7 @@ use crate::model::config::{
 use crate::model::ModelError;
 
 pub fn config(hf: &HfConfig, ctx: &ConfigContext) -> Result<ModelConfig, ModelError> {
-    let mut hf = hf.clone();
-    hf.head_dim = hf.head_dim.or(Some(256));
-    hf.hidden_act = hf.hidden_activation.clone().or(Some("gelu_pytorch_tanh".into()));
-    hf.rms_norm_eps = hf.rms_norm_eps.or(Some(1e-6));
-    hf.tie_word_embeddings = hf.tie_word_embeddings.or(Some(true));
+    let mut hf = super::gemma3::with_gemma_defaults(hf);
     hf.sliding_window = hf.sliding_window.or(Some(512));
     if hf.use_bidirectional_attention.as_ref().and_then(Value::as_str) == Some("all") {
         return Err(ctx.invalid("use_bidirectional_attention", "\"all\" makes every token see the future: not a causal language model kiln can train or decode"));
@@ -57,7 +53,7 @@ pub fn config(hf: &HfConfig, ctx: &ConfigContext) -> Result<ModelConfig, ModelEr
             layer.head_dim = head_dim.unwrap_or(layer.head_dim);
             layer.num_kv_heads = kv.unwrap_or(layer.num_kv_heads);
         }
-        if layer.head_dim % 2 != 0 || cfg.num_heads % layer.num_kv_heads != 0 {
+        if layer.head_dim == 0 || layer.head_dim % 2 != 0 || layer.num_kv_heads == 0 || cfg.num_heads % layer.num_kv_heads != 0 {
             return Err(ctx.invalid("per_layer_config", format!("layer {i}: head_dim {} with {} kv heads for {} query heads", layer.head_dim, layer.num_kv_heads, cfg.num_heads)));
         }
         layer.k_eq_v = k_eq_v && layer.sliding_window.is_none();
@@ -162,4 +158,20 @@ fn share_kv(cfg: &mut ModelConfig, shared: usize, double_wide: bool, ctx: &Confi
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::ModelConfig;
+    use std::path::Path;
+
+    #[test]
+    fn zero_kv_heads_in_per_layer_config_is_an_error() {
+        let text = r#"{"model_type":"gemma4_text","vocab_size":16,"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":4,
+            "layer_types":["sliding_attention","full_attention"],"sliding_window":4,
+            "per_layer_config":{"1":{"head_dim":8,"num_key_value_heads":0}}}"#;
+        let err = ModelConfig::from_json(text, Path::new("config.json")).unwrap_err().to_string();
+        assert!(err.contains("per_layer_config") && err.contains("layer 1"), "{err}");
+    }
 }
