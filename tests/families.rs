@@ -19,13 +19,6 @@ use kiln::recipe::Recipe;
 use kiln::run::{Event, Recorder};
 use kiln::train::{train, TrainOptions};
 
-fn logits_of(model: &Model<Cpu>, name: &str) -> Vec<f32> {
-    let (shape, ids) = reference_ids(name, "input_ids");
-    let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(data, [shape[0], shape[1]]), &Default::default());
-    model.forward(ids, None).into_data().convert::<f32>().into_vec().unwrap()
-}
-
 /// A LoRA recipe on fixture `model` and the arithmetic data (its tokenizer is every fixture's).
 fn recipe(model: &str, out: &Path, experts: bool) -> Recipe {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

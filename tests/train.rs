@@ -18,13 +18,6 @@ use kiln::recipe::Recipe;
 use kiln::run::{Event, Recorder};
 use kiln::train::{train, TrainOptions};
 
-fn logits_of(model: &Model<Cpu>, name: &str) -> Vec<f32> {
-    let (shape, ids) = reference_ids(name, "input_ids");
-    let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(data, [shape[0], shape[1]]), &Default::default());
-    model.forward(ids, None).into_data().convert::<f32>().into_vec().unwrap()
-}
-
 #[test]
 fn peft_adapter_logits_match_the_reference() {
     let device = Default::default();

@@ -161,6 +161,14 @@ pub struct LayerSpec {
     pub moe: bool,
 }
 
+impl LayerSpec {
+    /// Cached positions a later query can still see: window − 1 on a sliding-window layer, all
+    /// (0) otherwise.
+    pub fn cache_keep(&self) -> usize {
+        self.sliding_window.map_or(0, |w| w.saturating_sub(1).max(1))
+    }
+}
+
 /// A mixture-of-experts block: a router picks `top_k` of `num_experts` gated MLPs per token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {

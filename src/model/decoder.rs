@@ -106,10 +106,7 @@ impl<B: QuantMatmul> Attention<B> {
             head_dim: d,
             scale: cfg.attn_scale,
             logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
-            cache_keep: match spec.sliding_window {
-                Some(w) => w.saturating_sub(1).max(1),
-                None => 0,
-            },
+            cache_keep: spec.cache_keep(),
         })
     }
 

@@ -204,7 +204,7 @@ impl<B: Backend> Model<B> {
                 head_dim: d,
                 scale: cfg.attn_scale,
                 logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
-                cache_keep: spec.sliding_window.map_or(0, |w| w.saturating_sub(1).max(1)),
+                cache_keep: spec.cache_keep(),
             };
             let f = spec.mlp_width.unwrap_or(cfg.intermediate_size);
             let mlp = Mlp {

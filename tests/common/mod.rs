@@ -64,3 +64,12 @@ pub fn kiln(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The model's f32 logits for fixture `name`'s reference `input_ids`, on the CPU.
+pub fn logits_of(model: &kiln::model::Model<kiln::backend::Cpu>, name: &str) -> Vec<f32> {
+    use burn::prelude::*;
+    let (shape, ids) = reference_ids(name, "input_ids");
+    let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let ids = Tensor::<kiln::backend::Cpu, 2, Int>::from_data(burn::tensor::TensorData::new(data, [shape[0], shape[1]]), &Default::default());
+    model.forward(ids, None).into_data().convert::<f32>().into_vec().unwrap()
+}

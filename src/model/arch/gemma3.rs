@@ -16,13 +16,19 @@ use crate::model::config::{
 };
 use crate::model::ModelError;
 
-pub fn config(hf: &HfConfig, ctx: &ConfigContext) -> Result<ModelConfig, ModelError> {
+/// The config with the defaults every Gemma generation shares filled in.
+pub(crate) fn with_gemma_defaults(hf: &HfConfig) -> HfConfig {
     let mut hf = hf.clone();
     hf.head_dim = hf.head_dim.or(Some(256));
     // Gemma names it `hidden_activation`; transformers ignores an old `hidden_act`.
     hf.hidden_act = hf.hidden_activation.clone().or(Some("gelu_pytorch_tanh".into()));
     hf.rms_norm_eps = hf.rms_norm_eps.or(Some(1e-6));
     hf.tie_word_embeddings = hf.tie_word_embeddings.or(Some(true));
+    hf
+}
+
+pub fn config(hf: &HfConfig, ctx: &ConfigContext) -> Result<ModelConfig, ModelError> {
+    let hf = with_gemma_defaults(hf);
     let mut cfg = base_config(&hf, ctx, Arch::Gemma3)?;
     cfg.qk_norm = true;
     cfg.norm_weight_offset = 1.0;
