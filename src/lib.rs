@@ -15,6 +15,8 @@ pub mod probe;
 pub mod quant;
 pub mod run;
 pub mod recipe;
+pub mod report;
 pub mod reward;
 pub mod tokenizer;
 pub mod train;
+pub mod tui;

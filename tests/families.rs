@@ -48,6 +48,8 @@ log_every = 1
 [eval]
 every = 6
 max_batches = 2
+[probes]
+every = 6
 "#,
         out = out.display(),
         model = model_dir(model).display(),
@@ -65,15 +67,19 @@ fn fine_tune_and_fuse(name: &str, experts: bool, adapters: usize) {
     let evals: Vec<f64> = rec.events.iter().filter_map(|e| match e { Event::Eval { loss, .. } => Some(*loss), _ => None }).collect();
     assert!(evals.len() >= 2 && evals.iter().all(|l| l.is_finite()), "{name}: {evals:?}");
     assert!(evals.last().unwrap() < evals.first().unwrap(), "{name}: eval loss did not fall: {evals:?}");
-    // Each evaluation of an MoE model reports its routers.
-    let probes: Vec<(&str, usize)> = rec.events.iter().filter_map(|e| match e { Event::Probe { signal, values, .. } => Some((signal.as_str(), values.len())), _ => None }).collect();
+    // Each probe measurement (steps 0, 6 and 12) of an MoE model reports its routers; every
+    // model reports KL to its base (the model without adapters).
+    let probes: Vec<(&str, usize, usize)> = rec.events.iter().filter_map(|e| match e { Event::Probe { step, signal, values, .. } => Some((signal.as_str(), *step, values.len())), _ => None }).collect();
     let moe_layers = Model::<Cpu>::load(&model_dir(name), &Default::default()).unwrap().config.layers.iter().filter(|l| l.moe).count();
+    let routers: Vec<_> = probes.iter().filter(|(s, ..)| ["expert_load", "router_entropy"].contains(s)).collect();
     if moe_layers > 0 {
-        assert_eq!(probes.len(), 2 * evals.len(), "{name}: {probes:?}");
-        assert!(probes.iter().all(|(s, n)| ["expert_load", "router_entropy"].contains(s) && *n == moe_layers), "{probes:?}");
+        assert_eq!(routers.iter().map(|p| p.1).collect::<Vec<_>>(), vec![0, 0, 6, 6, 12, 12], "{name}: {probes:?}");
+        assert!(routers.iter().all(|p| p.2 == moe_layers), "{probes:?}");
     } else {
-        assert!(probes.is_empty(), "{name}: {probes:?}");
+        assert!(routers.is_empty(), "{name}: {probes:?}");
     }
+    let kl: Vec<usize> = probes.iter().filter(|p| p.0 == "kl_to_base").map(|p| p.1).collect();
+    assert_eq!(kl, vec![0, 6, 12], "{name}");
 
     let device = Default::default();
     let adapter = tmp.path().join("tiny/adapter");

@@ -23,6 +23,8 @@ enum What {
     Decode,
     /// Training steps of a recipe (`--recipe`): tokens/s and peak memory.
     Train,
+    /// The probe signals' cost on a recipe (`--recipe`): step time with probes off and on.
+    Probes,
     /// The quantised-matmul kernels: decode GB/s against copy bandwidth, prefill TFLOP/s
     /// against Burn's dense matmul, per format and shape.
     Kernels,
@@ -70,6 +72,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     args.device.device.check()?;
     if args.what == What::Train {
         return bench_train(&args);
+    }
+    if args.what == What::Probes {
+        return bench_probes(&args);
     }
     if args.what == What::Kernels {
         return super::bench_kernels::run(args.device.device, args.json);
@@ -198,27 +203,12 @@ fn weight_bytes<B: QuantMatmul>(model: &Model<B>) -> u64 {
     bytes
 }
 
-/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Runs `--steps` training steps of the recipe in a scratch run directory (no evals, no
-/// exports) and reports the median tokens/s of the steps after a two-step warm-up.
-fn bench_train(args: &Args) -> anyhow::Result<()> {
-    use crate::recipe::Recipe;
-    use crate::run::{Event, Recorder};
-    use crate::train::{train, TrainOptions};
-    let Some(path) = &args.recipe else { anyhow::bail!("`bench train` needs --recipe FILE") };
-    if args.steps < 3 {
-        anyhow::bail!("--steps must be at least 3 (two are warm-up)");
-    }
-    let mut recipe = Recipe::load(path)?;
-    let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
-    recipe.run.output_dir = scratch.clone();
+/// The recipe at `--recipe`, set up to time `steps` steps in a scratch run directory: every
+/// step logged, no evals, checkpoints or exports.
+fn timing_recipe(args: &Args, steps: usize) -> anyhow::Result<crate::recipe::Recipe> {
+    let Some(path) = &args.recipe else { anyhow::bail!("`bench {}` needs --recipe FILE", if args.what == What::Probes { "probes" } else { "train" }) };
+    let mut recipe = crate::recipe::Recipe::load(path)?;
+    recipe.run.output_dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     recipe.run.name = "bench".into();
     recipe.train.log_every = 1;
     recipe.eval.every = 0;
@@ -227,25 +217,44 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
     recipe.checkpoint.every = 0;
     recipe.export.adapter = false;
     recipe.export.fused = false;
-    if recipe.train.steps > 0 && recipe.train.steps < args.steps {
-        recipe.train.steps = args.steps;
+    if recipe.train.steps > 0 && recipe.train.steps < steps {
+        recipe.train.steps = steps;
     }
-    let options = TrainOptions { max_steps: Some(args.steps), overwrite: true, ..Default::default() };
+    Ok(recipe)
+}
+
+/// Trains `steps` steps of `recipe` and returns its events (the scratch directory is removed).
+fn timed_run(recipe: &crate::recipe::Recipe, steps: usize, device: crate::backend::DeviceSpec) -> anyhow::Result<Vec<crate::run::Event>> {
+    use crate::train::{train, TrainOptions};
+    let options = TrainOptions { max_steps: Some(steps), overwrite: true, ..Default::default() };
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut rec = Recorder::default();
-    let device = args.device.device;
-    let result = crate::with_backend!(device, |B, dev| train::<burn::backend::Autodiff<B>>(&recipe, &options, &dev, &mut rec, &stop));
-    let _ = std::fs::remove_dir_all(&scratch);
+    let mut rec = crate::run::Recorder::default();
+    let result = crate::with_backend!(device, |B, dev| train::<burn::backend::Autodiff<B>>(recipe, &options, &dev, &mut rec, &stop));
+    let _ = std::fs::remove_dir_all(&recipe.run.output_dir);
     result?;
-    let mut rates: Vec<f64> = rec.events.iter().filter_map(|e| match e { Event::Train { step, tokens_per_s, .. } if *step > 2 => Some(*tokens_per_s), _ => None }).collect();
+    Ok(rec.events)
+}
+
+/// Runs `--steps` training steps of the recipe in a scratch run directory (no evals, no
+/// exports) and reports the median tokens/s of the steps after a two-step warm-up.
+fn bench_train(args: &Args) -> anyhow::Result<()> {
+    use crate::run::Event;
+    if args.steps < 3 {
+        anyhow::bail!("--steps must be at least 3 (two are warm-up)");
+    }
+    let mut recipe = timing_recipe(args, args.steps)?;
+    recipe.probes.every = 0;
+    let device = args.device.device;
+    let events = timed_run(&recipe, args.steps, device)?;
+    let mut rates: Vec<f64> = events.iter().filter_map(|e| match e { Event::Train { step, tokens_per_s, .. } if *step > 2 => Some(*tokens_per_s), _ => None }).collect();
     if rates.is_empty() {
         anyhow::bail!("no timed steps");
     }
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
-    let peak = peak_rss().map(|b| b as f64 / (1024.0 * 1024.0));
+    let peak = Some(crate::run::peak_rss_bytes()).filter(|&b| b > 0).map(|b| b as f64 / (1024.0 * 1024.0));
     let out = json!({
-        "recipe": path.display().to_string(),
+        "recipe": recipe.path.display().to_string(),
         "device": device.to_string(),
         "method": recipe.method.as_str(),
         "steps_timed": rates.len(),
@@ -261,6 +270,62 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
         if let Some(p) = peak {
             println!("memory  {p:>10.1} MiB peak resident (host; GPU memory is not included)");
         }
+    }
+    Ok(())
+}
+
+/// The cost of the probe signals: the same steps trained with probes off and on (every
+/// `probes.every` steps, the recipe's value or 50), alternately `--runs` times each; the
+/// fastest run of each kind is compared. Timed from the first to the last step's `train`
+/// event, so loading and the step-0 probe are not counted.
+fn bench_probes(args: &Args) -> anyhow::Result<()> {
+    use crate::run::Event;
+    let probe = timing_recipe(args, 1)?;
+    let every = if probe.probes.every > 0 { probe.probes.every } else { 50 };
+    // Two probe measurements fall strictly inside the timed window.
+    let steps = 2 * every + 1;
+    let device = args.device.device;
+    let window = |events: &[Event]| -> Option<f64> {
+        let times: Vec<f64> = events.iter().filter_map(|e| match e { Event::Train { elapsed_s, .. } => Some(*elapsed_s), _ => None }).collect();
+        Some(times.last()? - times.first()?)
+    };
+    let (mut off, mut on) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..args.runs.max(1) {
+        for every in [0, every] {
+            let mut recipe = timing_recipe(args, steps)?;
+            recipe.probes.every = every;
+            let t = window(&timed_run(&recipe, steps, device)?).ok_or_else(|| anyhow::anyhow!("no timed steps"))?;
+            let best = if every == 0 { &mut off } else { &mut on };
+            *best = best.min(t);
+        }
+    }
+    let timed_steps = steps - 1;
+    let overhead = (on - off) / off;
+    let per_probe = (on - off) / 2.0;
+    let out = json!({
+        "recipe": probe.path.display().to_string(),
+        "device": device.to_string(),
+        "probes_every": every,
+        "probe_examples": probe.probes.examples,
+        "steps_timed": timed_steps,
+        "step_s_without": off / timed_steps as f64,
+        "step_s_with": on / timed_steps as f64,
+        "overhead": overhead,
+        "probe_s": per_probe,
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "probes  {:+.2}% step time with probes every {every} steps ({} examples): {:.2} ms/step without, {:.2} ms/step with (best of {} runs of {timed_steps} steps each); one probe measurement ≈ {:.1} ms = {:.1} steps",
+            overhead * 100.0,
+            probe.probes.examples,
+            off / timed_steps as f64 * 1e3,
+            on / timed_steps as f64 * 1e3,
+            args.runs.max(1),
+            per_probe * 1e3,
+            per_probe / (off / timed_steps as f64)
+        );
     }
     Ok(())
 }

@@ -11,7 +11,9 @@ mod fuse;
 mod generate;
 mod inspect;
 mod recipe;
+mod report;
 mod train;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -31,6 +33,10 @@ pub struct Cli {
 pub enum Command {
     /// Fine-tune a model as a recipe describes; leaves a run directory.
     Train(train::Args),
+    /// The live dashboard over a run directory (works on finished runs too).
+    Watch(watch::Args),
+    /// Summarise runs (best eval, perplexity, throughput, rewards) as a table or charts.
+    Report(report::Args),
     /// Validate or print a recipe.
     Recipe(recipe::Args),
     /// Loss and perplexity of a model on a dataset.
@@ -94,6 +100,8 @@ pub fn parse_quantize(s: &str) -> Result<QuantSpec, String> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
+        Command::Watch(args) => watch::run(args),
+        Command::Report(args) => report::run(args),
         Command::Recipe(args) => recipe::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Fuse(args) => fuse::run(args),

@@ -1,6 +1,9 @@
-//! `kiln train RECIPE [--resume] [--max-steps N]`: run a recipe, leaving a run directory.
+//! `kiln train RECIPE [--resume] [--max-steps N] [--tui]`: run a recipe, leaving a run
+//! directory.
 //!
-//! Ctrl-C stops after the current step with a checkpoint, so `--resume` continues the run.
+//! Ctrl-C stops after the current step with a checkpoint, so `--resume` continues the run. With
+//! `--tui` the trainer runs on a thread and the dashboard owns the terminal; quitting the
+//! dashboard leaves the training running, with plain progress lines from then on.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +13,7 @@ use anyhow::Context;
 
 use crate::backend::DeviceSpec;
 use crate::recipe::Recipe;
-use crate::run::ProgressSink;
+use crate::run::{EventSink, ProgressSink};
 use crate::train::{train, TrainOptions};
 
 #[derive(Debug, clap::Args)]
@@ -30,6 +33,23 @@ pub struct Args {
     /// Override the recipe's `run.device`.
     #[arg(long)]
     device: Option<String>,
+    /// Show the dashboard (as `kiln watch`) while training.
+    #[arg(long)]
+    tui: bool,
+}
+
+/// Progress lines, held back while the dashboard owns the terminal.
+struct Muted {
+    quiet: Arc<AtomicBool>,
+    inner: ProgressSink,
+}
+
+impl EventSink for Muted {
+    fn emit(&mut self, event: &crate::run::Event) {
+        if !self.quiet.load(Ordering::Relaxed) {
+            self.inner.emit(event);
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -50,11 +70,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     let options = TrainOptions { resume: args.resume, overwrite: args.overwrite, max_steps: args.max_steps };
-    let mut progress = ProgressSink::new();
-    let outcome = crate::with_backend!(device, |B, dev| {
-        train::<burn::backend::Autodiff<B>>(&recipe, &options, &dev, &mut progress, &stop)
-    })
-    .with_context(|| format!("training {}", args.recipe.display()))?;
+    let quiet = Arc::new(AtomicBool::new(args.tui));
+    let done = Arc::new(AtomicBool::new(false));
+    let trainer = {
+        let (recipe, quiet, done, stop) = (recipe.clone(), quiet.clone(), done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut progress = Muted { quiet, inner: ProgressSink::new() };
+            let outcome = crate::with_backend!(device, |B, dev| train::<burn::backend::Autodiff<B>>(&recipe, &options, &dev, &mut progress, &stop));
+            done.store(true, Ordering::SeqCst);
+            outcome
+        })
+    };
+    if args.tui {
+        let shown = crate::tui::watch(&recipe.run_dir(), &|| done.load(Ordering::SeqCst));
+        quiet.store(false, Ordering::SeqCst);
+        if let Err(e) = shown {
+            eprintln!("the dashboard failed ({e}); training continues here");
+        } else if !done.load(Ordering::SeqCst) {
+            eprintln!("dashboard closed; training continues (Ctrl-C stops after the current step; `kiln watch {}` reopens the dashboard)", recipe.run_dir().display());
+        }
+    }
+    let outcome = trainer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the training thread panicked"))?
+        .with_context(|| format!("training {}", args.recipe.display()))?;
     if let (Some(before), Some(after)) = (outcome.accuracy_before, outcome.accuracy_after) {
         eprintln!("exact match: {:.1}% before, {:.1}% after", before * 100.0, after * 100.0);
     }

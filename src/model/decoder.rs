@@ -112,7 +112,8 @@ impl<B: QuantMatmul> Attention<B> {
 
     /// `x` `[b, s, e]`; `rope` the (cos, sin) tables `[b or 1, s, r]` of these positions; `mask`
     /// `[b or 1, s, t]`; `shared` the keys and values of the layer this one shares with (its
-    /// cache already applied). Returns the output and the keys and values attended over.
+    /// cache already applied). Returns the output, the keys and values attended over, and with
+    /// `keep_probs` the attention probabilities `[b, h, s, t]` (probes).
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -120,7 +121,8 @@ impl<B: QuantMatmul> Attention<B> {
         mask: &Tensor<B, 3>,
         cache: Option<&mut Option<Kv<B>>>,
         shared: Option<Kv<B>>,
-    ) -> (Tensor<B, 3>, Kv<B>) {
+        keep_probs: bool,
+    ) -> (Tensor<B, 3>, Kv<B>, Option<Tensor<B, 4>>) {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]); // [b, s, h*d] -> [b, s, h, d]
@@ -186,9 +188,10 @@ impl<B: QuantMatmul> Attention<B> {
         }
         let scores = scores + mask.clone().unsqueeze_dim::<4>(1); // [b, s, t] -> [b, 1, s, t]
         let probs = activation::softmax(scores, 3);
+        let kept = keep_probs.then(|| probs.clone());
         let out = probs.matmul(v); // [b, h, s, d]
         let out = out.swap_dims(1, 2).reshape([b, s, h * d]); // [b, h, s, d] -> [b, s, h*d]
-        (self.o_proj.forward(out), kv_used)
+        (self.o_proj.forward(out), kv_used, kept)
     }
 }
 
@@ -321,7 +324,8 @@ impl<B: QuantMatmul> DecoderLayer<B> {
     }
 
     /// `ple` is this layer's slice of the per-layer inputs `[b, s, p]` (Gemma 4). Returns the
-    /// output, the keys and values attended over, and what the router did (MoE layers).
+    /// output, the keys and values attended over, what the router did (MoE layers) and, with
+    /// `keep_probs`, the attention probabilities.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -331,8 +335,9 @@ impl<B: QuantMatmul> DecoderLayer<B> {
         cache: Option<&mut Option<Kv<B>>>,
         shared: Option<Kv<B>>,
         ple: Option<Tensor<B, 3>>,
-    ) -> (Tensor<B, 3>, Kv<B>, Option<RouterStats>) {
-        let (attn, kv) = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache, shared);
+        keep_probs: bool,
+    ) -> LayerOutput<B> {
+        let (attn, kv, probs) = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache, shared, keep_probs);
         let (x, stats) = match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(attn);
@@ -353,7 +358,7 @@ impl<B: QuantMatmul> DecoderLayer<B> {
             _ => x,
         };
         let x = if self.layer_scalar != 1.0 { x.mul_scalar(self.layer_scalar as f32) } else { x };
-        (x, kv, stats)
+        LayerOutput { x, kv, routed: stats, probs }
     }
 
     /// The feed-forward part on the normalised input `h`: the dense MLP, the experts in its
@@ -372,6 +377,34 @@ impl<B: QuantMatmul> DecoderLayer<B> {
             (None, _, Some(dense)) => (dense, None),
             (None, _, None) => unreachable!("a layer without experts always has an MLP (set when the config was read)"),
         }
+    }
+}
+
+/// What one decoder layer hands back to the stack.
+struct LayerOutput<B: Backend> {
+    x: Tensor<B, 3>,
+    kv: Kv<B>,
+    routed: Option<RouterStats>,
+    probs: Option<Tensor<B, 4>>,
+}
+
+/// What a traced forward pass keeps from inside the model, for the probe signals.
+#[derive(Debug)]
+pub struct Trace<B: Backend> {
+    /// The residual stream `[b, s, e]`: the input of layer 0 (the scaled embeddings), then each
+    /// layer's output (L + 1 tensors; before the final norm).
+    pub hidden: Vec<Tensor<B, 3>>,
+    /// Each layer's attention probabilities `[b, h, s, t]`.
+    pub attention: Vec<Tensor<B, 4>>,
+    /// What each MoE layer's router did.
+    pub routers: Vec<RouterStats>,
+    /// Keep hidden states and attention (false: only the routers, which cost nothing to keep).
+    full: bool,
+}
+
+impl<B: Backend> Trace<B> {
+    pub fn new(full: bool) -> Self {
+        Self { hidden: Vec::new(), attention: Vec::new(), routers: Vec::new(), full }
     }
 }
 
@@ -480,18 +513,26 @@ impl<B: QuantMatmul> Model<B> {
 
     /// What every MoE layer's router did on `ids` `[b, s]` (empty for a dense model).
     pub fn router_stats(&self, ids: Tensor<B, 2, Int>) -> Vec<RouterStats> {
-        let mut stats = Vec::new();
-        self.causal(ids, None, Some(&mut stats));
-        stats
+        let mut trace = Trace::new(false);
+        self.causal(ids, None, Some(&mut trace));
+        trace.routers
     }
 
-    fn causal(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>, stats: Option<&mut Vec<RouterStats>>) -> Tensor<B, 3> {
+    /// Logits `[b, s, v]` for `ids` `[b, s]`, and what happened inside: the residual stream,
+    /// attention probabilities and routing (the probe signals' raw material).
+    pub fn forward_traced(&self, ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Trace<B>) {
+        let mut trace = Trace::new(true);
+        let h = self.causal(ids, None, Some(&mut trace));
+        (self.lm_head(h), trace)
+    }
+
+    fn causal(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>, trace: Option<&mut Trace<B>>) -> Tensor<B, 3> {
         let [_, s] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len);
         let positions: Vec<usize> = (past..past + s).collect();
         let device = ids.device();
         let masks = |window, kept| causal_mask::<B>(s, past, kept, window, &device);
-        self.run_layers(ids, &positions, 1, masks, cache, stats)
+        self.run_layers(ids, &positions, 1, masks, cache, trace)
     }
 
     /// Final hidden states `[b, s, e]` of packed rows: `positions` and `segments` (`[b, s]`,
@@ -512,7 +553,7 @@ impl<B: QuantMatmul> Model<B> {
         rope_rows: usize,
         make_mask: impl Fn(Option<usize>, usize) -> Tensor<B, 3>,
         mut cache: Option<&mut KvCache<B>>,
-        mut stats: Option<&mut Vec<RouterStats>>,
+        mut trace: Option<&mut Trace<B>>,
     ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
         let device = ids.device();
@@ -552,13 +593,23 @@ impl<B: QuantMatmul> Model<B> {
                 let dim = p.dims()[3];
                 p.clone().narrow(2, i, 1).reshape([b, s, dim]) // [b, s, L, p] -> [b, s, p]
             });
-            let (y, kv, routed) = layer.forward(x, &ropes[spec.rope], mask, slot, shared, ple);
-            x = y;
-            if is_source[i] {
-                kv_of[i] = Some(kv);
+            let full = trace.as_ref().is_some_and(|t| t.full);
+            if let Some(t) = trace.as_deref_mut().filter(|t| t.full && i == 0) {
+                t.hidden.push(x.clone());
             }
-            if let (Some(all), Some(r)) = (stats.as_deref_mut(), routed) {
-                all.push(RouterStats { layer: i, ..r });
+            let out = layer.forward(x, &ropes[spec.rope], mask, slot, shared, ple, full);
+            x = out.x;
+            if is_source[i] {
+                kv_of[i] = Some(out.kv);
+            }
+            if let Some(t) = trace.as_deref_mut() {
+                if let Some(r) = out.routed {
+                    t.routers.push(RouterStats { layer: i, ..r });
+                }
+                if full {
+                    t.hidden.push(x.clone());
+                    t.attention.extend(out.probs);
+                }
             }
         }
         if let Some(c) = cache {

@@ -25,7 +25,7 @@ pub use error::{Location, RecipeError};
 pub use schema::{
     ALL_LINEAR, CheckpointSection, DataFormat, DataSection, DistillSection, EvalSection,
     ExportSection, GrpoSection, INIT_ARCHS, InitSection, LORA_TARGETS, LoraSection, Method,
-    ModelSection, RunSection, Schedule, TrainOn, TrainSection, Weights,
+    ModelSection, ProbesSection, RunSection, Schedule, TrainOn, TrainSection, Weights,
 };
 
 /// A parsed and validated recipe. Paths in `model` and `data` are absolute (resolved against
@@ -47,6 +47,7 @@ pub struct Recipe {
     pub train: TrainSection,
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
+    pub probes: ProbesSection,
     pub export: ExportSection,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpo: Option<GrpoSection>,
@@ -187,6 +188,9 @@ impl Validator<'_> {
         self.train(&r.train)?;
         self.eval(&r.eval)?;
         self.checkpoint(r)?;
+        if r.probes.every > 0 {
+            self.positive("probes.examples", r.probes.examples)?;
+        }
         self.export(&r.export)?;
         self.methods(r)
     }

@@ -345,6 +345,23 @@ impl Default for CheckpointSection {
     }
 }
 
+/// `[probes]`: signals measured inside the model on a fixed probe batch (docs/probes.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesSection {
+    /// Measure every this many steps (and at the last); 0 = off.
+    pub every: usize,
+    /// How many validation examples (training examples when there is no validation set) make
+    /// the probe batch; each runs alone, so no padding enters a statistic.
+    pub examples: usize,
+}
+
+impl Default for ProbesSection {
+    fn default() -> Self {
+        Self { every: 50, examples: 4 }
+    }
+}
+
 /// `[export]`: what the finished run writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -3,7 +3,12 @@
 //! Events are the contract between the trainer, the dashboard and reports: the trainer emits
 //! typed [`Event`]s into an [`EventSink`] and never knows who listens. [`JsonlSink`] appends them
 //! to `events.jsonl` (one object a line, flushed as written), [`ProgressSink`] shows them on the
-//! terminal, [`Tee`] sends them to several sinks.
+//! terminal, [`Tee`] sends them to several sinks. Readers (the dashboard, `kiln report`) follow
+//! the file with [`follow::EventFile`]; the dashboard steers the trainer through
+//! [`control`].
+
+pub mod control;
+pub mod follow;
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
@@ -18,7 +23,9 @@ use serde_json::{json, Value};
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Start { step: usize, total_steps: usize, run: String, method: String, model: String, device: String, trainable_params: usize, total_params: usize, train_examples: usize, valid_examples: usize, resumed: bool },
-    Train { step: usize, epoch: usize, loss: f64, lr: f64, grad_norm: f64, tokens: usize, tokens_per_s: f64, elapsed_s: f64 },
+    /// `rss_bytes`: the process's peak resident memory so far (host memory; a GPU's own memory
+    /// is not included).
+    Train { step: usize, epoch: usize, loss: f64, lr: f64, grad_norm: f64, tokens: usize, tokens_per_s: f64, elapsed_s: f64, rss_bytes: u64 },
     Eval { step: usize, loss: f64, ppl: f64, tokens: usize, best: bool },
     /// Exact-match accuracy of greedy answers on held-out prompts.
     Accuracy { step: usize, correct: usize, total: usize, accuracy: f64 },
@@ -39,7 +46,19 @@ pub enum Event {
     Distill { step: usize, loss: f64, kd_loss: f64, ce_loss: f64, on_policy: bool },
     /// A signal measured inside the model on the fixed probe batch (`probe/`): `values[i]` is
     /// layer `layers[i]`'s vector (one number for a per-layer scalar, one per expert or head).
-    Probe { step: usize, signal: String, layers: Vec<usize>, values: Vec<Vec<f64>> },
+    /// `labels` names the entries of each vector where they are not plain indices (heads,
+    /// modules); empty otherwise.
+    Probe {
+        step: usize,
+        signal: String,
+        layers: Vec<usize>,
+        values: Vec<Vec<f64>>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        labels: Vec<String>,
+    },
+    /// The trainer acted on the run directory's control file: `paused`, `resumed`, `save`,
+    /// `stop`.
+    Control { step: usize, action: String },
     Checkpoint { step: usize, path: String },
     Warning { step: usize, message: String },
     End { step: usize, reason: String, elapsed_s: f64 },
@@ -57,6 +76,7 @@ impl Event {
             | Event::Sample { step, .. }
             | Event::Distill { step, .. }
             | Event::Probe { step, .. }
+            | Event::Control { step, .. }
             | Event::Checkpoint { step, .. }
             | Event::Warning { step, .. }
             | Event::End { step, .. }
@@ -110,6 +130,16 @@ pub struct RewardStat {
     pub name: String,
     pub mean: f64,
     pub std: f64,
+}
+
+/// The process's peak resident set size (Linux `VmHWM`); 0 where it cannot be read.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Where events go.
@@ -232,20 +262,16 @@ impl EventSink for ProgressSink {
                 self.extra = format!("  reward {:.3} ± {:.3}  kl {:.4}  len {:.1}", g.reward_mean, g.reward_std, g.kl, g.completion_len_mean)
             }
             Event::Distill { kd_loss, ce_loss, .. } => self.extra = format!("  kd {kd_loss:.4}  ce {ce_loss:.4}"),
+            // Per-layer vectors are for the dashboard and reports; a log line gets the
+            // single-number signals.
             Event::Probe { step, signal, values, .. } => {
-                // One figure per layer: the value, or the range of a layer's vector.
-                let per_layer: Vec<String> = values
-                    .iter()
-                    .map(|v| match v.as_slice() {
-                        [x] => format!("{x:.3}"),
-                        _ => {
-                            let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-                            format!("{lo:.2}–{hi:.2}")
-                        }
-                    })
-                    .collect();
-                self.line(format!("step {step:>6}  {signal} by layer: {}", per_layer.join("  ")))
+                if let [v] = values.as_slice()
+                    && let [x] = v.as_slice()
+                {
+                    self.line(format!("step {step:>6}  probe {signal} {x:.4}"))
+                }
             }
+            Event::Control { step, action } => self.line(format!("step {step:>6}  control: {action}")),
             Event::Checkpoint { step, path } => self.line(format!("step {step:>6}  checkpoint {path}")),
             Event::Warning { step, message } => self.line(format!("step {step:>6}  warning: {message}")),
             Event::End { step, reason, elapsed_s } => {

@@ -32,6 +32,7 @@ use crate::data::{self, Batch, Example, LoadOptions, PromptAnswer};
 use crate::lora::{self, LoraSpec};
 use crate::model::{Model, ModelConfig, ModelError};
 use crate::recipe::{Method, Recipe};
+use crate::run::control::{self, Command};
 use crate::run::{Event, EventSink, JsonlSink, Tee};
 use crate::tokenizer::Tokenizer;
 
@@ -220,6 +221,15 @@ fn load_data(recipe: &Recipe, tokenizer: &Tokenizer, eos: Option<u32>) -> Result
     Ok(RunData { train, valid, prompts })
 }
 
+/// Remembers the step of the latest event, so an error is reported where it happened.
+struct LastStep(usize);
+
+impl EventSink for LastStep {
+    fn emit(&mut self, event: &Event) {
+        self.0 = self.0.max(event.step());
+    }
+}
+
 /// The micro-batches of one epoch: shuffled by `seed + epoch`, so any epoch can be rebuilt on
 /// resume.
 fn epoch_batches(recipe: &Recipe, train: &[Example], epoch: usize) -> Vec<Batch> {
@@ -249,11 +259,15 @@ pub fn train<B: TrainBackend>(recipe: &Recipe, options: &TrainOptions, device: &
     let recipe_copy = run_dir.join("recipe.toml");
     crate::fsutil::write_atomic(&recipe_copy, recipe.to_toml().as_bytes()).map_err(io(&recipe_copy))?;
     let mut jsonl = JsonlSink::open(&run_dir.join("events.jsonl")).map_err(io(&run_dir))?;
-    let mut sink = Tee(vec![sink, &mut jsonl]);
-
-    let result = run_loop::<B>(recipe, options, device, &run_dir, resuming, &mut sink, stop);
+    let mut last = LastStep(0);
+    let result = {
+        let mut sink = Tee(vec![sink, &mut jsonl, &mut last]);
+        run_loop::<B>(recipe, options, device, &run_dir, resuming, &mut sink, stop)
+    };
     if let Err(e) = &result {
-        sink.emit(&Event::Error { step: 0, message: e.to_string() });
+        let error = Event::Error { step: last.0, message: e.to_string() };
+        sink.emit(&error);
+        jsonl.emit(&error);
     }
     result
 }
@@ -343,6 +357,11 @@ fn run_loop<B: TrainBackend>(
     if !resuming {
         accuracy_before = report_accuracy(&model.valid(), &tokenizer, &data.prompts, &eos_ids, recipe, 0, sink);
     }
+    let probe_ids = crate::probe::probe_batch(if data.valid.is_empty() { &data.train } else { &data.valid }, recipe.probes.examples, recipe.data.max_seq_len);
+    let probes_due = |step: usize| recipe.probes.every > 0 && (step % recipe.probes.every == 0 || step == total_steps);
+    if !resuming && recipe.probes.every > 0 {
+        emit_probes(&model, recipe, &probe_ids, state.step, sink);
+    }
 
     let mut epoch_cache: Option<(usize, Vec<Batch>)> = None;
     let mut train_time = 0.0f64;
@@ -355,6 +374,10 @@ fn run_loop<B: TrainBackend>(
         }
         if options.max_steps.is_some_and(|m| state.step >= m) {
             reason = "max_steps".into();
+            break;
+        }
+        if obey_control(&model, &opt, &state, recipe, run_dir, sink, stop)? {
+            reason = "stopped".into();
             break;
         }
         let step_start = Instant::now();
@@ -409,6 +432,7 @@ fn run_loop<B: TrainBackend>(
             continue;
         }
         state.bad_in_row = 0;
+        let grad_probe = if probes_due(next) { crate::probe::layer_grad_norms(&model, &grads, next) } else { None };
         let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm { t.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
         let lr = schedule.at(state.step);
         model = opt.update(model, &mut grads, lr, clip);
@@ -429,11 +453,17 @@ fn run_loop<B: TrainBackend>(
                 tokens: state.window_tokens,
                 tokens_per_s: state.window_tokens as f64 / train_time.max(1e-9),
                 elapsed_s: started.elapsed().as_secs_f64(),
+                rss_bytes: crate::run::peak_rss_bytes(),
             });
             state.window_loss = 0.0;
             state.window_steps = 0;
             state.window_tokens = 0;
             train_time = 0.0;
+        }
+
+        if probes_due(state.step) {
+            sink.emit(&grad_probe.unwrap_or_else(|| Event::Warning { step: state.step, message: "no trainable gradients for the grad_norm probe".into() }));
+            emit_probes(&model, recipe, &probe_ids, state.step, sink);
         }
 
         let every = recipe.eval.every;
@@ -454,7 +484,7 @@ fn run_loop<B: TrainBackend>(
 
     // The end: a last eval and checkpoint, then the exports.
     let valid_model = model.valid();
-    if !data.valid.is_empty() && reason != "interrupted" {
+    if !data.valid.is_empty() && reason != "interrupted" && reason != "stopped" {
         last_eval = Some(eval_step(&valid_model, &data.valid, recipe, &mut state, sink));
     }
     save_checkpoint(&model, &opt, &state, recipe, run_dir, sink)?;
@@ -563,15 +593,66 @@ fn eval_step<B: QuantMatmul>(model: &Model<B>, valid: &[Example], recipe: &Recip
         state.evals_since_best += 1;
     }
     sink.emit(&Event::Eval { step: state.step, loss: r.loss, ppl: r.ppl, tokens: r.tokens, best });
-    let routers = crate::probe::router_stats(model, valid, PROBE_EXAMPLES, recipe.data.max_seq_len);
-    for e in crate::probe::expert_events(&routers, state.step) {
-        sink.emit(&e);
-    }
     r
 }
 
-/// Validation examples the probe signals are measured on, at every evaluation.
-const PROBE_EXAMPLES: usize = 8;
+/// The probe signals of the model as it is now (docs/probes.md); KL to the base when the base
+/// is the model without its adapters.
+fn emit_probes<B: TrainBackend>(model: &Model<B>, recipe: &Recipe, probe_ids: &[Vec<u32>], step: usize, sink: &mut dyn EventSink) {
+    let policy = model.valid();
+    let base = recipe.trains_lora().then(|| lora::without_adapters(policy.clone()));
+    for e in crate::probe::forward_signals(&policy, base.as_ref(), probe_ids, step) {
+        sink.emit(&e);
+    }
+    if let Some(e) = crate::probe::lora_update_norms(&policy, step) {
+        sink.emit(&e);
+    }
+}
+
+/// Acts on the run directory's control file (docs: [`control`]): pause blocks here until
+/// resume (or stop, or Ctrl-C), save writes a checkpoint now. True when asked to stop.
+#[allow(clippy::too_many_arguments)]
+fn obey_control<B: TrainBackend>(
+    model: &Model<B>,
+    opt: &AdamW<B::InnerBackend>,
+    state: &LoopState,
+    recipe: &Recipe,
+    run_dir: &Path,
+    sink: &mut dyn EventSink,
+    stop: &AtomicBool,
+) -> Result<bool, TrainError> {
+    let mut paused = false;
+    loop {
+        let (commands, unknown) = control::take(run_dir);
+        for line in unknown {
+            sink.emit(&Event::Warning { step: state.step, message: format!("control file: unknown command {line:?} (expected pause, resume, save or stop)") });
+        }
+        for command in commands {
+            let action = match command {
+                Command::Pause => {
+                    paused = true;
+                    "paused"
+                }
+                Command::Resume => {
+                    paused = false;
+                    "resumed"
+                }
+                Command::Save => "save",
+                Command::Stop => "stop",
+            };
+            sink.emit(&Event::Control { step: state.step, action: action.into() });
+            match command {
+                Command::Save => save_checkpoint(model, opt, state, recipe, run_dir, sink)?,
+                Command::Stop => return Ok(true),
+                _ => {}
+            }
+        }
+        if !paused || stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
 
 fn report_accuracy<B: QuantMatmul>(model: &Model<B>, tokenizer: &Tokenizer, prompts: &[PromptAnswer], eos_ids: &[u32], recipe: &Recipe, step: usize, sink: &mut dyn EventSink) -> Option<f64> {
     if prompts.is_empty() {
