@@ -435,9 +435,7 @@ where
         .find(|(k, _)| k == "general.alignment")
         .and_then(|(_, v)| v.as_u64())
         .unwrap_or(DEFAULT_ALIGNMENT);
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let tmp = crate::fsutil::temp_beside(path).map_err(io)?;
     let mut out = BufWriter::with_capacity(1 << 20, tmp.as_file());
 
     let mut header = Vec::new();

@@ -93,6 +93,15 @@ fn col<'a>(df: &'a DataFrame, name: &str) -> PolarsResult<&'a Float64Chunked> {
     df.column(name)?.f64()
 }
 
+/// The first / last finite value (polars' own `first` / `last` panic on an empty column).
+fn first(c: &Float64Chunked) -> Option<f64> {
+    c.iter().flatten().find(|x| x.is_finite())
+}
+
+fn last(c: &Float64Chunked) -> Option<f64> {
+    c.iter().rev().flatten().find(|x| x.is_finite())
+}
+
 pub fn summarize(run: &Run) -> Result<Summary, ReportError> {
     let train = run.frame("train", &["step", "loss", "tokens", "tokens_per_s", "elapsed_s"])?;
     let eval = run.frame("eval", &["step", "loss", "ppl"])?;
@@ -105,11 +114,11 @@ pub fn summarize(run: &Run) -> Result<Summary, ReportError> {
     let best_step = match best_eval_loss {
         Some(best) => {
             let rows = eval.filter(&eval_loss.equal(best))?;
-            finite(col(&rows, "step")?.first()).map(|s| s as usize)
+            first(col(&rows, "step")?).map(|s| s as usize)
         }
         None => None,
     };
-    let wall_s = finite(col(&end, "elapsed_s")?.last()).or(finite(col(&train, "elapsed_s")?.last()));
+    let wall_s = last(col(&end, "elapsed_s")?).or(last(col(&train, "elapsed_s")?));
     let rewards = col(&grpo, "reward_mean")?;
     let steps = col(&grpo, "step")?;
     let n = grpo.height();
@@ -125,13 +134,13 @@ pub fn summarize(run: &Run) -> Result<Summary, ReportError> {
         end: run.state.ended.clone().unwrap_or_else(|| "running (or killed)".into()),
         best_eval_loss,
         best_step,
-        final_eval_loss: finite(eval_loss.last()),
-        final_ppl: finite(col(&eval, "ppl")?.last()),
+        final_eval_loss: last(eval_loss),
+        final_ppl: last(col(&eval, "ppl")?),
         tokens: col(&train, "tokens")?.sum().unwrap_or(0.0) as usize,
         wall_s,
         tokens_per_s: finite(col(&train, "tokens_per_s")?.mean()),
-        reward_first: finite(rewards.first()),
-        reward_last: finite(rewards.last()),
+        reward_first: first(rewards),
+        reward_last: last(rewards),
         reward_best: finite(rewards.max()),
         reward_trajectory,
         skipped_lines: run.skipped.len(),

@@ -33,20 +33,18 @@ pub fn plot(runs: &[Run], path: &Path) -> Result<(), ReportError> {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
     let grpo = runs.iter().any(|r| !r.state.grpo.is_empty());
     let size = (1100u32, if grpo { 1050u32 } else { 720 });
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().suffix(&format!(".{ext}")).tempfile_in(dir).map_err(|source| ReportError::Io { path: path.to_path_buf(), source })?;
-    match ext.as_str() {
-        "png" => {
-            let root = BitMapBackend::new(tmp.path(), size).into_drawing_area();
-            draw(&root, runs, grpo).map_err(err)?;
-            root.present().map_err(|e| err(e.to_string()))?;
-        }
-        "svg" => {
-            let root = SVGBackend::new(tmp.path(), size).into_drawing_area();
-            draw(&root, runs, grpo).map_err(err)?;
-            root.present().map_err(|e| err(e.to_string()))?;
-        }
-        _ => return Err(err(format!("unknown image type {ext:?}: the file name must end in .png or .svg"))),
+    if ext != "png" && ext != "svg" {
+        return Err(err(format!("unknown image type {ext:?}: the file name must end in .png or .svg")));
+    }
+    let tmp = crate::fsutil::temp_beside(path).map_err(|source| ReportError::Io { path: path.to_path_buf(), source })?;
+    if ext == "png" {
+        let root = BitMapBackend::new(tmp.path(), size).into_drawing_area();
+        draw(&root, runs, grpo).map_err(err)?;
+        root.present().map_err(|e| err(e.to_string()))?;
+    } else {
+        let root = SVGBackend::new(tmp.path(), size).into_drawing_area();
+        draw(&root, runs, grpo).map_err(err)?;
+        root.present().map_err(|e| err(e.to_string()))?;
     }
     tmp.persist(path).map_err(|e| ReportError::Io { path: path.to_path_buf(), source: e.error })?;
     Ok(())
@@ -87,11 +85,12 @@ fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, lines: 
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FAMILY, 20))
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(34)
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
         .map_err(s)?;
-    chart.configure_mesh().x_desc("step").label_style((FAMILY, 13)).light_line_style(WHITE.mix(0.0)).draw().map_err(s)?;
+    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).label_style((FAMILY, 13)).light_line_style(WHITE.mix(0.0)).draw().map_err(s)?;
     for l in lines.iter().filter(|l| !l.data.is_empty()) {
         let colour = l.colour;
         if l.points {
