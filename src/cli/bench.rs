@@ -274,57 +274,59 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cost of the probe signals: the same steps trained with probes off and on (every
-/// `probes.every` steps, the recipe's value or 50), alternately `--runs` times each; the
-/// fastest run of each kind is compared. Timed from the first to the last step's `train`
-/// event, so loading and the step-0 probe are not counted.
+/// The cost of the probe signals, from one run that measures them every `CADENCE` steps with
+/// every step logged: a probe's work lands in the two step intervals around its step (the
+/// gradient-norm probe before the update, the forward probes after it), so its cost is the
+/// median extra time of those intervals over the median of all other intervals. The overhead is
+/// that cost spread over the recipe's `probes.every` steps (50 when the recipe turns probes off).
 fn bench_probes(args: &Args) -> anyhow::Result<()> {
     use crate::run::Event;
-    let probe = timing_recipe(args, 1)?;
-    let every = if probe.probes.every > 0 { probe.probes.every } else { 50 };
-    // Two probe measurements fall strictly inside the timed window.
-    let steps = 2 * every + 1;
+    const CADENCE: usize = 10;
+    let mut recipe = timing_recipe(args, 1)?;
+    let every = if recipe.probes.every > 0 { recipe.probes.every } else { 50 };
+    let steps = (args.runs.max(2) * 2 * CADENCE + 1).max(10 * CADENCE + 1);
+    recipe = timing_recipe(args, steps)?;
+    recipe.probes.every = CADENCE;
     let device = args.device.device;
-    let window = |events: &[Event]| -> Option<f64> {
-        let times: Vec<f64> = events.iter().filter_map(|e| match e { Event::Train { elapsed_s, .. } => Some(*elapsed_s), _ => None }).collect();
-        Some(times.last()? - times.first()?)
-    };
-    let (mut off, mut on) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..args.runs.max(1) {
-        for every in [0, every] {
-            let mut recipe = timing_recipe(args, steps)?;
-            recipe.probes.every = every;
-            let t = window(&timed_run(&recipe, steps, device)?).ok_or_else(|| anyhow::anyhow!("no timed steps"))?;
-            let best = if every == 0 { &mut off } else { &mut on };
-            *best = best.min(t);
-        }
+    let events = timed_run(&recipe, steps, device)?;
+    let at: Vec<(usize, f64)> = events.iter().filter_map(|e| match e { Event::Train { step, elapsed_s, .. } => Some((*step, *elapsed_s)), _ => None }).collect();
+    // (interval's first step, seconds), skipping the warm-up steps.
+    let intervals: Vec<(usize, f64)> = at.windows(2).filter(|w| w[0].0 >= 3).map(|w| (w[0].0, w[1].1 - w[0].1)).collect();
+    let probe_step = |s: usize| s % CADENCE == 0 || (s + 1) % CADENCE == 0;
+    let plain: Vec<f64> = intervals.iter().filter(|(s, _)| !probe_step(*s)).map(|i| i.1).collect();
+    let before: Vec<f64> = intervals.iter().filter(|(s, _)| (s + 1) % CADENCE == 0).map(|i| i.1).collect();
+    let after: Vec<f64> = intervals.iter().filter(|(s, _)| s % CADENCE == 0).map(|i| i.1).collect();
+    if plain.is_empty() || before.is_empty() || after.is_empty() {
+        anyhow::bail!("too few timed steps");
     }
-    let timed_steps = steps - 1;
-    let overhead = (on - off) / off;
-    let per_probe = (on - off) / 2.0;
+    let step_s = median(plain.clone());
+    let probe_s = (median(before.clone()) - step_s) + (median(after.clone()) - step_s);
+    let overhead = probe_s / (every as f64 * step_s);
+    // The noise floor: the median absolute deviation of plain steps.
+    let spread = median(plain.iter().map(|x| (x - step_s).abs()).collect());
     let out = json!({
-        "recipe": probe.path.display().to_string(),
+        "recipe": recipe.path.display().to_string(),
         "device": device.to_string(),
         "probes_every": every,
-        "probe_examples": probe.probes.examples,
-        "steps_timed": timed_steps,
-        "step_s_without": off / timed_steps as f64,
-        "step_s_with": on / timed_steps as f64,
+        "probe_examples": recipe.probes.examples,
+        "step_s": step_s,
+        "probe_s": probe_s,
+        "probes_measured": after.len(),
+        "step_spread_s": spread,
         "overhead": overhead,
-        "probe_s": per_probe,
     });
     if args.json {
         println!("{out}");
     } else {
         println!(
-            "probes  {:+.2}% step time with probes every {every} steps ({} examples): {:.2} ms/step without, {:.2} ms/step with (best of {} runs of {timed_steps} steps each); one probe measurement ≈ {:.1} ms = {:.1} steps",
+            "probes  {:+.2}% step time at probes.every = {every} ({} examples): one probe measurement {:.1} ms (median of {}) against {:.1} ms per step (median of {} steps, ±{:.1} ms median deviation)",
             overhead * 100.0,
-            probe.probes.examples,
-            off / timed_steps as f64 * 1e3,
-            on / timed_steps as f64 * 1e3,
-            args.runs.max(1),
-            per_probe * 1e3,
-            per_probe / (off / timed_steps as f64)
+            recipe.probes.examples,
+            probe_s * 1e3,
+            after.len(),
+            step_s * 1e3,
+            plain.len(),
+            spread * 1e3
         );
     }
     Ok(())
