@@ -292,10 +292,10 @@ fn bench_probes(args: &Args) -> anyhow::Result<()> {
     let at: Vec<(usize, f64)> = events.iter().filter_map(|e| match e { Event::Train { step, elapsed_s, .. } => Some((*step, *elapsed_s)), _ => None }).collect();
     // (interval's first step, seconds), skipping the warm-up steps.
     let intervals: Vec<(usize, f64)> = at.windows(2).filter(|w| w[0].0 >= 3).map(|w| (w[0].0, w[1].1 - w[0].1)).collect();
-    let probe_step = |s: usize| s % CADENCE == 0 || (s + 1) % CADENCE == 0;
+    let probe_step = |s: usize| s.is_multiple_of(CADENCE) || (s + 1).is_multiple_of(CADENCE);
     let plain: Vec<f64> = intervals.iter().filter(|(s, _)| !probe_step(*s)).map(|i| i.1).collect();
-    let before: Vec<f64> = intervals.iter().filter(|(s, _)| (s + 1) % CADENCE == 0).map(|i| i.1).collect();
-    let after: Vec<f64> = intervals.iter().filter(|(s, _)| s % CADENCE == 0).map(|i| i.1).collect();
+    let before: Vec<f64> = intervals.iter().filter(|(s, _)| (s + 1).is_multiple_of(CADENCE)).map(|i| i.1).collect();
+    let after: Vec<f64> = intervals.iter().filter(|(s, _)| s.is_multiple_of(CADENCE)).map(|i| i.1).collect();
     if plain.is_empty() || before.is_empty() || after.is_empty() {
         anyhow::bail!("too few timed steps");
     }

@@ -358,7 +358,7 @@ fn run_loop<B: TrainBackend>(
         accuracy_before = report_accuracy(&model.valid(), &tokenizer, &data.prompts, &eos_ids, recipe, 0, sink);
     }
     let probe_ids = crate::probe::probe_batch(if data.valid.is_empty() { &data.train } else { &data.valid }, recipe.probes.examples, recipe.data.max_seq_len);
-    let probes_due = |step: usize| recipe.probes.every > 0 && (step % recipe.probes.every == 0 || step == total_steps);
+    let probes_due = |step: usize| recipe.probes.every > 0 && (step.is_multiple_of(recipe.probes.every) || step == total_steps);
     if !resuming && recipe.probes.every > 0 {
         emit_probes(&model, recipe, &probe_ids, state.step, sink);
     }

@@ -147,7 +147,7 @@ impl RunState {
     }
 
     pub fn note_malformed(&mut self, m: Malformed) {
-        self.push_log(0, Level::Warn, format!("skipped {m}"));
+        self.push_log(self.step, Level::Warn, format!("skipped {m}"));
         self.malformed.push(m);
     }
 

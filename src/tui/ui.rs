@@ -88,7 +88,9 @@ fn draw_overview(f: &mut Frame, area: Rect, app: &App) {
         series.retain(|x| !x.data.is_empty());
         series
     };
-    let loss_title = format!("loss{}{}", if app.log_scale { " (log)" } else { "" }, zoom_note(app));
+    // GRPO's training loss is its clipped objective, not a cross-entropy like the eval loss.
+    let what = if s.is_grpo() { "loss (train: GRPO objective, eval: cross-entropy)" } else { "loss" };
+    let loss_title = format!("{what}{}{}", if app.log_scale { " (log)" } else { "" }, zoom_note(app));
     let best: Vec<(f64, f64)> = s.best_eval.iter().map(|&(x, _, p)| (x, p)).collect();
     let ppl_title = match s.best_eval {
         Some((x, _, p)) => format!("eval perplexity (best {p:.3} @ {x})"),
@@ -297,22 +299,61 @@ fn draw_samples(f: &mut Frame, area: Rect, s: &RunState) {
 }
 
 fn draw_events(f: &mut Frame, area: Rect, s: &RunState) {
+    // Long messages wrap under their text column; the newest lines stay in view.
     let rows = area.height.saturating_sub(2) as usize;
-    let skip = s.log.len().saturating_sub(rows);
-    let lines: Vec<Line> = s
-        .log
-        .iter()
-        .skip(skip)
-        .map(|l| {
-            let (tag, style) = match l.level {
-                Level::Info => ("     ", Style::new()),
-                Level::Warn => ("warn ", Style::new().fg(Color::Yellow)),
-                Level::Error => ("ERROR", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
-            };
-            Line::from(vec![Span::styled(format!("{:>6} ", l.step), DIM), Span::styled(format!("{tag} {}", l.text), style)])
-        })
-        .collect();
-    f.render_widget(Paragraph::new(lines).block(Block::bordered().title("events")), area);
+    let text_width = (area.width as usize).saturating_sub(2 + 13).max(8);
+    let mut lines: Vec<Line> = Vec::new();
+    for l in &s.log {
+        let (tag, style) = match l.level {
+            Level::Info => ("     ", Style::new()),
+            Level::Warn => ("warn ", Style::new().fg(Color::Yellow)),
+            Level::Error => ("ERROR", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+        };
+        for (i, piece) in wrap_words(&l.text, text_width).into_iter().enumerate() {
+            let head = if i == 0 { Span::styled(format!("{:>6} ", l.step), DIM) } else { Span::raw(" ".repeat(7)) };
+            let tag = if i == 0 { tag } else { "     " };
+            lines.push(Line::from(vec![head, Span::styled(format!("{tag} {piece}"), style)]));
+        }
+    }
+    let skip = lines.len().saturating_sub(rows);
+    f.render_widget(Paragraph::new(lines.split_off(skip)).block(Block::bordered().title("events")), area);
+}
+
+/// Greedy word wrap to `width` characters; a word longer than a line is cut.
+fn wrap_words(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let mut word: Vec<char> = word.chars().collect();
+        loop {
+            let line = lines.last_mut().map_or(0, |l| l.chars().count());
+            let gap = usize::from(line > 0);
+            if line + gap + word.len() <= width {
+                let last = lines.len() - 1;
+                if gap == 1 {
+                    lines[last].push(' ');
+                }
+                lines[last].extend(word.iter());
+                break;
+            }
+            if line > 0 {
+                lines.push(String::new());
+                continue;
+            }
+            // A word longer than a whole line.
+            let rest = word.split_off(width.min(word.len()));
+            let last = lines.len() - 1;
+            lines[last].extend(word.iter());
+            lines.push(String::new());
+            word = rest;
+            if word.is_empty() {
+                break;
+            }
+        }
+    }
+    if lines.len() > 1 && lines.last().is_some_and(String::is_empty) {
+        lines.pop();
+    }
+    lines
 }
 
 fn draw_help(f: &mut Frame, area: Rect) {
@@ -379,7 +420,8 @@ fn chart(f: &mut Frame, area: Rect, title: &str, series: &[Series], log: bool, z
         return;
     }
     let (x1, pad) = (if x1 > x0 { x1 } else { x0 + 1.0 }, if y1 > y0 { (y1 - y0) * 0.05 } else { y0.abs().max(1e-3) * 0.1 });
-    let (y0, y1) = (y0 - pad, y1 + pad);
+    // Padding never pushes a non-negative series below zero.
+    let (y0, y1) = (if y0 >= 0.0 && !log { (y0 - pad).max(0.0) } else { y0 - pad }, y1 + pad);
     let label = |y: f64| if log { compact(10f64.powf(y)) } else { compact(y) };
     let datasets: Vec<Dataset> = series
         .iter()
@@ -449,4 +491,17 @@ pub fn duration(s: f64) -> String {
 fn short_path(p: &str, max: usize) -> String {
     let n = p.chars().count();
     if n <= max { p.to_string() } else { format!("…{}", p.chars().skip(n - max + 1).collect::<String>()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrap_words;
+
+    #[test]
+    fn words_wrap_and_long_words_are_cut() {
+        assert_eq!(wrap_words("one two three", 7), ["one two", "three"]);
+        assert_eq!(wrap_words("abcdefghij x", 4), ["abcd", "efgh", "ij x"]);
+        assert_eq!(wrap_words("", 5), [""]);
+        assert!(wrap_words(&"w ".repeat(100), 8).iter().all(|l| l.chars().count() <= 8));
+    }
 }
