@@ -1,5 +1,6 @@
 //! The dashboard rendered with ratatui's TestBackend from recorded runs (tests/fixtures/runs:
-//! an SFT run, a GRPO run, and a run that ended in an error with a truncated last line), at
+//! an SFT run, a GRPO run, a distillation run, and a run that ended in an error with a
+//! truncated last line), at
 //! 80×24 and 160×48, compared with the text snapshots in tests/snapshots/dashboard/.
 //!
 //! `KILN_UPDATE_SNAPSHOTS=1 cargo test --test dashboard` rewrites the snapshots (review the
@@ -64,6 +65,11 @@ fn grpo_run_snapshots() {
 }
 
 #[test]
+fn distill_run_snapshots() {
+    snapshots("distill", &[Panel::Method]);
+}
+
+#[test]
 fn error_run_snapshots() {
     snapshots("error", &[Panel::Overview, Panel::Events]);
 }
@@ -87,7 +93,7 @@ fn malformed_lines_are_skipped_with_a_note() {
 /// Every panel draws at sizes from tiny to large without panicking.
 #[test]
 fn every_panel_draws_at_any_size() {
-    for run in ["sft", "grpo", "error"] {
+    for run in ["sft", "grpo", "distill", "error"] {
         let mut app = load(run);
         for panel in Panel::ALL {
             app.panel = panel;
