@@ -11,7 +11,7 @@
 //! - `logit_entropy`: mean entropy of the next-token distribution.
 //! - `kl_to_base`: KL(policy ‖ base) per token, when a base is known (LoRA: the model without
 //!   its adapters).
-//! - `expert_load`, `router_entropy`: MoE routing (see [`router_stats`]).
+//! - `expert_load`, `router_entropy`: MoE routing ([`expert_events`]).
 //!
 //! From the parameters and the step's gradients: `lora_update_norm` ([`lora_update_norms`])
 //! and `grad_norm` per layer ([`layer_grad_norms`]).
@@ -139,21 +139,6 @@ fn finish_router_stats(total: &mut [RouterStats]) {
         t.load.iter_mut().for_each(|a| *a /= n);
         t.entropy /= n;
     }
-}
-
-/// Router statistics over `batch` (each example alone), token-weighted across examples. Empty
-/// for a model without experts.
-pub fn router_stats<B: QuantMatmul>(model: &Model<B>, batch: &[Vec<u32>]) -> Vec<RouterStats> {
-    if !model.config.has_experts() {
-        return Vec::new();
-    }
-    let device = model.embed_tokens.device();
-    let mut total = Vec::new();
-    for ids in batch.iter().filter(|ids| !ids.is_empty()) {
-        add_router_stats(&mut total, model.router_stats(ids_tensor(ids, &device)));
-    }
-    finish_router_stats(&mut total);
-    total
 }
 
 /// `expert_load` and `router_entropy` probe events for step `step`.

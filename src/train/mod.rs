@@ -462,7 +462,9 @@ fn run_loop<B: TrainBackend>(
         }
 
         if probes_due(state.step) {
-            sink.emit(&grad_probe.unwrap_or_else(|| Event::Warning { step: state.step, message: "no trainable gradients for the grad_norm probe".into() }));
+            if let Some(e) = grad_probe {
+                sink.emit(&e);
+            }
             emit_probes(&model, recipe, &probe_ids, state.step, sink);
         }
 
