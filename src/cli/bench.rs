@@ -282,10 +282,9 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
 fn bench_probes(args: &Args) -> anyhow::Result<()> {
     use crate::run::Event;
     const CADENCE: usize = 10;
-    let mut recipe = timing_recipe(args, 1)?;
-    let every = if recipe.probes.every > 0 { recipe.probes.every } else { 50 };
     let steps = (args.runs.max(2) * 2 * CADENCE + 1).max(10 * CADENCE + 1);
-    recipe = timing_recipe(args, steps)?;
+    let mut recipe = timing_recipe(args, steps)?;
+    let every = if recipe.probes.every > 0 { recipe.probes.every } else { 50 };
     recipe.probes.every = CADENCE;
     let device = args.device.device;
     let events = timed_run(&recipe, steps, device)?;
