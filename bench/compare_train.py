@@ -109,8 +109,8 @@ def main():
     import peft
     print(f"LoRA r16 all-linear, SmolLM2-135M shape, f32, batch {args.batch} x {args.seq}; torch {torch.__version__}, peft {peft.__version__}")
     print(f"{'':10}{'kiln (' + args.device + ')':>20}{'torch+peft (' + tdev + ')':>24}{'kiln/torch':>12}")
-    print(f"{'train':10}{k['train_tokens_per_s']:>16.1f} t/s{t_tps:>20.1f} t/s{k['train_tokens_per_s'] / t_tps:>12.2f}")
-    print(f"kiln peak host RSS {k['peak_host_rss_mib']:.0f} MiB; torch peak CUDA memory {t_peak:.0f} MiB")
+    print(f"{'train':10}{k['tokens_per_s']:>16.1f} t/s{t_tps:>20.1f} t/s{k['tokens_per_s'] / t_tps:>12.2f}")
+    print(f"kiln peak memory ({k['peak_of']}) {k['peak_bytes'] / 2**20:.0f} MiB; torch peak CUDA memory {t_peak:.0f} MiB")
 
 
 if __name__ == "__main__":

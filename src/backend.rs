@@ -20,8 +20,13 @@ impl<B> TrainBackend for B where B: burn::tensor::backend::AutodiffBackend<Inner
 pub type Cpu = burn::backend::NdArray<f32>;
 #[cfg(feature = "wgpu")]
 pub type Wgpu = burn::backend::Wgpu;
+/// CUDA: Burn's `CubeBackend` over CubeCL's CUDA runtime, without Burn's fusion stream. In
+/// Burn 0.21 that stream panics ("Ordering is bigger than operations", burn-fusion's
+/// `OrderedExecution`) on its worker thread during a LoRA training step, and the step never
+/// finishes; without it every op runs as its own kernel, and kiln's fused operations
+/// (the chunked LM-head loss, the quantised products) do the fusing that matters.
 #[cfg(feature = "cuda")]
-pub type Cuda = burn::backend::Cuda;
+pub type Cuda = kiln_kernels::CudaDirect;
 #[cfg(feature = "rocm")]
 pub type Rocm = burn::backend::Rocm;
 

@@ -14,6 +14,11 @@
 //! the CPU backend (rayon) and the CubeCL backends (WGSL/SPIR-V, CUDA, HIP) override them with
 //! kernels that dequantise in registers and never form the float weight. `Autodiff<B>` gives
 //! the gradient for `x` only: the quantised base is frozen.
+//!
+//! Two more extensions ride on the same trait, so that one bound (`B: QuantMatmul`) gives a
+//! backend everything kiln's model and trainer need: [`LmHeadLoss`] (the LM head and
+//! cross-entropy over chunks of rows, with its own backward) and [`DeviceMemory`] (the GPU
+//! allocator's figures).
 
 mod autodiff;
 mod cpu;
@@ -22,6 +27,16 @@ mod cube;
 #[cfg(feature = "cubecl")]
 mod fusion;
 pub mod host;
+pub mod loss;
+pub mod memory;
+
+pub use loss::{chunk_rows, lm_head_loss, HeadLayout, HeadLoss, LmHeadLoss};
+pub use memory::{DeviceMemory, MemoryStats};
+
+/// CUDA without Burn's fusion stream: `CubeBackend` over CubeCL's CUDA runtime. (Burn 0.21's
+/// fusion stream panics with "Ordering is bigger than operations" on kiln's training step.)
+#[cfg(feature = "cuda")]
+pub type CudaDirect = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
@@ -50,7 +65,7 @@ impl Affine {
 
 /// Backend extension for products with an affine-quantised weight. Shapes: `x` `[m, k]`,
 /// `words` `[n, k·bits/32]`, `scales`/`biases` `[n, k/group]`, `dy` `[m, n]`.
-pub trait QuantMatmul: Backend {
+pub trait QuantMatmul: Backend + LmHeadLoss + DeviceMemory {
     /// `y[m, n] = x[m, k] · dequant(W)ᵀ`.
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
         let w = dequantize::<Self>(Tensor::from_primitive(words), float(scales), float(biases), format);

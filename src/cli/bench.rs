@@ -236,7 +236,8 @@ fn timed_run(recipe: &crate::recipe::Recipe, steps: usize, device: crate::backen
 }
 
 /// Runs `--steps` training steps of the recipe in a scratch run directory (no evals, no
-/// exports) and reports the median tokens/s of the steps after a two-step warm-up.
+/// exports) and reports the median step of those after a two-step warm-up: tokens/s, seconds,
+/// and the peak memory (the GPU allocator's high-water mark on a GPU, resident memory on the CPU).
 fn bench_train(args: &Args) -> anyhow::Result<()> {
     use crate::run::Event;
     if args.steps < 3 {
@@ -246,30 +247,42 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
     recipe.probes.every = 0;
     let device = args.device.device;
     let events = timed_run(&recipe, args.steps, device)?;
-    let mut rates: Vec<f64> = events.iter().filter_map(|e| match e { Event::Train { step, tokens_per_s, .. } if *step > 2 => Some(*tokens_per_s), _ => None }).collect();
-    if rates.is_empty() {
+    // (tokens/s, seconds) of each timed step: with log_every = 1 an event covers one step.
+    let steps: Vec<(f64, f64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Train { step, tokens_per_s, tokens, .. } if *step > 2 => Some((*tokens_per_s, *tokens as f64 / tokens_per_s.max(1e-12))),
+            _ => None,
+        })
+        .collect();
+    if steps.is_empty() {
         anyhow::bail!("no timed steps");
     }
-    rates.sort_by(f64::total_cmp);
-    let median = rates[rates.len() / 2];
-    let peak = Some(crate::run::peak_rss_bytes()).filter(|&b| b > 0).map(|b| b as f64 / (1024.0 * 1024.0));
+    let tokens_per_s = median(steps.iter().map(|s| s.0).collect());
+    let step_s = median(steps.iter().map(|s| s.1).collect());
+    let (peak_bytes, peak_of) = match crate::run::peak_device_bytes() {
+        Some(b) => (b, "device"),
+        None => (crate::run::peak_rss_bytes(), "host_rss"),
+    };
     let out = json!({
         "recipe": recipe.path.display().to_string(),
         "device": device.to_string(),
         "method": recipe.method.as_str(),
-        "steps_timed": rates.len(),
+        "steps_timed": steps.len(),
         "batch_size": recipe.train.batch_size,
         "max_seq_len": recipe.data.max_seq_len,
-        "train_tokens_per_s": median,
-        "peak_host_rss_mib": peak,
+        "tokens_per_s": tokens_per_s,
+        "step_s": step_s,
+        "peak_bytes": peak_bytes,
+        "peak_of": peak_of,
+        "peak_host_rss_bytes": crate::run::peak_rss_bytes(),
     });
     if args.json {
         println!("{out}");
     } else {
-        println!("train   {median:>10.1} tokens/s  (median of {} steps after 2 warm-up, {} on {})", rates.len(), recipe.method.as_str(), device);
-        if let Some(p) = peak {
-            println!("memory  {p:>10.1} MiB peak resident (host; GPU memory is not included)");
-        }
+        println!("train   {tokens_per_s:>10.1} tokens/s  {:.3} s/step  (median of {} steps after 2 warm-up, {} on {})", step_s, steps.len(), recipe.method.as_str(), device);
+        let what = if peak_of == "device" { "peak device memory (allocator high-water mark)" } else { "peak resident memory (host)" };
+        println!("memory  {:>10.1} MiB {what}", peak_bytes as f64 / (1024.0 * 1024.0));
     }
     Ok(())
 }

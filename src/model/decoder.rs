@@ -637,6 +637,18 @@ impl<B: QuantMatmul> Model<B> {
         }
     }
 
+    /// The head weight and its layout, when the head is a plain product (a dense weight with no
+    /// bias or adapter, or the tied embedding): what the chunked loss
+    /// ([`kiln_kernels::lm_head_loss`]) multiplies by. `None` sends the loss through
+    /// [`Self::lm_head`].
+    pub fn head_weight(&self) -> Option<(Tensor<B, 2>, kiln_kernels::HeadLayout)> {
+        match &self.lm_head {
+            None => Some((self.embed_tokens.val(), kiln_kernels::HeadLayout::OutIn)),
+            Some(Linear { weight: super::layers::LinearWeight::Dense(w), bias: None, lora: None }) => Some((w.val(), kiln_kernels::HeadLayout::InOut)),
+            Some(_) => None,
+        }
+    }
+
     /// Logits `[b, s, v]` for token ids `[b, s]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         self.lm_head(self.forward_hidden(ids, cache))

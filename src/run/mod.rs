@@ -23,9 +23,21 @@ use serde_json::{json, Value};
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Start { step: usize, total_steps: usize, run: String, method: String, model: String, device: String, trainable_params: usize, total_params: usize, train_examples: usize, valid_examples: usize, resumed: bool },
-    /// `rss_bytes`: the process's peak resident memory so far (host memory; a GPU's own memory
-    /// is not included).
-    Train { step: usize, epoch: usize, loss: f64, lr: f64, grad_norm: f64, tokens: usize, tokens_per_s: f64, elapsed_s: f64, rss_bytes: u64 },
+    /// `rss_bytes`: the process's peak resident memory so far (host memory). `device_bytes`: on
+    /// a GPU, the most device memory its allocator has held so far ([`peak_device_bytes`]).
+    Train {
+        step: usize,
+        epoch: usize,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        tokens: usize,
+        tokens_per_s: f64,
+        elapsed_s: f64,
+        rss_bytes: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device_bytes: Option<u64>,
+    },
     Eval { step: usize, loss: f64, ppl: f64, tokens: usize, best: bool },
     /// Exact-match accuracy of greedy answers on held-out prompts.
     Accuracy { step: usize, correct: usize, total: usize, accuracy: f64 },
@@ -140,6 +152,24 @@ pub fn peak_rss_bytes() -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+static DEVICE_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Waits for the device's queued work, reads its allocator and keeps the largest figure seen:
+/// bytes the allocator holds from the device (its pages are kept for reuse, so this is the
+/// high-water mark of what the process took, as `nvidia-smi` would show less the CUDA
+/// context). `None` on the CPU backend, which has no device allocator.
+pub fn poll_device_memory<B: crate::backend::QuantMatmul>(device: &B::Device) -> Option<u64> {
+    let _ = B::sync(device);
+    let stats = B::memory_stats(device)?;
+    let before = DEVICE_PEAK.fetch_max(stats.reserved, std::sync::atomic::Ordering::Relaxed);
+    Some(before.max(stats.reserved))
+}
+
+/// The largest device-memory figure [`poll_device_memory`] has read in this process.
+pub fn peak_device_bytes() -> Option<u64> {
+    Some(DEVICE_PEAK.load(std::sync::atomic::Ordering::Relaxed)).filter(|&b| b > 0)
 }
 
 /// Where events go.

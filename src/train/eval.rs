@@ -7,6 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::TensorData;
 
+use kiln_kernels::{chunk_rows, HeadLoss};
+
 use crate::backend::QuantMatmul;
 use crate::data::{make_batches, Batch, Example, PromptAnswer};
 use crate::generate::{generate, Sampler, SamplingConfig, StopConfig};
@@ -38,8 +40,30 @@ pub fn mask_tensor<B: Backend>(batch: &Batch, start: usize, len: usize, device: 
 
 /// Sum over target tokens of −log p(target), for one batch: a scalar tensor. Dividing by the
 /// number of target tokens gives the mean loss.
+///
+/// The head and the cross-entropy run as one chunked operation ([`kiln_kernels::lm_head_loss`]),
+/// so the `[b·s, vocab]` logits are never held whole, in the forward or the backward.
 pub fn loss_sum<B: QuantMatmul>(model: &Model<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
-    let logp = log_softmax(model.lm_head(batch_hidden(model, batch, device)), 2); // [b, s, v]
+    let h = batch_hidden(model, batch, device);
+    match model.head_weight() {
+        Some((w, layout)) => {
+            let [b, s, e] = h.dims();
+            let n = b * s;
+            let targets: Vec<i64> = batch.targets.iter().map(|&t| t as i64).collect();
+            let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
+            let mask = Tensor::<B, 1>::from_data(TensorData::new(batch.loss_mask.clone(), [n]), device);
+            let spec = HeadLoss { layout, softcap: model.config.final_logit_softcap, chunk: chunk_rows(model.config.vocab_size) };
+            kiln_kernels::lm_head_loss(h.reshape([n, e]), w, targets, mask, spec)
+        }
+        None => loss_sum_unfused(model, h, batch, device),
+    }
+}
+
+/// [`loss_sum`] as plain tensor operations over the full logits: the reference the chunked
+/// operation is checked against, and the path for heads that are not a plain product
+/// (quantised, biased or adapted).
+pub fn loss_sum_unfused<B: QuantMatmul>(model: &Model<B>, hidden: Tensor<B, 3>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
+    let logp = log_softmax(model.lm_head(hidden), 2); // [b, s, v]
     (pick_targets(logp, batch, 0) * mask_tensor(batch, 0, batch.seq, device)).sum().neg()
 }
 

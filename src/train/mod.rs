@@ -436,6 +436,7 @@ fn run_loop<B: TrainBackend>(
         let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm { t.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
         let lr = schedule.at(state.step);
         model = opt.update(model, &mut grads, lr, clip);
+        crate::run::poll_device_memory::<B>(device);
         state.adam_step = opt.step;
         state.step += 1;
         train_time += step_start.elapsed().as_secs_f64();
@@ -454,6 +455,7 @@ fn run_loop<B: TrainBackend>(
                 tokens_per_s: state.window_tokens as f64 / train_time.max(1e-9),
                 elapsed_s: started.elapsed().as_secs_f64(),
                 rss_bytes: crate::run::peak_rss_bytes(),
+                device_bytes: crate::run::peak_device_bytes(),
             });
             state.window_loss = 0.0;
             state.window_steps = 0;
@@ -571,7 +573,12 @@ fn sft_grads<B: TrainBackend>(model: &Model<B>, micro: &[Batch], device: &B::Dev
         let loss = eval::loss_sum(model, batch, device).div_scalar(step_tokens as f64);
         out.loss += loss.clone().into_scalar().elem::<f64>();
         out.tokens += batch.batch * batch.seq;
-        add_grads(model, &mut out.grads, GradientsParams::from_grads(loss.backward(), model));
+        // Device memory peaks at the end of the forward (every activation held) or in the
+        // backward (activations and gradients): read it at both ends.
+        crate::run::poll_device_memory::<B>(device);
+        let grads = loss.backward();
+        crate::run::poll_device_memory::<B>(device);
+        add_grads(model, &mut out.grads, GradientsParams::from_grads(grads, model));
     }
     out
 }

@@ -1,0 +1,174 @@
+//! kiln's fused operations against the plain composition they replace, forward and gradients,
+//! on fresh random inputs: the chunked LM-head cross-entropy (both weight layouts, with and
+//! without Gemma's logit softcap, chunk sizes that do not divide the rows, masked rows), and
+//! the model's loss through it against the full-logits loss on a real fixture model (every
+//! parameter's gradient). On the CPU always, and on wgpu when a Vulkan driver is present
+//! (lavapipe in CI).
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::TensorData;
+use kiln::backend::QuantMatmul;
+use kiln_kernels::{lm_head_loss, HeadLayout, HeadLoss};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f32 {
+        let (a, b) = (self.next().max(1e-12), self.next());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+    }
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// The plain composition: full logits, softcap, log-softmax, gather, mask.
+fn reference<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, targets: Tensor<B, 1, Int>, mask: Tensor<B, 1>, spec: HeadLoss) -> Tensor<B, 1> {
+    let n = h.dims()[0];
+    let mut z = match spec.layout {
+        HeadLayout::InOut => h.matmul(w),
+        HeadLayout::OutIn => h.matmul(w.transpose()),
+    };
+    if let Some(c) = spec.softcap {
+        z = z.div_scalar(c).tanh().mul_scalar(c);
+    }
+    let picked = log_softmax(z, 1).gather(1, targets.reshape([n, 1])).reshape([n]);
+    (picked * mask).sum().neg()
+}
+
+/// Shapes (rows, hidden, vocab, chunk rows): chunks that do not divide the rows, one chunk
+/// only, a vocabulary larger than the chunk.
+const SHAPES: [(usize, usize, usize, usize); 3] = [(37, 24, 53, 8), (16, 40, 300, 16), (5, 8, 7, 64)];
+
+fn check_head_loss<A: AutodiffBackend + QuantMatmul>(device: &A::Device, name: &str, shapes: &[(usize, usize, usize, usize)]) {
+    let mut rng = Rng(0x5EED_C0DE ^ name.len() as u64);
+    for &(n, e, v, chunk) in shapes {
+        for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
+            for softcap in [None, Some(3.0)] {
+                let spec = HeadLoss { layout, softcap, chunk };
+                let wdims = if layout == HeadLayout::InOut { [e, v] } else { [v, e] };
+                let hv: Vec<f32> = (0..n * e).map(|_| rng.normal()).collect();
+                let wv: Vec<f32> = (0..e * v).map(|_| 0.5 * rng.normal()).collect();
+                let tv: Vec<i64> = (0..n).map(|_| (rng.next() * v as f64) as i64 % v as i64).collect();
+                let mv: Vec<f32> = (0..n).map(|i| if i % 5 == 3 { 0.0 } else { 1.0 }).collect();
+                let run = |fused: bool| {
+                    let h = Tensor::<A, 2>::from_data(TensorData::new(hv.clone(), [n, e]), device).require_grad();
+                    let w = Tensor::<A, 2>::from_data(TensorData::new(wv.clone(), wdims), device).require_grad();
+                    let t = Tensor::<A, 1, Int>::from_data(TensorData::new(tv.clone(), [n]), device);
+                    let m = Tensor::<A, 1>::from_data(TensorData::new(mv.clone(), [n]), device);
+                    let loss = if fused { lm_head_loss(h.clone(), w.clone(), t, m, spec) } else { reference(h.clone(), w.clone(), t, m, spec) };
+                    // A non-unit upstream gradient, as the trainer's division by the token count gives.
+                    let grads = loss.clone().mul_scalar(0.37).backward();
+                    (host(loss), host(h.grad(&grads).unwrap()), host(w.grad(&grads).unwrap()))
+                };
+                let (lf, dhf, dwf) = run(true);
+                let (lr, dhr, dwr) = run(false);
+                let what = format!("{name} n={n} e={e} v={v} chunk={chunk} {layout:?} softcap={softcap:?}");
+                assert!(rel(&lf, &lr) < 1e-5, "{what}: loss {lf:?} vs {lr:?}");
+                assert!(rel(&dhf, &dhr) < 1e-4, "{what}: dh relative error {}", rel(&dhf, &dhr));
+                assert!(rel(&dwf, &dwr) < 1e-4, "{what}: dW relative error {}", rel(&dwf, &dwr));
+            }
+        }
+    }
+}
+
+/// The model's training loss through the fused head against the full-logits loss, and every
+/// parameter's gradient, on a fixture model: tied embedding (qwen3) and a separate head (llama).
+fn check_model_loss<A: AutodiffBackend + QuantMatmul>(device: &A::Device, name: &str, fixtures: &[&str]) {
+    use kiln::data::Batch;
+    use kiln::train::eval::{batch_hidden, loss_sum, loss_sum_unfused};
+    for &fixture in fixtures {
+        let model = kiln::model::Model::<A>::load(&common::model_dir(fixture), device).unwrap();
+        let (b, s) = (2usize, 9usize);
+        let vocab = model.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..(b * s) as u32).map(|i| (i * 7919 + 3) % vocab).collect();
+        let targets: Vec<u32> = (0..(b * s) as u32).map(|i| (i * 104_729 + 11) % vocab).collect();
+        let loss_mask: Vec<f32> = (0..b * s).map(|i| if i % 4 == 0 { 0.0 } else { 1.0 }).collect();
+        let tokens = loss_mask.iter().filter(|&&m| m > 0.0).count();
+        let batch = Batch {
+            batch: b,
+            seq: s,
+            ids,
+            targets,
+            loss_mask,
+            positions: (0..b).flat_map(|_| 0..s as u32).collect(),
+            segments: vec![0; b * s],
+            tokens,
+        };
+        let fused = loss_sum(&model, &batch, device);
+        let plain = loss_sum_unfused(&model, batch_hidden(&model, &batch, device), &batch, device);
+        let (lf, lp) = (host(fused.clone()), host(plain.clone()));
+        assert!(rel(&lf, &lp) < 1e-5, "{name} {fixture}: loss {lf:?} vs {lp:?}");
+        let (gf, gp) = (grads_of(&model, &fused.backward()), grads_of(&model, &plain.backward()));
+        assert_eq!(gf.len(), gp.len());
+        assert!(gf.len() > 10, "{name} {fixture}: only {} gradients", gf.len());
+        for ((path, a), (_, b)) in gf.iter().zip(&gp) {
+            let err = rel(a, b);
+            assert!(err < 1e-4, "{name} {fixture}: gradient of {path} differs, relative error {err}");
+        }
+    }
+}
+
+/// Every parameter's gradient by module path.
+fn grads_of<A: AutodiffBackend, M: burn::module::Module<A>>(model: &M, grads: &A::Gradients) -> Vec<(String, Vec<f32>)> {
+    use burn::module::{ModuleVisitor, Param};
+    struct Collect<'a, A: AutodiffBackend> {
+        grads: &'a A::Gradients,
+        path: Vec<String>,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl<A: AutodiffBackend> ModuleVisitor<A> for Collect<'_, A> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+            if let Some(g) = param.val().grad(self.grads) {
+                self.out.push((self.path.join("."), host(g)));
+            }
+        }
+    }
+    let mut c = Collect { grads, path: Vec::new(), out: Vec::new() };
+    model.visit(&mut c);
+    c.out
+}
+
+#[test]
+fn cpu_chunked_head_loss_matches_the_plain_composition() {
+    check_head_loss::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu", &SHAPES);
+    check_model_loss::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu", &["llama", "qwen3", "gemma3"]);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_chunked_head_loss_matches_the_plain_composition() {
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu fused-op checks");
+        return;
+    }
+    // Fewer cases than on the CPU: lavapipe compiles every new shape's kernels on 2 cores.
+    check_head_loss::<Autodiff<kiln::backend::Wgpu>>(&Default::default(), "wgpu", &SHAPES[..1]);
+    check_model_loss::<Autodiff<kiln::backend::Wgpu>>(&Default::default(), "wgpu", &["qwen3"]);
+}
