@@ -38,6 +38,15 @@ pub use memory::{DeviceMemory, MemoryStats};
 #[cfg(feature = "cuda")]
 pub type CudaDirect = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
+/// Total memory of CUDA device `index`, from the driver (CubeCL sizes its largest allocation
+/// page as a quarter of it).
+#[cfg(feature = "cuda")]
+pub fn cuda_total_memory(index: usize) -> Option<u64> {
+    use cubecl::Runtime;
+    let client = cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(index));
+    Some(client.properties().memory.max_page_size * 4)
+}
+
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
 

@@ -10,6 +10,7 @@ mod forward;
 mod fuse;
 mod generate;
 mod inspect;
+mod plan;
 mod recipe;
 mod report;
 mod train;
@@ -53,6 +54,8 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Measure prefill and decode speed.
     Bench(bench::Args),
+    /// Predict a recipe's peak training memory and speed on a device; say whether it fits.
+    Plan(plan::Args),
 }
 
 /// Where the model runs; shared by every subcommand that computes.
@@ -108,6 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(args) => forward::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
     }

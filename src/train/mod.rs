@@ -12,6 +12,7 @@ pub mod distill;
 pub mod eval;
 pub mod grpo;
 pub mod optim;
+pub mod plan;
 pub mod rollout;
 pub mod schedule;
 

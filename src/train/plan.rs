@@ -1,0 +1,284 @@
+//! `kiln plan`: how much device memory a recipe's training step will take, and roughly how
+//! fast it will run, before anything is loaded.
+//!
+//! The memory model follows what kiln's training step keeps (f32 everywhere, as the trainer
+//! runs today):
+//! - the weights (quantised projections at their packed size under QLoRA);
+//! - the trainable parameters' gradients (twice with gradient accumulation) and AdamW's two
+//!   moments;
+//! - the activations the autodiff tape holds for backward, counted per token and layer from the
+//!   decoder's operations (see [`Plan::activation_elems`]): attention keeps two `[heads, seq]`
+//!   rows per token (softmax's exponentials and its output, since attention is not fused yet),
+//!   the gated MLP five `[intermediate]` rows, norms and rope a few `[hidden]` rows;
+//! - one layer's worth of gradients in flight during backward;
+//! - one chunk of the LM-head loss (the full logits are never formed).
+//!
+//! The prediction is compared with `kiln bench train` in `bench/RESULTS.md`.
+
+use serde::Serialize;
+
+use crate::backend::DeviceSpec;
+use crate::model::config::ModelConfig;
+use crate::quant::affine::QuantSpec;
+use crate::recipe::{ALL_LINEAR, LORA_TARGETS};
+use crate::recipe::Recipe;
+
+/// The model's shape, as far as memory and arithmetic go.
+#[derive(Debug, Clone)]
+pub struct Geometry {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub tied: bool,
+    pub qk_norm: bool,
+    pub layers: Vec<LayerGeometry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LayerGeometry {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub mlp: usize,
+}
+
+impl Geometry {
+    pub fn from_config(c: &ModelConfig) -> Self {
+        let layers = c
+            .layers
+            .iter()
+            .map(|l| LayerGeometry { heads: c.num_heads, kv_heads: l.num_kv_heads, head_dim: l.head_dim, mlp: l.mlp_width.unwrap_or(0) })
+            .collect();
+        Self { vocab: c.vocab_size, hidden: c.hidden_size, tied: c.tie_word_embeddings, qk_norm: c.qk_norm, layers }
+    }
+
+    fn from_init(i: &crate::recipe::InitSection) -> Self {
+        let l = LayerGeometry { heads: i.num_heads, kv_heads: i.num_kv_heads, head_dim: i.hidden_size / i.num_heads.max(1), mlp: i.intermediate_size };
+        Self { vocab: i.vocab_size, hidden: i.hidden_size, tied: i.tie_word_embeddings, qk_norm: i.arch == "qwen3" || i.arch == "gemma3", layers: vec![l; i.num_layers] }
+    }
+
+    /// The seven projections of a layer as (name, in, out).
+    fn projections(&self, l: &LayerGeometry) -> [(&'static str, usize, usize); 7] {
+        let (e, q, kv) = (self.hidden, l.heads * l.head_dim, l.kv_heads * l.head_dim);
+        [("q_proj", e, q), ("k_proj", e, kv), ("v_proj", e, kv), ("o_proj", q, e), ("gate_proj", e, l.mlp), ("up_proj", e, l.mlp), ("down_proj", l.mlp, e)]
+    }
+
+    fn linear_params(&self) -> usize {
+        self.layers.iter().map(|l| self.projections(l).iter().map(|p| p.1 * p.2).sum::<usize>()).sum()
+    }
+
+    fn params(&self) -> usize {
+        let norms = self.layers.len() * 2 * self.hidden + self.hidden;
+        let embed = self.vocab * self.hidden * if self.tied { 1 } else { 2 };
+        self.linear_params() + norms + embed
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub recipe: String,
+    pub device: String,
+    pub method: String,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub params: usize,
+    pub trainable_params: usize,
+    pub weights_bytes: u64,
+    pub gradients_bytes: u64,
+    pub optimizer_bytes: u64,
+    pub activations_bytes: u64,
+    pub backward_bytes: u64,
+    pub logits_bytes: u64,
+    /// The predicted peak of the training step: the sum of the above.
+    pub peak_bytes: u64,
+    /// The device's memory, when known (CUDA: read from the driver; CPU: the host's).
+    pub capacity_bytes: Option<u64>,
+    pub fits: Option<bool>,
+    pub flops_per_token: f64,
+    /// An order-of-magnitude estimate: model FLOPs at the sustained rate assumed for the device.
+    pub tokens_per_s_class: String,
+    pub suggestions: Vec<String>,
+}
+
+/// f32, the dtype of everything the trainer holds today.
+const F32: u64 = 4;
+
+/// What one training step of `recipe` holds, for a model of `geom`.
+struct Step<'a> {
+    recipe: &'a Recipe,
+    geom: &'a Geometry,
+    batch: usize,
+    seq: usize,
+    quantize: Option<QuantSpec>,
+}
+
+impl Step<'_> {
+    fn lora(&self) -> bool {
+        self.recipe.trains_lora()
+    }
+
+    fn adapted(&self, name: &str, layer: usize) -> bool {
+        let l = &self.recipe.lora;
+        let by_name = l.targets.iter().any(|t| t == ALL_LINEAR || t == name);
+        let by_layer = l.layers.is_none_or(|[a, b]| (a..b).contains(&layer));
+        by_name && by_layer && LORA_TARGETS.contains(&name)
+    }
+
+    fn trainable(&self) -> usize {
+        if !self.lora() {
+            return self.geom.params();
+        }
+        let r = self.recipe.lora.rank;
+        let g = self.geom;
+        g.layers.iter().enumerate().map(|(i, l)| g.projections(l).iter().filter(|p| self.adapted(p.0, i)).map(|p| r * (p.1 + p.2)).sum::<usize>()).sum()
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        let g = self.geom;
+        let linear = g.linear_params() as u64;
+        let rest = (g.params() - g.linear_params()) as u64 * F32;
+        match self.quantize {
+            None => linear * F32 + rest,
+            Some(q) => {
+                let (bits, group) = match q {
+                    QuantSpec::Mlx { bits, group } => (bits as u64, group as u64),
+                    QuantSpec::Gguf(t) => (if t.name().contains('8') { 8 } else { 4 }, 32),
+                };
+                // Packed levels plus an f32 scale and bias per group.
+                linear * bits / 8 + linear / group * 2 * F32 + rest
+            }
+        }
+    }
+
+    /// f32 values the tape keeps per token for one layer (see the module docs).
+    fn layer_elems(&self, l: &LayerGeometry) -> u64 {
+        let (e, q, kv, f) = (self.geom.hidden, l.heads * l.head_dim, l.kv_heads * l.head_dim, l.mlp);
+        // Norms: input, normalised, scaled (x2 norms). Queries: before rope, rotated half,
+        // after rope; keys the same at kv width, then repeated to all heads; values repeated;
+        // attention output. Softmax: exponentials and probabilities. MLP: gate, its sigmoid,
+        // activation, up, product.
+        let mut n = 6 * e + 3 * q + 3 * kv + q + q + q + 2 * l.heads * self.seq + 5 * f;
+        if self.geom.qk_norm {
+            n += 3 * q + 3 * kv;
+        }
+        if self.lora() {
+            // x·A of each adapted projection.
+            n += 7 * self.recipe.lora.rank;
+        }
+        n as u64
+    }
+
+    fn plan(&self, device: DeviceSpec, capacity: Option<u64>) -> Plan {
+        let g = self.geom;
+        let tokens = (self.batch * self.seq) as u64;
+        let trainable = self.trainable() as u64;
+        let accum = self.recipe.train.grad_accum.max(1);
+        let gradients = trainable * F32 * if accum > 1 { 2 } else { 1 };
+        let optimizer = trainable * F32 * 2;
+        let per_token: u64 = g.layers.iter().map(|l| self.layer_elems(l)).sum::<u64>() + 4 * g.hidden as u64;
+        let activations = per_token * tokens * F32;
+        let widest = g.layers.iter().map(|l| self.layer_elems(l)).max().unwrap_or(0);
+        let backward = widest * tokens * F32;
+        let chunk = kiln_kernels::chunk_rows(g.vocab).min(self.batch * self.seq) as u64;
+        // Logits, exponentials, their gradient, and the gradient's copy in the weight's layout.
+        let logits = 4 * chunk * g.vocab as u64 * F32;
+        let weights = self.weight_bytes();
+        let peak = weights + gradients + optimizer + activations + backward + logits;
+        let flops = flops_per_token(g, self.seq, self.lora());
+        let rate = sustained_flops(device);
+        Plan {
+            recipe: self.recipe.path.display().to_string(),
+            device: device.to_string(),
+            method: self.recipe.method.as_str().to_string(),
+            batch_size: self.batch,
+            seq_len: self.seq,
+            grad_accum: accum,
+            params: g.params(),
+            trainable_params: trainable as usize,
+            weights_bytes: weights,
+            gradients_bytes: gradients,
+            optimizer_bytes: optimizer,
+            activations_bytes: activations,
+            backward_bytes: backward,
+            logits_bytes: logits,
+            peak_bytes: peak,
+            capacity_bytes: capacity,
+            fits: capacity.map(|c| peak <= c),
+            flops_per_token: flops,
+            tokens_per_s_class: class(rate / flops),
+            suggestions: Vec::new(),
+        }
+    }
+}
+
+/// Model FLOPs per trained token: forward `2N`, backward `2N` for the activations and `2N` more
+/// when the weights themselves are trained; attention's two products `4·s·h·d` per layer
+/// forward, twice that backward.
+pub fn flops_per_token(g: &Geometry, seq: usize, lora: bool) -> f64 {
+    let n = (g.linear_params() + g.vocab * g.hidden) as f64;
+    let attn: f64 = g.layers.iter().map(|l| (l.heads * l.head_dim) as f64).sum::<f64>() * seq as f64;
+    (if lora { 4.0 } else { 6.0 }) * n + 12.0 * attn
+}
+
+/// The FLOP rate kiln's f32 training step sustains on each kind of device, for the tokens/s
+/// class: CUDA from the H100 measurement in bench/RESULTS.md, the others rough.
+fn sustained_flops(device: DeviceSpec) -> f64 {
+    match device {
+        DeviceSpec::Cpu => 10e9 * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+        DeviceSpec::Wgpu(_) => 5e12,
+        DeviceSpec::Cuda(_) | DeviceSpec::Rocm(_) => 40e12,
+    }
+}
+
+/// "~3k tokens/s": the nearest 1-2-5 step below the estimate.
+fn class(tokens_per_s: f64) -> String {
+    let mut step = 1.0;
+    while step * 10.0 <= tokens_per_s {
+        step *= 10.0;
+    }
+    let lead = [5.0, 2.0, 1.0].into_iter().find(|m| m * step <= tokens_per_s).unwrap_or(1.0) * step;
+    let text = if lead >= 1e6 { format!("{}M", lead / 1e6) } else if lead >= 1e3 { format!("{}k", lead / 1e3) } else { format!("{lead}") };
+    format!("~{text} tokens/s")
+}
+
+/// The plan for `recipe` on `device`; `capacity` is the device memory to fit into.
+pub fn plan(recipe: &Recipe, geom: &Geometry, device: DeviceSpec, capacity: Option<u64>) -> Plan {
+    let quantize = recipe.model.quantize.as_deref().and_then(QuantSpec::parse);
+    let step = |batch, seq, quantize| Step { recipe, geom, batch, seq, quantize }.plan(device, capacity);
+    let (batch, seq) = (recipe.train.batch_size, recipe.data.max_seq_len);
+    let mut out = step(batch, seq, quantize);
+    if out.fits == Some(false) {
+        // Same tokens per optimizer step with smaller micro-batches first, then shorter rows,
+        // then a 4-bit base for LoRA.
+        let mut b = batch / 2;
+        while b >= 1 {
+            if step(b, seq, quantize).fits == Some(true) {
+                out.suggestions.push(format!("batch_size = {b}, grad_accum = {} (same tokens per step)", recipe.train.grad_accum.max(1) * batch.div_ceil(b)));
+                break;
+            }
+            b /= 2;
+        }
+        let mut s = seq / 2;
+        while s >= 64 {
+            if step(batch, s, quantize).fits == Some(true) {
+                out.suggestions.push(format!("max_seq_len = {s}"));
+                break;
+            }
+            s /= 2;
+        }
+        let q4 = QuantSpec::Mlx { bits: 4, group: 64 };
+        if recipe.trains_lora() && quantize.is_none() && step(batch, seq, Some(q4)).fits == Some(true) {
+            out.suggestions.push("[model] quantize = \"q4_g64\" (QLoRA)".to_string());
+        }
+    }
+    out
+}
+
+/// The geometry of the recipe's model: its config.json, or `[model.init]`.
+pub fn recipe_geometry(recipe: &Recipe) -> Result<Geometry, crate::model::ModelError> {
+    match (&recipe.model.path, &recipe.model.init) {
+        (Some(dir), _) => Ok(Geometry::from_config(&ModelConfig::from_dir(dir)?)),
+        (None, Some(init)) => Ok(Geometry::from_init(init)),
+        (None, None) => Err(crate::model::ModelError::Config { path: recipe.path.clone(), message: "the recipe names neither [model] path nor [model.init]".into() }),
+    }
+}
