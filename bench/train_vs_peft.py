@@ -106,10 +106,11 @@ def torch_train(path, batch, seq, steps):
         if step >= 2:
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated()
+    reserved = torch.cuda.max_memory_reserved()
     del model, opt
     torch.cuda.empty_cache()
     step_s = statistics.median(times)
-    return dict(tokens_per_s=batch * seq / step_s, step_s=step_s, peak_bytes=peak)
+    return dict(tokens_per_s=batch * seq / step_s, step_s=step_s, peak_bytes=peak, peak_reserved_bytes=reserved)
 
 
 def write_recipe(model_dir, device, batch, seq, steps, path, extra):
@@ -140,7 +141,7 @@ max_grad_norm = 1.0
 """)
 
 
-def kiln_train(kiln, model_dir, device, batch, seq, steps, extra, log):
+def kiln_train(kiln, model_dir, device, batch, seq, steps, extra, log, timeout):
     recipe = os.path.join(model_dir, f"bench-{batch}x{seq}.toml")
     write_recipe(model_dir, device, batch, seq, steps, recipe, extra)
     cmd = [kiln, "bench", "train", "--recipe", recipe, "--steps", str(steps), "--json"]
@@ -149,11 +150,16 @@ def kiln_train(kiln, model_dir, device, batch, seq, steps, extra, log):
     if plan.returncode == 0 and plan.stdout.strip():
         predicted = json.loads(plan.stdout.strip().splitlines()[-1])
     t = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        log.write(f"$ {' '.join(cmd)}  (timed out after {timeout} s)\n{(e.stderr or b'')[-4000:]}\n")
+        return dict(error=f"timed out after {timeout} s", plan_peak_bytes=predicted and predicted.get("peak_bytes"))
     log.write(f"$ {' '.join(cmd)}  ({time.time() - t:.0f} s, rc {r.returncode})\n{r.stdout}\n{r.stderr[-4000:]}\n")
     log.flush()
     if r.returncode != 0:
-        return dict(error=r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}")
+        return dict(error=r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}",
+                    plan_peak_bytes=predicted and predicted.get("peak_bytes"))
     out = json.loads(r.stdout.strip().splitlines()[-1])
     if predicted is not None:
         out["plan_peak_bytes"] = predicted.get("peak_bytes")
@@ -170,6 +176,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per step; batch = tokens / seq")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--kiln-extra", default="", help="extra lines for the recipe's [model] table")
+    ap.add_argument("--kiln-timeout", type=int, default=240, help="seconds one kiln bench may take")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args()
 
@@ -188,7 +195,7 @@ def main():
             row = dict(shape=shape, seq=seq, batch=batch, flops_per_token=flops_per_token(shape, seq))
             row["torch"] = torch_train(model_dir, batch, seq, args.steps)
             if not args.torch_only:
-                row["kiln"] = kiln_train(args.kiln, model_dir, args.device, batch, seq, args.steps, args.kiln_extra, log)
+                row["kiln"] = kiln_train(args.kiln, model_dir, args.device, batch, seq, args.steps, args.kiln_extra, log, args.kiln_timeout)
             for side in ("torch", "kiln"):
                 r = row.get(side, {})
                 if "tokens_per_s" in r:
@@ -200,13 +207,15 @@ def main():
 
     gib = 2**30
     print(f"\n{card}: LoRA r16 all 7 projections, AdamW, bf16; tokens/s (peak GiB, MFU)")
-    print(f"{'shape':14}{'seq':>6}{'batch':>6}{'torch+peft':>28}{'kiln':>28}{'speed':>7}{'mem':>7}")
+    print(f"{'shape':14}{'seq':>6}{'batch':>6}{'torch+peft':>28}{'kiln':>28}{'speed':>7}{'mem':>7}{'plan/kiln':>10}")
     for row in rows:
         t, k = row["torch"], row.get("kiln", {})
         cell = lambda r: (f"{r['tokens_per_s']:9.0f} ({r['peak_bytes'] / gib:5.1f}, {r['mfu'] * 100:4.1f}%)"
                           if "tokens_per_s" in r else r.get("error", "-")[:26])
         ratio = lambda key: f"{k[key] / t[key]:7.2f}" if key in k and k.get(key) else "      -"
-        print(f"{row['shape']:14}{row['seq']:>6}{row['batch']:>6}{cell(t):>28}{cell(k):>28}{ratio('tokens_per_s')}{ratio('peak_bytes')}")
+        plan = k.get("plan_peak_bytes")
+        vs = f"{plan / k['peak_bytes']:10.2f}" if plan and k.get("peak_bytes") else (f"{plan / gib:8.1f}G" if plan else "         -")
+        print(f"{row['shape']:14}{row['seq']:>6}{row['batch']:>6}{cell(t):>28}{cell(k):>28}{ratio('tokens_per_s')}{ratio('peak_bytes')}{vs}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ enum What {
     /// The quantised-matmul kernels: decode GB/s against copy bandwidth, prefill TFLOP/s
     /// against Burn's dense matmul, per format and shape.
     Kernels,
+    /// kiln's fused operations (the chunked LM-head loss) against the plain composition on the
+    /// device: forward and gradients checked, then both timed.
+    Fused,
     /// GGUF export speed (MB/s) per `--types`, next to llama.cpp's quantiser when
     /// llama-cpp-python is installed. Without `--model`, a random Qwen3-0.6B-shaped model.
     Export,
@@ -78,6 +81,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.what == What::Kernels {
         return super::bench_kernels::run(args.device.device, args.json);
+    }
+    if args.what == What::Fused {
+        return super::bench_fused::run(args.device.device, args.runs, args.json);
     }
     if args.what == What::Export {
         return super::export::bench(args.model.as_deref(), &args.types, args.json);

@@ -3,6 +3,7 @@
 //! once and picks the exit code.
 
 mod bench;
+mod bench_fused;
 mod bench_kernels;
 mod eval;
 mod export;
