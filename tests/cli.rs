@@ -204,3 +204,36 @@ fn missing_model_directory() {
     let (code, _, stderr) = kiln(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"]);
     assert_clean_error(code, &stderr, &["/nonexistent/model", "not a model directory"]);
 }
+
+/// `kiln plan --json` and `kiln bench train --json`: the last line is one JSON object with the
+/// documented keys; the plan's figures add up, a tiny device does not fit and gets suggestions.
+#[test]
+fn plan_and_bench_train_print_their_json_contract() {
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/quickstart.toml");
+    let last = |out: &str| -> serde_json::Value { serde_json::from_str(out.trim().lines().last().unwrap()).unwrap() };
+
+    let (code, out, err) = common::kiln(&["plan", recipe, "--device", "cpu", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let plan = last(&out);
+    let parts: u64 = ["weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "backward_bytes", "logits_bytes"].iter().map(|k| plan[*k].as_u64().unwrap()).sum();
+    assert_eq!(plan["peak_bytes"].as_u64().unwrap(), parts);
+    assert_eq!(plan["fits"], serde_json::json!(true));
+
+    let (code, out, err) = common::kiln(&["plan", recipe, "--memory-gib", "0.06", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let small = last(&out);
+    assert_eq!(small["fits"], serde_json::json!(false));
+    assert!(!small["suggestions"].as_array().unwrap().is_empty(), "{small}");
+
+    let (code, _, err) = common::kiln(&["plan", recipe, "--memory-gib=0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--memory-gib must be positive"), "{err}");
+
+    let (code, out, err) = common::kiln(&["bench", "train", "--recipe", recipe, "--steps", "4", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let bench = last(&out);
+    for key in ["tokens_per_s", "step_s", "peak_bytes"] {
+        assert!(bench[key].as_f64().is_some_and(|v| v > 0.0), "{key} missing in {bench}");
+    }
+    assert_eq!(bench["peak_of"], "host_rss");
+}

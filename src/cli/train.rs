@@ -33,6 +33,10 @@ pub struct Args {
     /// Override the recipe's `run.device`.
     #[arg(long)]
     device: Option<String>,
+    /// Compute the loss with plain tensor operations over the full logits instead of the
+    /// chunked LM-head loss (to compare the two; uses far more memory).
+    #[arg(long)]
+    reference_ops: bool,
     /// Show the dashboard (as `kiln watch`) while training.
     #[arg(long)]
     tui: bool,
@@ -69,7 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("\nstopping after this step (Ctrl-C again to abort without a checkpoint)");
         });
     }
-    let options = TrainOptions { resume: args.resume, overwrite: args.overwrite, max_steps: args.max_steps };
+    let options = TrainOptions { resume: args.resume, overwrite: args.overwrite, max_steps: args.max_steps, reference_ops: args.reference_ops };
     let quiet = Arc::new(AtomicBool::new(args.tui));
     let done = Arc::new(AtomicBool::new(false));
     let trainer = {

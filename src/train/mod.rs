@@ -104,6 +104,9 @@ pub struct TrainOptions {
     /// Stop (with a checkpoint) once this many steps are done; the schedule is unchanged, so
     /// `--resume` later continues the same run.
     pub max_steps: Option<usize>,
+    /// Compute the loss with plain tensor operations over the full logits instead of kiln's
+    /// chunked LM-head loss: the reference the fused path is checked against.
+    pub reference_ops: bool,
 }
 
 /// What a finished (or stopped) run reports.
@@ -389,7 +392,7 @@ fn run_loop<B: TrainBackend>(
         let out = match &mut objective {
             Objective::Sft => {
                 let micro = next_micro_batches(recipe, &data.train, &mut state, &mut epoch_cache, batches_per_epoch);
-                sft_grads(&model, &micro, device)
+                sft_grads(&model, &micro, device, options.reference_ops)
             }
             Objective::Distill(d) => {
                 let on_policy = d.on_policy(state.step);
@@ -567,11 +570,12 @@ fn next_micro_batches(recipe: &Recipe, train: &[Example], state: &mut LoopState,
 
 /// Cross-entropy gradients of the micro-batches, each loss divided by the step's target-token
 /// count so that accumulation equals one big batch.
-fn sft_grads<B: TrainBackend>(model: &Model<B>, micro: &[Batch], device: &B::Device) -> StepGrads {
+fn sft_grads<B: TrainBackend>(model: &Model<B>, micro: &[Batch], device: &B::Device, reference_ops: bool) -> StepGrads {
     let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
     let mut out = StepGrads::default();
     for batch in micro.iter().filter(|b| b.tokens > 0) {
-        let loss = eval::loss_sum(model, batch, device).div_scalar(step_tokens as f64);
+        let loss = if reference_ops { eval::loss_sum_unfused(model, eval::batch_hidden(model, batch, device), batch, device) } else { eval::loss_sum(model, batch, device) };
+        let loss = loss.div_scalar(step_tokens as f64);
         out.loss += loss.clone().into_scalar().elem::<f64>();
         out.tokens += batch.batch * batch.seq;
         // Device memory peaks at the end of the forward (every activation held) or in the
