@@ -1,6 +1,7 @@
 //! kiln's fused operations against the plain composition they replace, forward and gradients,
-//! on fresh random inputs: the chunked LM-head cross-entropy (both weight layouts, with and
-//! without Gemma's logit softcap, chunk sizes that do not divide the rows, masked rows), and
+//! on fresh random inputs: RMSNorm (row widths that are not multiples of the kernel's 128
+//! threads, Gemma's weight offset), the chunked LM-head cross-entropy (both weight layouts,
+//! with and without Gemma's logit softcap, chunk sizes that do not divide the rows, masked rows), and
 //! the model's loss through it against the full-logits loss on a real fixture model (every
 //! parameter's gradient). On the CPU always, and on wgpu when a Vulkan driver is present
 //! (lavapipe in CI).
@@ -153,6 +154,54 @@ fn grads_of<A: AutodiffBackend, M: burn::module::Module<A>>(model: &M, grads: &A
     let mut c = Collect { grads, path: Vec::new(), out: Vec::new() };
     model.visit(&mut c);
     c.out
+}
+
+/// RMSNorm through the op against `x / sqrt(mean(x²) + eps) · (offset + w)` in tensor ops:
+/// output, `dx` and `dw` for a random upstream gradient.
+fn check_rms_norm<A: AutodiffBackend + kiln_kernels::RmsNormOp>(device: &A::Device, name: &str) {
+    let mut rng = Rng(0x0A11_CE55 ^ name.len() as u64);
+    for (n, d) in [(7, 33), (5, 896), (3, 2), (2, 300)] {
+        for offset in [0.0, 1.0] {
+            let xv: Vec<f32> = (0..n * d).map(|_| 2.0 * rng.normal()).collect();
+            let wv: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+            let cv: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+            let run = |fused: bool| {
+                let x = Tensor::<A, 2>::from_data(TensorData::new(xv.clone(), [n, d]), device).require_grad();
+                let w = Tensor::<A, 1>::from_data(TensorData::new(wv.clone(), [d]), device).require_grad();
+                let c = Tensor::<A, 2>::from_data(TensorData::new(cv.clone(), [n, d]), device);
+                let y = if fused {
+                    kiln_kernels::rms_norm(x.clone(), w.clone(), 1e-6, offset)
+                } else {
+                    let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(1e-6).sqrt();
+                    x.clone().div(rms) * w.clone().add_scalar(offset).unsqueeze::<2>()
+                };
+                let grads = (y.clone() * c).sum().backward();
+                (host(y), host(x.grad(&grads).unwrap()), host(w.grad(&grads).unwrap()))
+            };
+            let (yf, dxf, dwf) = run(true);
+            let (yp, dxp, dwp) = run(false);
+            let what = format!("{name} rms_norm n={n} d={d} offset={offset}");
+            assert!(rel(&yf, &yp) < 1e-5, "{what}: y relative error {}", rel(&yf, &yp));
+            assert!(rel(&dxf, &dxp) < 1e-4, "{what}: dx relative error {}", rel(&dxf, &dxp));
+            assert!(rel(&dwf, &dwp) < 1e-4, "{what}: dw relative error {}", rel(&dwf, &dwp));
+        }
+    }
+}
+
+#[test]
+fn cpu_rms_norm_matches_the_plain_composition() {
+    check_rms_norm::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu");
+}
+
+/// On wgpu the CubeCL kernels themselves (no fusion stream, which would run the composition).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_rms_norm_kernels_match_the_plain_composition() {
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu RMSNorm kernel checks");
+        return;
+    }
+    check_rms_norm::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu");
 }
 
 #[test]

@@ -255,7 +255,7 @@ fn matmul_dx_kernel<F: Float>(dy: &Tensor<F>, words: &Tensor<u32>, scales: &Tens
 }
 
 /// The kernels are generic over the backend's float type; other float inputs are cast.
-fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
+pub(crate) fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
     if t.dtype == F::dtype() { t } else { cast(t, F::dtype()) }
 }
 

@@ -17,8 +17,8 @@
 //!
 //! Two more extensions ride on the same trait, so that one bound (`B: QuantMatmul`) gives a
 //! backend everything kiln's model and trainer need: [`LmHeadLoss`] (the LM head and
-//! cross-entropy over chunks of rows, with its own backward) and [`DeviceMemory`] (the GPU
-//! allocator's figures).
+//! cross-entropy over chunks of rows, with its own backward), [`RmsNormOp`] (RMSNorm as one
+//! kernel each way) and [`DeviceMemory`] (the GPU allocator's figures).
 
 mod autodiff;
 mod cpu;
@@ -29,9 +29,16 @@ mod fusion;
 pub mod host;
 pub mod loss;
 pub mod memory;
+pub mod norm;
 
 pub use loss::{chunk_rows, lm_head_loss, HeadLayout, HeadLoss, LmHeadLoss};
 pub use memory::{DeviceMemory, MemoryStats};
+pub use norm::{rms_norm, RmsNormOp};
+
+/// wgpu without Burn's fusion stream, so that kiln's own CubeCL kernels (which a fusion stream
+/// would run as its default composition) can be checked on Vulkan, lavapipe included.
+#[cfg(feature = "wgpu")]
+pub type WgpuDirect = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 
 /// CUDA without Burn's fusion stream: `CubeBackend` over CubeCL's CUDA runtime. (Burn 0.21's
 /// fusion stream panics with "Ordering is bigger than operations" on kiln's training step.)
@@ -74,7 +81,7 @@ impl Affine {
 
 /// Backend extension for products with an affine-quantised weight. Shapes: `x` `[m, k]`,
 /// `words` `[n, k·bits/32]`, `scales`/`biases` `[n, k/group]`, `dy` `[m, n]`.
-pub trait QuantMatmul: Backend + LmHeadLoss + DeviceMemory {
+pub trait QuantMatmul: Backend + LmHeadLoss + RmsNormOp + DeviceMemory {
     /// `y[m, n] = x[m, k] · dequant(W)ᵀ`.
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
         let w = dequantize::<Self>(Tensor::from_primitive(words), float(scales), float(biases), format);

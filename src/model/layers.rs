@@ -202,9 +202,13 @@ impl<B: Backend> RmsNorm<B> {
         Ok(Self { weight: Param::from_tensor(weight), eps, offset })
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let w = self.weight.val().add_scalar(self.offset).unsqueeze::<D>(); // [d] -> [1.., d]
-        rms_normalize(x, self.eps).mul(w)
+    /// One operation with its own backward ([`kiln_kernels::rms_norm`]): a kernel each way on
+    /// the CubeCL backends, the plain composition elsewhere.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>
+    where
+        B: kiln_kernels::RmsNormOp,
+    {
+        kiln_kernels::rms_norm(x, self.weight.val(), self.eps, self.offset)
     }
 }
 

@@ -9,7 +9,7 @@
 //! - the activations the autodiff tape holds for backward, counted per token and layer from the
 //!   decoder's operations (see [`Plan::activation_elems`]): attention keeps two `[heads, seq]`
 //!   rows per token (softmax's exponentials and its output, since attention is not fused yet),
-//!   the gated MLP five `[intermediate]` rows, norms and rope a few `[hidden]` rows;
+//!   the gated MLP five `[intermediate]` rows, the (fused) norms and rope a few `[hidden]` rows;
 //! - one layer's worth of gradients in flight during backward;
 //! - one chunk of the LM-head loss (the full logits are never formed).
 //!
@@ -153,13 +153,14 @@ impl Step<'_> {
     /// f32 values the tape keeps per token for one layer (see the module docs).
     fn layer_elems(&self, l: &LayerGeometry) -> u64 {
         let (e, q, kv, f) = (self.geom.hidden, l.heads * l.head_dim, l.kv_heads * l.head_dim, l.mlp);
-        // Norms: input, normalised, scaled (x2 norms). Queries: before rope, rotated half,
+        // Norms (fused: input and output, two norms). Queries: before rope, rotated half,
         // after rope; keys the same at kv width, then repeated to all heads; values repeated;
         // attention output. Softmax: exponentials and probabilities. MLP: gate, its sigmoid,
         // activation, up, product.
-        let mut n = 6 * e + 3 * q + 3 * kv + q + q + q + 2 * l.heads * self.seq + 5 * f;
+        let mut n = 4 * e + 3 * q + 3 * kv + q + q + q + 2 * l.heads * self.seq + 5 * f;
         if self.geom.qk_norm {
-            n += 3 * q + 3 * kv;
+            // The per-head norms' inputs (their outputs are rope's inputs, counted above).
+            n += q + kv;
         }
         if self.lora() {
             // x·A of each adapted projection.

@@ -99,6 +99,8 @@ pub struct RunState {
     pub tokens: usize,
     pub tokens_per_s: f64,
     pub rss_bytes: u64,
+    /// The GPU allocator's high-water mark, when training runs on a GPU.
+    pub device_bytes: Option<u64>,
     pub train_loss: Vec<(f64, f64)>,
     pub smooth_loss: Vec<(f64, f64)>,
     smooth: (f64, f64),
@@ -196,6 +198,7 @@ impl RunState {
                 self.tokens += uint(v, "tokens");
                 self.tokens_per_s = num(v, "tokens_per_s");
                 self.rss_bytes = v.get("rss_bytes").and_then(Value::as_u64).unwrap_or(self.rss_bytes);
+                self.device_bytes = v.get("device_bytes").and_then(Value::as_u64).or(self.device_bytes);
                 self.rate_origin.get_or_insert((step, self.elapsed_s));
                 if loss.is_finite() {
                     self.train_loss.push((x, loss));

@@ -65,6 +65,9 @@ fn draw_header(f: &mut Frame, area: Rect, app: &App) {
         Span::raw(format!("  epoch {}  elapsed {}  ETA {}", s.epoch, duration(elapsed), s.eta_s().map_or("—".into(), duration))),
     ]);
     let mut spans = vec![Span::raw(format!("{} tok/s  {} tokens  mem {}", si(s.tokens_per_s), si(s.tokens as f64), bytes(s.rss_bytes)))];
+    if let Some(gpu) = s.device_bytes {
+        spans.push(Span::raw(format!("  gpu {}", bytes(gpu))));
+    }
     if let Some(&(_, l)) = s.train_loss.last() {
         spans.push(Span::raw(format!("  loss {l:.4}")));
     }

@@ -1,0 +1,235 @@
+//! RMSNorm as one operation with its own backward: `y = x · rstd · (offset + w)`,
+//! `rstd = 1 / sqrt(mean(x²) + eps)` over the last dimension (Gemma stores `w` as an offset
+//! from one: `offset = 1`; the others `offset = 0`).
+//!
+//! As plain tensor operations the tape keeps `x`, `x²`'s mean, the normalised `x` and the
+//! scaled output for backward; here it keeps `x` and one float per row (`rstd`), and the
+//! CubeCL backends run the forward and the input gradient as one kernel each, a cube per row:
+//! `dx = rstd · w'·dy − x · rstd³ · mean(w'·dy·x)` with `w' = offset + w`. The weight's
+//! gradient (`Σ_rows dy · x · rstd`) is a column sum, left to Burn's reduction.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+
+/// Backend extension: RMSNorm over the last dimension of `x` `[n, d]` with weight `w` `[d]`.
+/// The default methods are the plain tensor composition (the reference).
+pub trait RmsNormOp: Backend {
+    /// `(y [n, d], rstd [n])`.
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let x = float::<Self, 2>(x);
+        let [n, _] = x.dims();
+        let rstd = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt().recip(); // [n, 1]
+        let y = x * rstd.clone() * float::<Self, 1>(w).add_scalar(offset).unsqueeze::<2>();
+        (y.into_primitive().tensor(), rstd.reshape([n]).into_primitive().tensor())
+    }
+
+    /// `dx [n, d]` for the upstream gradient `dy` `[n, d]`.
+    fn rms_norm_dx(dy: FloatTensor<Self>, x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, offset: f64) -> FloatTensor<Self> {
+        let (dy, x) = (float::<Self, 2>(dy), float::<Self, 2>(x));
+        let [n, d] = x.dims();
+        let r = float::<Self, 1>(rstd).reshape([n, 1]);
+        let g = dy * float::<Self, 1>(w).add_scalar(offset).unsqueeze::<2>(); // w'·dy
+        let s = (g.clone() * x.clone()).sum_dim(1).div_scalar(d as f64); // [n, 1]
+        (g * r.clone() - x * r.clone().powi_scalar(3) * s).into_primitive().tensor()
+    }
+}
+
+/// RMSNorm of `x` `[.., d]` with weight `w` `[d]`: the typed entry point.
+pub fn rms_norm<B: RmsNormOp, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64, offset: f64) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let n = dims[..D - 1].iter().product::<usize>();
+    let (y, _) = B::rms_norm(x.reshape([n, d]).into_primitive().tensor(), w.into_primitive().tensor(), eps, offset);
+    float::<B, 2>(y).reshape(dims)
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+#[derive(Debug, Clone)]
+struct State<B: Backend> {
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    rstd: FloatTensor<B>,
+    offset: f64,
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: RmsNormOp> Backward<B, 2> for RmsNormBackward {
+    type State = State<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        if let Some(node) = node_w {
+            let [n, d] = float::<B, 2>(s.x.clone()).dims();
+            let r = float::<B, 1>(s.rstd.clone()).reshape([n, 1]);
+            let dw = (float::<B, 2>(dy.clone()) * float::<B, 2>(s.x.clone()) * r).sum_dim(0).reshape([d]); // [d]
+            grads.register::<B>(node.id, dw.into_primitive().tensor());
+        }
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::rms_norm_dx(dy, s.x, s.w, s.rstd, s.offset));
+        }
+    }
+}
+
+impl<B: RmsNormOp, C: CheckpointStrategy> RmsNormOp for Autodiff<B, C> {
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, rstd) = B::rms_norm(x.primitive.clone(), w.primitive.clone(), eps, offset);
+        // `rstd` leaves as a constant: only `y` is differentiable.
+        let rstd_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(rstd.clone());
+        let y = match RmsNormBackward.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(State { x: x.primitive, w: w.primitive, rstd, offset }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, rstd_out)
+    }
+}
+
+impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> RmsNormOp for NdArray<E, I, Q> where NdArrayTensor: From<SharedArray<E>> + From<SharedArray<I>> {}
+
+#[cfg(feature = "cubecl")]
+impl<B: burn_fusion::FusionBackend> RmsNormOp for burn_fusion::Fusion<B> {}
+
+#[cfg(feature = "cubecl")]
+pub(crate) mod cube {
+    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::{Shape, TensorData};
+    use burn_cubecl::kernel::into_contiguous;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+    use cubecl::prelude::*;
+    use cubecl::{cube, CubeCount, CubeDim};
+
+    use super::RmsNormOp;
+
+    /// Threads per row.
+    const LANES: u32 = 128;
+    const LOG_LANES: u32 = 7;
+
+    /// `Σ partial[0..LANES]` into `partial[0]`, for every thread of the cube.
+    #[cube]
+    fn reduce<F: Float>(partial: &mut SharedMemory<F>, lane: usize) {
+        #[unroll]
+        for step in 0..LOG_LANES {
+            let stride = ((LANES / 2) >> step) as usize;
+            if lane < stride {
+                let other = partial[lane + stride];
+                partial[lane] += other;
+            }
+            sync_cube();
+        }
+    }
+
+    /// One cube per row. `params` = [eps, offset].
+    #[cube(launch_unchecked)]
+    fn rms_norm_kernel<F: Float>(x: &Tensor<F>, w: &Tensor<F>, params: &Tensor<F>, y: &mut Tensor<F>, rstd: &mut Tensor<F>) {
+        let row = CUBE_POS_X as usize;
+        let lane = UNIT_POS_X as usize;
+        let d = x.shape(1);
+        let base = row * d;
+        let mut partial = SharedMemory::<F>::new(LANES as usize);
+        let mut acc = F::new(0.0);
+        let mut j = lane;
+        while j < d {
+            let v = x[base + j];
+            acc += v * v;
+            j += LANES as usize;
+        }
+        partial[lane] = acc;
+        sync_cube();
+        reduce::<F>(&mut partial, lane);
+        let r = F::new(1.0) / F::sqrt(partial[0] / F::cast_from(d) + params[0]);
+        let offset = params[1];
+        j = lane;
+        while j < d {
+            y[base + j] = x[base + j] * r * (w[j] + offset);
+            j += LANES as usize;
+        }
+        if lane == 0 {
+            rstd[row] = r;
+        }
+    }
+
+    /// `dx = r·w'·dy − x·r³·mean(w'·dy·x)`, one cube per row. `params` = [eps, offset].
+    #[cube(launch_unchecked)]
+    fn rms_norm_dx_kernel<F: Float>(dy: &Tensor<F>, x: &Tensor<F>, w: &Tensor<F>, rstd: &Tensor<F>, params: &Tensor<F>, dx: &mut Tensor<F>) {
+        let row = CUBE_POS_X as usize;
+        let lane = UNIT_POS_X as usize;
+        let d = x.shape(1);
+        let base = row * d;
+        let offset = params[1];
+        let mut partial = SharedMemory::<F>::new(LANES as usize);
+        let mut acc = F::new(0.0);
+        let mut j = lane;
+        while j < d {
+            acc += dy[base + j] * (w[j] + offset) * x[base + j];
+            j += LANES as usize;
+        }
+        partial[lane] = acc;
+        sync_cube();
+        reduce::<F>(&mut partial, lane);
+        let r = rstd[row];
+        let c = r * r * r * partial[0] / F::cast_from(d);
+        j = lane;
+        while j < d {
+            dx[base + j] = r * (w[j] + offset) * dy[base + j] - x[base + j] * c;
+            j += LANES as usize;
+        }
+    }
+
+    fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
+        into_contiguous(crate::cube::as_float::<R, F>(t))
+    }
+
+    fn params<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(like: &CubeTensor<R>, eps: f64, offset: f64) -> CubeTensor<R> {
+        let data = TensorData::new(vec![eps as f32, offset as f32], [2]).convert::<F>();
+        as_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
+    }
+
+    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RmsNormOp for CubeBackend<R, F, I, BT> {
+        fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let (x, w) = (as_float::<R, F>(x), as_float::<R, F>(w));
+            let p = params::<R, F, I, BT>(&x, eps, offset);
+            let [n, d] = x.meta.shape().dims::<2>();
+            let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, d]), F::dtype());
+            let rstd = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n]), F::dtype());
+            if n == 0 || d == 0 {
+                return (y, rstd);
+            }
+            let client = x.client.clone();
+            // SAFETY: row `CUBE_POS_X` < n by the launch count; columns below `d`; `w` has `d`
+            // values and `params` two (all contiguous above).
+            unsafe {
+                rms_norm_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(n as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, x.into_tensor_arg(), w.into_tensor_arg(), p.into_tensor_arg(), y.clone().into_tensor_arg(), rstd.clone().into_tensor_arg());
+            }
+            (y, rstd)
+        }
+
+        fn rms_norm_dx(dy: FloatTensor<Self>, x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, offset: f64) -> FloatTensor<Self> {
+            let (dy, x, w, rstd) = (as_float::<R, F>(dy), as_float::<R, F>(x), as_float::<R, F>(w), as_float::<R, F>(rstd));
+            let p = params::<R, F, I, BT>(&x, 0.0, offset);
+            let [n, d] = x.meta.shape().dims::<2>();
+            let dx = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, d]), F::dtype());
+            if n == 0 || d == 0 {
+                return dx;
+            }
+            let client = x.client.clone();
+            // SAFETY: as in the forward; `dy` has the shape of `x`, `rstd` one value per row.
+            unsafe {
+                rms_norm_dx_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(n as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, dy.into_tensor_arg(), x.into_tensor_arg(), w.into_tensor_arg(), rstd.into_tensor_arg(), p.into_tensor_arg(), dx.clone().into_tensor_arg());
+            }
+            dx
+        }
+    }
+}
