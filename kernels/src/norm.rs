@@ -23,9 +23,11 @@ pub trait RmsNormOp: Backend {
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let x = float::<Self, 2>(x);
         let [n, _] = x.dims();
-        let rstd = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt().recip(); // [n, 1]
-        let y = x * rstd.clone() * float::<Self, 1>(w).add_scalar(offset).unsqueeze::<2>();
-        (y.into_primitive().tensor(), rstd.reshape([n]).into_primitive().tensor())
+        let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt(); // [n, 1]
+        // x / rms rather than x · (1 / rms): the rounding the unfused model (and its parity
+        // with transformers) was measured with.
+        let y = x.div(rms.clone()) * float::<Self, 1>(w).add_scalar(offset).unsqueeze::<2>();
+        (y.into_primitive().tensor(), rms.recip().reshape([n]).into_primitive().tensor())
     }
 
     /// `dx [n, d]` for the upstream gradient `dy` `[n, d]`.
@@ -149,15 +151,16 @@ pub(crate) mod cube {
         partial[lane] = acc;
         sync_cube();
         reduce::<F>(&mut partial, lane);
-        let r = F::new(1.0) / F::sqrt(partial[0] / F::cast_from(d) + params[0]);
+        let rms = F::sqrt(partial[0] / F::cast_from(d) + params[0]);
         let offset = params[1];
         j = lane;
         while j < d {
-            y[base + j] = x[base + j] * r * (w[j] + offset);
+            // Divided, not multiplied by 1 / rms: the composition's rounding.
+            y[base + j] = x[base + j] / rms * (w[j] + offset);
             j += LANES as usize;
         }
         if lane == 0 {
-            rstd[row] = r;
+            rstd[row] = F::new(1.0) / rms;
         }
     }
 

@@ -13,7 +13,10 @@
 //! - one layer's worth of gradients in flight during backward;
 //! - one chunk of the LM-head loss (the full logits are never formed).
 //!
-//! The prediction is compared with `kiln bench train` in `bench/RESULTS.md`.
+//! `kiln bench train` measures the real peak (the GPU allocator's high-water mark). The two have
+//! not been compared on a GPU yet: kiln's GPU training step does not complete on Burn 0.21 in
+//! reasonable time (`bench/RESULTS.md`), so the activation counts are read off the code, not
+//! fitted to measurements.
 
 use serde::Serialize;
 
@@ -221,8 +224,9 @@ pub fn flops_per_token(g: &Geometry, seq: usize, lora: bool) -> f64 {
     (if lora { 4.0 } else { 6.0 }) * n + 12.0 * attn
 }
 
-/// The FLOP rate kiln's f32 training step sustains on each kind of device, for the tokens/s
-/// class: CUDA from the H100 measurement in bench/RESULTS.md, the others rough.
+/// The FLOP rate assumed for kiln's f32 training step on each kind of device, for the tokens/s
+/// class. Assumptions, not measurements: 10 GFLOP/s per CPU core (the quickstart measured
+/// ~3k tokens/s on 2 cores, ~17 GFLOP/s), and for GPUs a small share of their f32/TF32 peak.
 fn sustained_flops(device: DeviceSpec) -> f64 {
     match device {
         DeviceSpec::Cpu => 10e9 * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
