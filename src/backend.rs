@@ -103,7 +103,8 @@ impl fmt::Display for DeviceSpec {
 
 impl DeviceSpec {
     /// Checks that the backend was compiled in and, where that can be known cheaply, that it can
-    /// start: Burn's CUDA runtime panics on a worker thread when libcuda is missing.
+    /// start: Burn's CUDA runtime panics on a worker thread when libcuda is missing. A GPU
+    /// backend that passes keeps its compiled kernels on disk from here on.
     pub fn check(&self) -> Result<(), DeviceError> {
         let missing = |feature| {
             Err(DeviceError::NotCompiled { device: self.to_string(), feature })
@@ -114,7 +115,27 @@ impl DeviceSpec {
             Self::Cuda(_) if !cfg!(feature = "cuda") => missing("cuda"),
             Self::Cuda(_) if !cuda_driver_present() => Err(DeviceError::NoCudaDriver),
             Self::Rocm(_) if !cfg!(feature = "rocm") => missing("rocm"),
-            _ => Ok(()),
+            _ => {
+                keep_kernel_cache();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// GPU backends compile kernels at run time: keep them (and autotune results) in
+/// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln/cubecl`, else `~/.cache/kiln/cubecl`, so a
+/// second run starts warm.
+fn keep_kernel_cache() {
+    #[cfg(any(feature = "wgpu", feature = "cuda", feature = "rocm"))]
+    {
+        let env = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+        let dir = env("KILN_CACHE_DIR")
+            .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kiln")))
+            .or_else(|| env("HOME").map(|d| d.join(".cache/kiln")))
+            .map(|d| d.join("cubecl"));
+        if let Some(dir) = dir {
+            kiln_kernels::keep_kernel_cache(&dir);
         }
     }
 }

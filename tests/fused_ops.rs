@@ -1,10 +1,12 @@
 //! kiln's fused operations against the plain composition they replace, forward and gradients,
 //! on fresh random inputs: RMSNorm (row widths that are not multiples of the kernel's 128
-//! threads, Gemma's weight offset), the chunked LM-head cross-entropy (both weight layouts,
-//! with and without Gemma's logit softcap, chunk sizes that do not divide the rows, masked rows), and
-//! the model's loss through it against the full-logits loss on a real fixture model (every
-//! parameter's gradient). On the CPU always, and on wgpu when a Vulkan driver is present
-//! (lavapipe in CI).
+//! threads, Gemma's weight offset); rope (partial rotary widths, per-row tables); the gated
+//! MLP activation (silu, both GELUs); the chunked LM-head cross-entropy (both weight layouts, with
+//! and without Gemma's logit softcap, chunk sizes that do not divide the rows, masked rows);
+//! attention (GQA groups, causal, packed and sliding-window masks, softcap, a decode-like cache)
+//! against repeated keys and a full softmax; and the model's loss through the fused ops against
+//! the full-logits loss and plain attention on real fixture models (every parameter's
+//! gradient). On the CPU always, and on wgpu when a Vulkan driver is present (lavapipe in CI).
 
 mod common;
 
@@ -117,7 +119,8 @@ fn check_model_loss<A: AutodiffBackend + QuantMatmul>(device: &A::Device, name: 
             tokens,
         };
         let fused = loss_sum(&model, &batch, device);
-        let plain = loss_sum_unfused(&model, batch_hidden(&model, &batch, device), &batch, device);
+        let reference = model.clone().use_reference_ops();
+        let plain = loss_sum_unfused(&reference, batch_hidden(&reference, &batch, device), &batch, device);
         let (lf, lp) = (host(fused.clone()), host(plain.clone()));
         assert!(rel(&lf, &lp) < 1e-5, "{name} {fixture}: loss {lf:?} vs {lp:?}");
         let (gf, gp) = (grads_of(&model, &fused.backward()), grads_of(&model, &plain.backward()));
@@ -186,6 +189,205 @@ fn check_rms_norm<A: AutodiffBackend + kiln_kernels::RmsNormOp>(device: &A::Devi
             assert!(rel(&dwf, &dwp) < 1e-4, "{what}: dw relative error {}", rel(&dwf, &dwp));
         }
     }
+}
+
+/// One attention case: batch, query heads, key/value heads, queries, head size, mask, softcap.
+struct AttentionCase {
+    b: usize,
+    h: usize,
+    kv: usize,
+    s: usize,
+    d: usize,
+    mask: MaskKind,
+    softcap: Option<f64>,
+}
+
+enum MaskKind {
+    /// Causal over `past` cached keys and the `s` new ones, with an optional sliding window.
+    Causal { past: usize, window: Option<usize> },
+    /// Packed rows: segments of these lengths (repeating), an optional window.
+    Packed { lengths: &'static [usize], window: Option<usize> },
+}
+
+/// Head sizes on both sides of the kernels' tile widths; query and key counts that are not
+/// multiples of the 32 rows a cube handles; GQA groups of 1, 2 and 3; decode-like rows over a
+/// cache; packed (block-diagonal) masks; sliding windows; Gemma's attention softcap.
+const ATTENTION: [AttentionCase; 5] = [
+    AttentionCase { b: 2, h: 4, kv: 2, s: 37, d: 16, mask: MaskKind::Causal { past: 0, window: None }, softcap: None },
+    AttentionCase { b: 2, h: 3, kv: 1, s: 33, d: 24, mask: MaskKind::Packed { lengths: &[5, 11, 3, 20], window: Some(4) }, softcap: Some(2.0) },
+    AttentionCase { b: 1, h: 2, kv: 2, s: 3, d: 8, mask: MaskKind::Causal { past: 17, window: None }, softcap: None },
+    AttentionCase { b: 1, h: 2, kv: 1, s: 70, d: 64, mask: MaskKind::Causal { past: 0, window: Some(9) }, softcap: Some(5.0) },
+    AttentionCase { b: 2, h: 2, kv: 1, s: 40, d: 8, mask: MaskKind::Packed { lengths: &[1, 39, 2], window: None }, softcap: None },
+];
+
+/// The attention the model computed before the fused op: repeated keys and values, the full
+/// `[b, h, s, t]` scores, softcap, mask, softmax.
+fn plain_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3>, spec: kiln_kernels::AttentionSpec) -> Tensor<B, 4> {
+    use kiln::model::layers::repeat_kv;
+    let (h, kv) = (q.dims()[1], k.dims()[1]);
+    let mut z = q.matmul(repeat_kv(k, h / kv).swap_dims(2, 3)).mul_scalar(spec.scale);
+    if let Some(c) = spec.softcap {
+        z = z.div_scalar(c).tanh().mul_scalar(c);
+    }
+    burn::tensor::activation::softmax(z + mask.unsqueeze_dim::<4>(1), 3).matmul(repeat_kv(v, h / kv))
+}
+
+/// The fused attention against [`plain_attention`]: output, and the gradients of `q`, `k` and
+/// `v` for a random upstream gradient.
+fn check_attention<A: AutodiffBackend + kiln_kernels::FlashAttention>(device: &A::Device, name: &str, cases: &[AttentionCase]) {
+    use kiln::model::layers::{causal_mask, packed_mask};
+    let mut rng = Rng(0xA77E_4710 ^ name.len() as u64);
+    for (n, case) in cases.iter().enumerate() {
+        let AttentionCase { b, h, kv, s, d, .. } = *case;
+        let (mask, t) = match case.mask {
+            MaskKind::Causal { past, window } => (causal_mask::<A>(s, past, past, window, device), past + s),
+            MaskKind::Packed { lengths, window } => {
+                let (mut segments, mut positions) = (Vec::new(), Vec::new());
+                for _ in 0..b {
+                    let (mut seg, mut pos) = (0u32, 0u32);
+                    for _ in 0..s {
+                        segments.push(seg);
+                        positions.push(pos);
+                        pos += 1;
+                        if pos as usize == lengths[seg as usize % lengths.len()] {
+                            (seg, pos) = (seg + 1, 0);
+                        }
+                    }
+                }
+                (packed_mask::<A>(&segments, &positions, b, window, device), s)
+            }
+        };
+        let spec = kiln_kernels::AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap: case.softcap };
+        let mut random = |shape: [usize; 4], sd: f32| -> Vec<f32> { (0..shape.iter().product::<usize>()).map(|_| sd * rng.normal()).collect() };
+        let (qv, kv_, vv, cv) = (random([b, h, s, d], 1.5), random([b, kv, t, d], 1.5), random([b, kv, t, d], 1.0), random([b, h, s, d], 1.0));
+        let run = |fused: bool| {
+            let make = |data: &Vec<f32>, heads: usize, rows: usize| Tensor::<A, 4>::from_data(TensorData::new(data.clone(), [b, heads, rows, d]), device).require_grad();
+            let (q, k, v) = (make(&qv, h, s), make(&kv_, kv, t), make(&vv, kv, t));
+            let c = Tensor::<A, 4>::from_data(TensorData::new(cv.clone(), [b, h, s, d]), device);
+            let out = match fused {
+                true => kiln_kernels::flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), spec),
+                false => plain_attention(q.clone(), k.clone(), v.clone(), mask.clone(), spec),
+            };
+            let grads = (out.clone() * c).sum().backward();
+            [host(out), host(q.grad(&grads).unwrap()), host(k.grad(&grads).unwrap()), host(v.grad(&grads).unwrap())]
+        };
+        let (fused, plain) = (run(true), run(false));
+        for (what, (x, y)) in ["out", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&plain)) {
+            // The gradients subtract two nearly equal terms (dP − rowsum(dO∘O)), which the
+            // two sides round differently.
+            let err = rel(x, y);
+            assert!(err < if *what == "out" { 2e-5 } else { 1e-4 }, "{name} attention case {n} ({b}×{h}/{kv} heads, s={s} t={t} d={d}): {what} relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn cpu_attention_matches_the_plain_composition() {
+    check_attention::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu", &ATTENTION);
+}
+
+/// On wgpu the CubeCL kernels themselves (forward, dQ, dK·dV).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_attention_kernels_match_the_plain_composition() {
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu attention kernel checks");
+        return;
+    }
+    check_attention::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu", &ATTENTION);
+}
+
+/// Rope through the op against the composition: output and `dx`, full and partial rotary
+/// widths, one table for every row and one per row (packed positions).
+fn check_rope<A: AutodiffBackend + kiln_kernels::RopeOp>(device: &A::Device, name: &str) {
+    use kiln::model::layers::rope_tables;
+    let mut rng = Rng(0x0509_E000 ^ name.len() as u64);
+    for (b, h, s, d, r, per_row) in [(2, 3, 5, 8, 8, false), (1, 2, 7, 12, 8, false), (2, 2, 9, 16, 16, true), (3, 1, 130, 6, 4, true)] {
+        let inv_freq: Vec<f32> = (0..r / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / r as f32)).collect();
+        let rows = if per_row { b } else { 1 };
+        let positions: Vec<usize> = (0..rows * s).map(|i| (i * 7) % (s + 3)).collect();
+        let (cos, sin) = rope_tables::<A>(&inv_freq, &positions, rows, device);
+        let xv: Vec<f32> = (0..b * h * s * d).map(|_| rng.normal()).collect();
+        let cv: Vec<f32> = (0..b * h * s * d).map(|_| rng.normal()).collect();
+        let run = |fused: bool| {
+            let x = Tensor::<A, 4>::from_data(TensorData::new(xv.clone(), [b, h, s, d]), device).require_grad();
+            let c = Tensor::<A, 4>::from_data(TensorData::new(cv.clone(), [b, h, s, d]), device);
+            let y = match fused {
+                true => kiln_kernels::rope(x.clone(), cos.clone(), sin.clone()),
+                false => kiln_kernels::rope::rope_composition(x.clone(), cos.clone(), sin.clone()),
+            };
+            let grads = (y.clone() * c).sum().backward();
+            (host(y), host(x.grad(&grads).unwrap()))
+        };
+        let ((yf, dxf), (yp, dxp)) = (run(true), run(false));
+        let what = format!("{name} rope b={b} h={h} s={s} d={d} r={r} per_row={per_row}");
+        assert!(rel(&yf, &yp) < 1e-6, "{what}: y relative error {}", rel(&yf, &yp));
+        assert!(rel(&dxf, &dxp) < 1e-6, "{what}: dx relative error {}", rel(&dxf, &dxp));
+    }
+}
+
+/// `act(gate) · up` through the op against Burn's activation times `up`: output and both
+/// gradients, for each activation, at lengths that do not fill the kernels' last cube.
+fn check_gated<A: AutodiffBackend + kiln_kernels::GatedActOp>(device: &A::Device, name: &str) {
+    use kiln_kernels::gated::activate;
+    use kiln_kernels::GateActivation;
+    let mut rng = Rng(0x6A7E_D000 ^ name.len() as u64);
+    for act in [GateActivation::Silu, GateActivation::GeluTanh, GateActivation::Gelu] {
+        for shape in [[1, 1, 7], [2, 5, 300], [3, 1, 1031]] {
+            let n: usize = shape.iter().product();
+            let (gv, uv, cv): (Vec<f32>, Vec<f32>, Vec<f32>) = ((0..n).map(|_| 3.0 * rng.normal()).collect(), (0..n).map(|_| rng.normal()).collect(), (0..n).map(|_| rng.normal()).collect());
+            let run = |fused: bool| {
+                let make = |v: &[f32]| Tensor::<A, 3>::from_data(TensorData::new(v.to_vec(), shape), device);
+                let (g, u, c) = (make(&gv).require_grad(), make(&uv).require_grad(), make(&cv));
+                let y = match fused {
+                    true => kiln_kernels::gated_act(g.clone(), u.clone(), act),
+                    // Burn's own GELU differentiates as the tanh approximation; the exact
+                    // derivative comes from the erf composition.
+                    false if act == GateActivation::Gelu => g.clone() * g.clone().div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5) * u.clone(),
+                    false => activate(g.clone(), act) * u.clone(),
+                };
+                let grads = (y.clone() * c).sum().backward();
+                [host(y), host(g.grad(&grads).unwrap()), host(u.grad(&grads).unwrap())]
+            };
+            let (fused, plain) = (run(true), run(false));
+            for (what, (a, b)) in ["y", "d_gate", "d_up"].iter().zip(fused.iter().zip(&plain)) {
+                let err = rel(a, b);
+                assert!(err < 1e-5, "{name} gated {act:?} {shape:?}: {what} relative error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn cpu_gated_activation_matches_the_plain_composition() {
+    check_gated::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu");
+}
+
+/// On wgpu the CubeCL kernels themselves.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_gated_activation_kernels_match_the_plain_composition() {
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu gated-activation kernel checks");
+        return;
+    }
+    check_gated::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu");
+}
+
+#[test]
+fn cpu_rope_matches_the_plain_composition() {
+    check_rope::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu");
+}
+
+/// On wgpu the CubeCL kernel itself (forward, and backward as the inverse rotation).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_rope_kernel_matches_the_plain_composition() {
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu rope kernel checks");
+        return;
+    }
+    check_rope::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu");
 }
 
 #[test]

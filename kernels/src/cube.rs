@@ -259,6 +259,23 @@ pub(crate) fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> Cub
     if t.dtype == F::dtype() { t } else { cast(t, F::dtype()) }
 }
 
+/// Threads per cube of the elementwise kernels ([`flat_count`], [`flat_index`]).
+pub(crate) const FLAT_THREADS: u32 = 256;
+
+/// Cubes for `n` elements, one thread each, on a two-dimensional grid (a dimension holds at
+/// most 65 535 cubes).
+pub(crate) fn flat_count(n: usize) -> CubeCount {
+    let cubes = n.div_ceil(FLAT_THREADS as usize);
+    CubeCount::Static(cubes.min(65_535) as u32, cubes.div_ceil(65_535) as u32, 1)
+}
+
+/// This thread's element under [`flat_count`] (check it against the length: the last cubes
+/// run past it).
+#[cube]
+pub(crate) fn flat_index() -> usize {
+    (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * FLAT_THREADS as usize + UNIT_POS_X as usize
+}
+
 /// Words are read as u32; an I32 tensor holds the same bits.
 fn as_words<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
     match t.dtype {

@@ -15,25 +15,34 @@
 //! kernels that dequantise in registers and never form the float weight. `Autodiff<B>` gives
 //! the gradient for `x` only: the quantised base is frozen.
 //!
-//! Two more extensions ride on the same trait, so that one bound (`B: QuantMatmul`) gives a
+//! More extensions ride on the same trait, so that one bound (`B: QuantMatmul`) gives a
 //! backend everything kiln's model and trainer need: [`LmHeadLoss`] (the LM head and
 //! cross-entropy over chunks of rows, with its own backward), [`RmsNormOp`] (RMSNorm as one
-//! kernel each way) and [`DeviceMemory`] (the GPU allocator's figures).
+//! kernel each way), [`RopeOp`] (rope whose backward keeps only the tables), [`GatedActOp`]
+//! (the gated MLP's `act(gate) · up`, keeping only its inputs),
+//! [`FlashAttention`] (attention that keeps no score matrix for backward) and
+//! [`DeviceMemory`] (the GPU allocator's figures).
 
+pub mod attention;
 mod autodiff;
 mod cpu;
 #[cfg(feature = "cubecl")]
 mod cube;
 #[cfg(feature = "cubecl")]
 mod fusion;
+pub mod gated;
 pub mod host;
 pub mod loss;
 pub mod memory;
 pub mod norm;
+pub mod rope;
 
+pub use attention::{flash_attention, AttentionSpec, FlashAttention};
+pub use gated::{gated_act, GateActivation, GatedActOp};
 pub use loss::{chunk_rows, lm_head_loss, HeadLayout, HeadLoss, LmHeadLoss};
 pub use memory::{DeviceMemory, MemoryStats};
 pub use norm::{rms_norm, RmsNormOp};
+pub use rope::{rope, RopeOp};
 
 /// wgpu without Burn's fusion stream, so that kiln's own CubeCL kernels (which a fusion stream
 /// would run as its default composition) can be checked on Vulkan, lavapipe included.
@@ -52,6 +61,30 @@ pub fn cuda_total_memory(index: usize) -> Option<u64> {
     use cubecl::Runtime;
     let client = cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(index));
     Some(client.properties().memory.max_page_size * 4)
+}
+
+/// Keeps CubeCL's compiled kernels (CUDA's PTX; NVRTC takes about half a second per kernel,
+/// and a training step needs hundreds) and its autotune results in `dir` between runs, unless a
+/// `cubecl.toml` or `CUBECL_*` variables say otherwise. Must run before the first GPU client
+/// starts; returns false (changing nothing) once CubeCL's configuration has been read.
+#[cfg(feature = "cubecl")]
+pub fn keep_kernel_cache(dir: &std::path::Path) -> bool {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let mut state = CubeClRuntimeConfig::storage().lock();
+    if state.is_some() {
+        return false;
+    }
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if config.compilation.cache.is_none() {
+        config.compilation.cache = Some(CacheConfig::File(dir.to_path_buf()));
+    }
+    // The default keeps autotune results under the nearest Cargo project's `target`.
+    if matches!(config.autotune.cache, CacheConfig::Target) {
+        config.autotune.cache = CacheConfig::File(dir.to_path_buf());
+    }
+    *state = Some(std::sync::Arc::new(config));
+    true
 }
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -81,7 +114,7 @@ impl Affine {
 
 /// Backend extension for products with an affine-quantised weight. Shapes: `x` `[m, k]`,
 /// `words` `[n, k·bits/32]`, `scales`/`biases` `[n, k/group]`, `dy` `[m, n]`.
-pub trait QuantMatmul: Backend + LmHeadLoss + RmsNormOp + DeviceMemory {
+pub trait QuantMatmul: Backend + LmHeadLoss + RmsNormOp + RopeOp + GatedActOp + FlashAttention + DeviceMemory {
     /// `y[m, n] = x[m, k] · dequant(W)ᵀ`.
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
         let w = dequantize::<Self>(Tensor::from_primitive(words), float(scales), float(biases), format);

@@ -33,8 +33,8 @@ pub struct Args {
     /// Override the recipe's `run.device`.
     #[arg(long)]
     device: Option<String>,
-    /// Compute the loss with plain tensor operations over the full logits instead of the
-    /// chunked LM-head loss (to compare the two; uses far more memory).
+    /// Plain tensor operations instead of the fused ones: the loss over the full logits, and
+    /// attention that keeps its score matrix (to compare the two; uses far more memory).
     #[arg(long)]
     reference_ops: bool,
     /// Show the dashboard (as `kiln watch`) while training.

@@ -109,14 +109,9 @@ impl Arch {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
-    GeluTanh,
-    /// Exact (erf) GELU.
-    Gelu,
-}
+/// The gated MLP's activation: silu, GELU with the tanh approximation (`gelu_pytorch_tanh`),
+/// exact (erf) GELU. One enum with the fused `act(gate) · up` operation's.
+pub use kiln_kernels::GateActivation as Activation;
 
 /// How the rotary frequencies are stretched for long context.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,7 +15,7 @@ use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask,
 use super::moe::{Moe, RouterStats};
 use super::weights::WeightFiles;
 use crate::quant::affine::QuantSpec;
-use kiln_kernels::QuantMatmul;
+use kiln_kernels::{flash_attention, gated_act, AttentionSpec, QuantMatmul};
 use super::ModelError;
 
 /// Keys and values of every layer so far, each `[b, kv, t, d]` (a sliding-window layer keeps
@@ -76,6 +76,9 @@ pub struct Attention<B: Backend> {
     /// A sliding-window layer's cache keeps only the last `window - 1` positions: no later
     /// query can see further back. 0: keep everything.
     pub cache_keep: usize,
+    /// Attention as one operation that keeps no score matrix for backward
+    /// ([`kiln_kernels::flash_attention`]); false: the plain composition (the reference).
+    pub fused: bool,
 }
 
 impl<B: QuantMatmul> Attention<B> {
@@ -107,6 +110,7 @@ impl<B: QuantMatmul> Attention<B> {
             scale: cfg.attn_scale,
             logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
             cache_keep: spec.cache_keep(),
+            fused: true,
         })
     }
 
@@ -176,6 +180,12 @@ impl<B: QuantMatmul> Attention<B> {
             (None, None) => unreachable!("a KV-sharing layer runs after the layer it shares with (checked when the config was read)"),
         };
         let kv_used = (k.clone(), v.clone());
+        if self.fused && !keep_probs {
+            let spec = AttentionSpec { scale: self.scale, softcap: (self.logit_softcap > 0.0).then_some(self.logit_softcap) };
+            let out = flash_attention(q, k, v, mask.clone(), spec); // [b, h, s, d]
+            let out = out.swap_dims(1, 2).reshape([b, s, h * d]); // [b, h, s, d] -> [b, s, h*d]
+            return (self.o_proj.forward(out), kv_used, None);
+        }
         let k = repeat_kv(k, h / kv); // [b, kv, t, d] -> [b, h, t, d]
         let v = repeat_kv(v, h / kv);
 
@@ -192,14 +202,6 @@ impl<B: QuantMatmul> Attention<B> {
         let out = probs.matmul(v); // [b, h, s, d]
         let out = out.swap_dims(1, 2).reshape([b, s, h * d]); // [b, h, s, d] -> [b, s, h*d]
         (self.o_proj.forward(out), kv_used, kept)
-    }
-}
-
-pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
-    match act {
-        Activation::Silu => activation::silu(x),
-        Activation::GeluTanh => activation::gelu_approximate(x),
-        Activation::Gelu => activation::gelu(x),
     }
 }
 
@@ -225,8 +227,9 @@ impl<B: QuantMatmul> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = activate(self.gate_proj.forward(x.clone()), self.activation); // [.., f]
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        // act(gate) · up as one operation: backward keeps only the two projections.
+        let hidden = gated_act(self.gate_proj.forward(x.clone()), self.up_proj.forward(x), self.activation); // [.., f]
+        self.down_proj.forward(hidden)
     }
 }
 
@@ -352,7 +355,7 @@ impl<B: QuantMatmul> DecoderLayer<B> {
         };
         let x = match (&self.per_layer_input, ple) {
             (Some(branch), Some(ple)) => {
-                let h = activate(branch.gate.forward(x.clone()), branch.activation) * ple; // [b, s, p]
+                let h = gated_act(branch.gate.forward(x.clone()), ple, branch.activation); // [b, s, p]
                 x + branch.norm.forward(branch.projection.forward(h))
             }
             _ => x,
@@ -498,6 +501,15 @@ impl<B: QuantMatmul> Model<B> {
             Some(Linear::load(files, "lm_head", cfg.hidden_size, cfg.vocab_size, false, None, device)?)
         };
         Ok(Self { embed_tokens: Param::from_tensor(embed_tokens), per_layer, layers, norm, lm_head, config })
+    }
+
+    /// Runs attention as the plain composition (`[b, h, s, t]` scores kept for backward)
+    /// instead of the fused operation: the reference `kiln train --reference-ops` trains with.
+    pub fn use_reference_ops(mut self) -> Self {
+        for layer in &mut self.layers {
+            layer.self_attn.fused = false;
+        }
+        self
     }
 
     /// An empty cache for [`Model::forward`].

@@ -276,27 +276,10 @@ pub fn rope_tables<B: Backend>(inv_freq: &[f32], positions: &[usize], rows: usiz
 }
 
 /// Applies rotate-half rope to `x` `[b, h, s, d]` with tables `[b or 1, s, r]` (r ≤ d rotate,
-/// the rest pass through unchanged).
-pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
-    let [b, h, s, d] = x.dims();
-    let r = cos.dims()[2];
-    let (rot, pass) = if r < d {
-        (x.clone().narrow(3, 0, r), Some(x.narrow(3, r, d - r)))
-    } else {
-        (x, None)
-    };
-    let x1 = rot.clone().narrow(3, 0, r / 2);
-    let x2 = rot.clone().narrow(3, r / 2, r / 2);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // [b, h, s, r]
-    let cos = cos.clone().unsqueeze_dim::<4>(1); // [b, s, r] -> [b, 1, s, r]
-    let sin = sin.clone().unsqueeze_dim::<4>(1);
-    let out = rot * cos + rotated * sin;
-    let out = match pass {
-        Some(p) => Tensor::cat(vec![out, p], 3), // [b, h, s, d]
-        None => out,
-    };
-    debug_assert_eq!(out.dims(), [b, h, s, d]);
-    out
+/// the rest pass through unchanged), as one operation whose backward keeps only the tables
+/// ([`kiln_kernels::rope`]).
+pub fn apply_rope<B: kiln_kernels::RopeOp>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
+    kiln_kernels::rope(x, cos.clone(), sin.clone())
 }
 
 /// Additive attention mask `[1, s, t]` for `s` queries at positions `past..past + s` over

@@ -205,6 +205,7 @@ impl<B: Backend> Model<B> {
                 scale: cfg.attn_scale,
                 logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
                 cache_keep: spec.cache_keep(),
+                fused: true,
             };
             let f = spec.mlp_width.unwrap_or(cfg.intermediate_size);
             let mlp = Mlp {

@@ -104,8 +104,9 @@ pub struct TrainOptions {
     /// Stop (with a checkpoint) once this many steps are done; the schedule is unchanged, so
     /// `--resume` later continues the same run.
     pub max_steps: Option<usize>,
-    /// Compute the loss with plain tensor operations over the full logits instead of kiln's
-    /// chunked LM-head loss: the reference the fused path is checked against.
+    /// Plain tensor operations instead of kiln's fused ones: the loss over the full logits
+    /// rather than the chunked LM-head loss, and attention that keeps its `[b, h, s, t]` scores
+    /// rather than the flash-style operation. The reference the fused path is checked against.
     pub reference_ops: bool,
 }
 
@@ -303,6 +304,7 @@ fn run_loop<B: TrainBackend>(
         Some(path) => Model::load_quantized(path, recipe.model.quantize_spec(), device)?,
         None => Model::init_random(base.config.clone(), seed, device),
     };
+    let model = if options.reference_ops { model.use_reference_ops() } else { model };
     let spec = lora_spec(recipe);
     // With every weight training, GRPO's reference is the starting point, kept frozen.
     let frozen = (recipe.method == Method::Grpo && !recipe.trains_lora()).then(|| model.valid());

@@ -7,10 +7,11 @@
 //! - the trainable parameters' gradients (twice with gradient accumulation) and AdamW's two
 //!   moments;
 //! - the activations the autodiff tape holds for backward, counted per token and layer from the
-//!   decoder's operations (see [`Plan::activation_elems`]): attention keeps two `[heads, seq]`
-//!   rows per token (softmax's exponentials and its output, since attention is not fused yet),
-//!   the gated MLP five `[intermediate]` rows, the (fused) norms and rope a few `[hidden]` rows;
-//! - one layer's worth of gradients in flight during backward;
+//!   decoder's operations (see `Step::layer_elems`): attention (fused) keeps its inputs, output
+//!   and one log-sum-exp per head, never a `[heads, seq]` row per token; the gated MLP (fused)
+//!   three `[intermediate]` rows; the (fused) norms a few `[hidden]` rows; (fused) rope none;
+//! - one layer's worth of gradients in flight during backward (plus, where attention runs as
+//!   the composition rather than kiln's kernels, that layer's `[b, h, s, t]` scores);
 //! - one chunk of the LM-head loss (the full logits are never formed).
 //!
 //! `kiln bench train` measures the real peak (the GPU allocator's high-water mark). The two have
@@ -156,13 +157,13 @@ impl Step<'_> {
     /// f32 values the tape keeps per token for one layer (see the module docs).
     fn layer_elems(&self, l: &LayerGeometry) -> u64 {
         let (e, q, kv, f) = (self.geom.hidden, l.heads * l.head_dim, l.kv_heads * l.head_dim, l.mlp);
-        // Norms (fused: input and output, two norms). Queries: before rope, rotated half,
-        // after rope; keys the same at kv width, then repeated to all heads; values repeated;
-        // attention output. Softmax: exponentials and probabilities. MLP: gate, its sigmoid,
-        // activation, up, product.
-        let mut n = 4 * e + 3 * q + 3 * kv + q + q + q + 2 * l.heads * self.seq + 5 * f;
+        // Norms (fused: input and output, two norms). Fused attention: its inputs (queries and
+        // keys after rope, which keeps nothing of its own; values), its output, one
+        // log-sum-exp per head, and the output laid out for o_proj. MLP (fused gate): gate, up,
+        // and their product (down_proj's input, kept when down_proj trains).
+        let mut n = 4 * e + q + 2 * kv + 2 * q + l.heads + 3 * f;
         if self.geom.qk_norm {
-            // The per-head norms' inputs (their outputs are rope's inputs, counted above).
+            // The per-head norms' inputs.
             n += q + kv;
         }
         if self.lora() {
@@ -182,7 +183,14 @@ impl Step<'_> {
         let per_token: u64 = g.layers.iter().map(|l| self.layer_elems(l)).sum::<u64>() + 4 * g.hidden as u64;
         let activations = per_token * tokens * F32;
         let widest = g.layers.iter().map(|l| self.layer_elems(l)).max().unwrap_or(0);
-        let backward = widest * tokens * F32;
+        // Where attention runs as the composition (no kernels of kiln's own on that backend),
+        // its backward forms a few `[b, h, s, t]` score matrices for a moment: scores, their
+        // softcap, probabilities, their gradient.
+        let scores = match device {
+            DeviceSpec::Cuda(_) => 0,
+            _ => 4 * g.layers.iter().map(|l| l.heads).max().unwrap_or(0) as u64 * tokens * self.seq as u64,
+        };
+        let backward = widest * tokens * F32 + scores * F32;
         let chunk = kiln_kernels::chunk_rows(g.vocab).min(self.batch * self.seq) as u64;
         // Logits, exponentials, their gradient, and the gradient's copy in the weight's layout.
         let logits = 4 * chunk * g.vocab as u64 * F32;

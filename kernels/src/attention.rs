@@ -1,0 +1,616 @@
+//! Attention as one operation with its own backward, in the flash-attention style.
+//!
+//! As plain tensor operations, training keeps the `[b, h, s, t]` scores, their softcap, the
+//! masked scores and the probabilities for backward: for Qwen2.5-0.5B at 8 × 1024 tokens that
+//! is 1.8 GB per layer in f32, more than everything else a layer keeps. Here the tape keeps
+//! `q`, `k`, `v`, the output and one log-sum-exp per query row; backward recomputes each
+//! probability from its score and that row's log-sum-exp (`p = exp(z − lse)`).
+//!
+//! Grouped-query attention never repeats keys and values: query head `hh` reads key/value head
+//! `hh / (h / kv)`, and the key and value gradients sum over the heads of a group. The mask is
+//! additive, `[b or 1, s, t]` (0 where a query may look, −∞ elsewhere), so the causal,
+//! packed-sequence (block-diagonal) and sliding-window masks kiln builds all pass through one
+//! path; the kernels skip the work of masked pairs (`mask ≤ −1e30`).
+//!
+//! Scores: `z = cap(scale · q·k) + mask`, `cap(x) = c · tanh(x / c)` with Gemma's attention
+//! softcap `c` (identity without one). Backward, with `δ = rowsum(dO ∘ O)`:
+//! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dZ = P ∘ (dP − δ)`, `dX = dZ ∘ (1 − (cap/c)²) · scale`,
+//! `dQ = dX K`, `dK = dXᵀ Q`.
+//!
+//! The default methods are the composition (with the grouped heads folded into query rows, so
+//! it does not repeat keys either); the CubeCL backends run three kernels: the forward (one
+//! thread per query row, key/value tiles staged through shared memory, online softmax), `dQ`
+//! (one thread per query row) and `dK, dV` (one thread per key row, looping over the group's
+//! heads and every query row), each recomputing scores rather than reading them.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+
+/// Score scale and softcap of one attention layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionSpec {
+    /// Multiplies `q · k` (usually `1 / sqrt(head_dim)`).
+    pub scale: f64,
+    /// Gemma 2's attention logit softcap `c` (`c · tanh(x / c)`), if any.
+    pub softcap: Option<f64>,
+}
+
+/// Backend extension: attention of `q` `[b, h, s, d]` over `k`, `v` `[b, kv, t, d]` (`h` a
+/// multiple of `kv`) with the additive `mask` `[b or 1, s, t]`.
+pub trait FlashAttention: Backend {
+    /// `(out [b, h, s, d], lse [b, h, s])`, `lse` the log-sum-exp of each row's masked scores.
+    fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, k, v, mask) = (float::<Self, 4>(q), float::<Self, 4>(k), float::<Self, 4>(v), float::<Self, 3>(mask));
+        let [b, h, s, d] = q.dims();
+        let z = grouped_scores(q, k, spec) + grouped_mask(mask, b, h, v.dims()[1]); // [b, kv, g·s, t]
+        // As Burn's softmax rounds (the unfused model was measured against transformers so).
+        let max = z.clone().max_dim(3); // [b, kv, g·s, 1]
+        let e = (z - max.clone()).exp();
+        let sum = e.clone().sum_dim(3);
+        let lse = (max + sum.clone().log()).reshape([b, h, s]);
+        let out = (e / sum).matmul(v).reshape([b, h, s, d]);
+        (out.into_primitive().tensor(), lse.into_primitive().tensor())
+    }
+
+    /// `(dq, dk, dv)` for the upstream gradient `dout` `[b, h, s, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_bwd(
+        dout: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        spec: AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, k, v, mask) = (float::<Self, 4>(q), float::<Self, 4>(k), float::<Self, 4>(v), float::<Self, 3>(mask));
+        let [b, h, s, d] = q.dims();
+        let kv = k.dims()[1];
+        let rows = [b, kv, h / kv * s, d];
+        let capped = grouped_scores(q.clone(), k.clone(), spec); // [b, kv, g·s, t]
+        let z = capped.clone() + grouped_mask(mask, b, h, kv);
+        let p = (z - float::<Self, 3>(lse).reshape([b, kv, h / kv * s, 1])).exp();
+        let dout = float::<Self, 4>(dout).reshape(rows);
+        let delta = (dout.clone() * float::<Self, 4>(out).reshape(rows)).sum_dim(3); // [b, kv, g·s, 1]
+        let dv = p.clone().swap_dims(2, 3).matmul(dout.clone()); // [b, kv, t, d]
+        let dz = p * (dout.matmul(v.swap_dims(2, 3)) - delta);
+        let dx = match spec.softcap {
+            Some(c) => dz * (capped.div_scalar(c).powi_scalar(2).neg().add_scalar(1.0)),
+            None => dz,
+        }
+        .mul_scalar(spec.scale);
+        let qg = q.reshape(rows);
+        let dq = dx.clone().matmul(k).reshape([b, h, s, d]);
+        let dk = dx.swap_dims(2, 3).matmul(qg);
+        (dq.into_primitive().tensor(), dk.into_primitive().tensor(), dv.into_primitive().tensor())
+    }
+}
+
+/// Attention through [`FlashAttention`]: the typed entry point. Shapes as the trait's.
+pub fn flash_attention<B: FlashAttention>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3>, spec: AttentionSpec) -> Tensor<B, 4> {
+    let (out, _) = B::flash_attention(q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor(), mask.into_primitive().tensor(), spec);
+    float(out)
+}
+
+/// `cap(scale · q·kᵀ)` with each group's query heads as extra rows: `[b, kv, g·s, t]`.
+fn grouped_scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, spec: AttentionSpec) -> Tensor<B, 4> {
+    let [b, h, s, d] = q.dims();
+    let kv = k.dims()[1];
+    let mut z = q.reshape([b, kv, h / kv * s, d]).matmul(k.swap_dims(2, 3));
+    if spec.scale != 1.0 {
+        z = z.mul_scalar(spec.scale);
+    }
+    match spec.softcap {
+        Some(c) => z.div_scalar(c).tanh().mul_scalar(c),
+        None => z,
+    }
+}
+
+/// The mask `[b or 1, s, t]` for every grouped row: `[b, kv, g·s, t]`.
+fn grouped_mask<B: Backend>(mask: Tensor<B, 3>, b: usize, h: usize, kv: usize) -> Tensor<B, 4> {
+    let [mb, s, t] = mask.dims();
+    mask.reshape([mb, 1, 1, s, t]).expand([b, kv, h / kv, s, t]).reshape([b, kv, h / kv * s, t])
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+#[derive(Debug, Clone)]
+struct State<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    spec: AttentionSpec,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: FlashAttention> Backward<B, 3> for AttentionBackward {
+    type State = State<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let (dq, dk, dv) = B::flash_attention_bwd(dout, s.q, s.k, s.v, s.mask, s.out, s.lse, s.spec);
+        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: FlashAttention, C: CheckpointStrategy> FlashAttention for Autodiff<B, C> {
+    fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, lse) = B::flash_attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.primitive.clone(), spec);
+        // `lse` leaves as a constant and the mask is not differentiated: only `out` is tracked.
+        let lse_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(lse.clone());
+        let out = match AttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(State { q: q.primitive, k: k.primitive, v: v.primitive, mask: mask.primitive, out: out.clone(), lse, spec }, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        (out, lse_out)
+    }
+}
+
+impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> FlashAttention for NdArray<E, I, Q> where NdArrayTensor: From<SharedArray<E>> + From<SharedArray<I>> {}
+
+#[cfg(feature = "cubecl")]
+impl<B: burn_fusion::FusionBackend> FlashAttention for burn_fusion::Fusion<B> {}
+
+#[cfg(feature = "cubecl")]
+pub(crate) mod cube {
+    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::{Shape, TensorData};
+    use burn_cubecl::kernel::into_contiguous;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+    use cubecl::prelude::*;
+    use cubecl::{cube, CubeCount, CubeDim};
+
+    use super::{AttentionSpec, FlashAttention};
+
+    /// Threads per cube: query rows (forward, `dQ`) or key rows (`dK, dV`) per cube.
+    const ROWS: u32 = 32;
+    /// Floats per staged tile (of keys or of queries): two tiles make 16 KiB, WebGPU's minimum
+    /// workgroup storage.
+    const TILE_FLOATS: u32 = 2048;
+    /// Below this a mask value (or a score placeholder) counts as −∞. A finite literal:
+    /// WGSL has no infinity.
+    const MASKED: f32 = -1.0e30;
+    /// The log-sum-exp of a row with every key masked.
+    const UNSEEN: f32 = 1.0e30;
+
+    /// Keys (or queries) per staged tile for head size `d`.
+    fn tile_rows(d: u32) -> u32 {
+        (TILE_FLOATS / d).clamp(1, 64)
+    }
+
+    /// `cap(scale · a·b)` for the row `a` (this thread's, in registers) and row `bi` of the
+    /// staged tile `b`.
+    #[cube]
+    fn score<F: Float>(a: &Array<F>, b: &SharedMemory<F>, bi: usize, scale: F, cap: F, #[comptime] d: u32, #[comptime] softcap: bool) -> F {
+        let mut dot = F::new(0.0);
+        for c in 0..comptime!(d as usize) {
+            dot += a[c] * b[bi + c];
+        }
+        let mut x = dot * scale;
+        if softcap {
+            x = cap * F::tanh(x / cap);
+        }
+        x
+    }
+
+    /// This thread's row `base..base + d` of `x` in registers (zeros for a spare thread).
+    #[cube]
+    fn load_row<F: Float>(x: &Tensor<F>, base: usize, valid: bool, #[comptime] d: u32) -> Array<F> {
+        let mut row = Array::<F>::new(comptime!(d as usize));
+        for c in 0..comptime!(d as usize) {
+            let mut value = F::new(0.0);
+            if valid {
+                value = x[base + c];
+            }
+            row[c] = value;
+        }
+        row
+    }
+
+    /// Stages rows `first..first + tile` of the `[rows, d]` matrix at `base` of `x` in `shared`
+    /// (zeros past `rows`).
+    #[cube]
+    fn stage<F: Float>(x: &Tensor<F>, base: usize, first: usize, rows: usize, shared: &mut SharedMemory<F>, lane: usize, #[comptime] d: u32, #[comptime] tile: u32) {
+        let dd = comptime!(d as usize);
+        let mut idx = lane;
+        while idx < comptime!((tile * d) as usize) {
+            let row = first + idx / dd;
+            let mut value = F::new(0.0);
+            if row < rows {
+                value = x[base + row * dd + idx % dd];
+            }
+            shared[idx] = value;
+            idx += ROWS as usize;
+        }
+    }
+
+    /// One thread per query row; cube `(query block, b·h)`. `params` = [scale, softcap].
+    #[cube(launch_unchecked)]
+    fn forward_kernel<F: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+        let lane = UNIT_POS_X as usize;
+        let bh = CUBE_POS_Y as usize;
+        let h = q.shape(1);
+        let s = q.shape(2);
+        let kvh = k.shape(1);
+        let t = k.shape(2);
+        let dd = comptime!(d as usize);
+        let scale = params[0];
+        let cap = params[1];
+        let bi = bh / h;
+        let mut mb = bi;
+        if mask.shape(0) == 1 {
+            mb = 0;
+        }
+        let kbase = (bi * kvh + (bh % h) / (h / kvh)) * t * dd;
+        let i = CUBE_POS_X as usize * ROWS as usize + lane;
+        let valid = i < s;
+        let qrow = (bh * s + i) * dd;
+        let mrow = mb * s * t + i * t;
+        let qr = load_row::<F>(q, qrow, valid, d);
+        let mut ks = SharedMemory::<F>::new(comptime!((tile * d) as usize));
+        let mut vs = SharedMemory::<F>::new(comptime!((tile * d) as usize));
+        let mut acc = Array::<F>::new(dd);
+        let mut z = Array::<F>::new(comptime!(tile as usize));
+        for c in 0..dd {
+            acc[c] = F::new(0.0);
+        }
+        let mut m = F::new(MASKED);
+        let mut l = F::new(0.0);
+        let mut j0 = 0;
+        while j0 < t {
+            stage::<F>(k, kbase, j0, t, &mut ks, lane, d, tile);
+            stage::<F>(v, kbase, j0, t, &mut vs, lane, d, tile);
+            sync_cube();
+            if valid {
+                let mut top = F::new(MASKED);
+                for jj in 0..comptime!(tile as usize) {
+                    let j = j0 + jj;
+                    let mut zj = F::new(MASKED);
+                    if j < t {
+                        let mv = mask[mrow + j];
+                        if mv > F::new(MASKED) {
+                            zj = score::<F>(&qr, &ks, jj * dd, scale, cap, d, softcap) + mv;
+                        }
+                    }
+                    z[jj] = zj;
+                    if zj > top {
+                        top = zj;
+                    }
+                }
+                if top > F::new(MASKED) {
+                    let mut m_new = m;
+                    if top > m {
+                        m_new = top;
+                    }
+                    let corr = F::exp(m - m_new);
+                    l *= corr;
+                    for c in 0..dd {
+                        acc[c] *= corr;
+                    }
+                    for jj in 0..comptime!(tile as usize) {
+                        if z[jj] > F::new(MASKED) {
+                            let p = F::exp(z[jj] - m_new);
+                            l += p;
+                            for c in 0..dd {
+                                acc[c] += p * vs[jj * dd + c];
+                            }
+                        }
+                    }
+                    m = m_new;
+                }
+            }
+            sync_cube();
+            j0 += comptime!(tile as usize);
+        }
+        if valid {
+            // A row with every key masked attends to nothing: output 0, and an lse that makes
+            // every recomputed probability 0 in backward.
+            let mut inv = F::new(0.0);
+            let mut row_lse = F::new(UNSEEN);
+            if l > F::new(0.0) {
+                inv = F::new(1.0) / l;
+                row_lse = m + F::ln(l);
+            }
+            for c in 0..dd {
+                out[qrow + c] = acc[c] * inv;
+            }
+            lse[bh * s + i] = row_lse;
+        }
+    }
+
+    /// `dQ`: one thread per query row, as the forward. `delta` `[b, h, s]` = rowsum(dO ∘ O).
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    fn dq_kernel<F: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+        let lane = UNIT_POS_X as usize;
+        let bh = CUBE_POS_Y as usize;
+        let h = q.shape(1);
+        let s = q.shape(2);
+        let kvh = k.shape(1);
+        let t = k.shape(2);
+        let dd = comptime!(d as usize);
+        let scale = params[0];
+        let cap = params[1];
+        let bi = bh / h;
+        let mut mb = bi;
+        if mask.shape(0) == 1 {
+            mb = 0;
+        }
+        let kbase = (bi * kvh + (bh % h) / (h / kvh)) * t * dd;
+        let i = CUBE_POS_X as usize * ROWS as usize + lane;
+        let valid = i < s;
+        let qrow = (bh * s + i) * dd;
+        let mrow = mb * s * t + i * t;
+        let mut row_lse = F::new(0.0);
+        let mut row_delta = F::new(0.0);
+        if valid {
+            row_lse = lse[bh * s + i];
+            row_delta = delta[bh * s + i];
+        }
+        let qr = load_row::<F>(q, qrow, valid, d);
+        let mut ks = SharedMemory::<F>::new(comptime!((tile * d) as usize));
+        let mut vs = SharedMemory::<F>::new(comptime!((tile * d) as usize));
+        let mut acc = Array::<F>::new(dd);
+        for c in 0..dd {
+            acc[c] = F::new(0.0);
+        }
+        let mut j0 = 0;
+        while j0 < t {
+            stage::<F>(k, kbase, j0, t, &mut ks, lane, d, tile);
+            stage::<F>(v, kbase, j0, t, &mut vs, lane, d, tile);
+            sync_cube();
+            if valid {
+                for jj in 0..comptime!(tile as usize) {
+                    let j = j0 + jj;
+                    if j < t {
+                        let mv = mask[mrow + j];
+                        if mv > F::new(MASKED) {
+                            let capped = score::<F>(&qr, &ks, jj * dd, scale, cap, d, softcap);
+                            let p = F::exp(capped + mv - row_lse);
+                            let mut dp = F::new(0.0);
+                            for c in 0..dd {
+                                dp += dout[qrow + c] * vs[jj * dd + c];
+                            }
+                            let mut dx = p * (dp - row_delta) * scale;
+                            if softcap {
+                                let r = capped / cap;
+                                dx *= F::new(1.0) - r * r;
+                            }
+                            for c in 0..dd {
+                                acc[c] += dx * ks[jj * dd + c];
+                            }
+                        }
+                    }
+                }
+            }
+            sync_cube();
+            j0 += comptime!(tile as usize);
+        }
+        if valid {
+            for c in 0..dd {
+                dq[qrow + c] = acc[c];
+            }
+        }
+    }
+
+    /// `dK, dV`: one thread per key row; cube `(key block, b·kv)`. Loops over the group's query
+    /// heads and their rows, staging query and upstream-gradient tiles.
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    fn dkv_kernel<F: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+        let lane = UNIT_POS_X as usize;
+        let bkv = CUBE_POS_Y as usize;
+        let h = q.shape(1);
+        let s = q.shape(2);
+        let kvh = k.shape(1);
+        let t = k.shape(2);
+        let dd = comptime!(d as usize);
+        let scale = params[0];
+        let cap = params[1];
+        let g = h / kvh;
+        let bi = bkv / kvh;
+        let mut mb = bi;
+        if mask.shape(0) == 1 {
+            mb = 0;
+        }
+        let j = CUBE_POS_X as usize * ROWS as usize + lane;
+        let valid = j < t;
+        let krow = (bkv * t + j) * dd;
+        let mbase = mb * s * t;
+        let kr = load_row::<F>(k, krow, valid, d);
+        let mut qs = SharedMemory::<F>::new(comptime!((tile * d) as usize));
+        let mut os = SharedMemory::<F>::new(comptime!((tile * d) as usize));
+        let mut ak = Array::<F>::new(dd);
+        let mut av = Array::<F>::new(dd);
+        for c in 0..dd {
+            ak[c] = F::new(0.0);
+            av[c] = F::new(0.0);
+        }
+        for head in 0..g {
+            let bh = bkv * g + head; // == bi·h + (kv head)·g + head
+            let qbase = bh * s * dd;
+            let mut i0 = 0;
+            while i0 < s {
+                stage::<F>(q, qbase, i0, s, &mut qs, lane, d, tile);
+                stage::<F>(dout, qbase, i0, s, &mut os, lane, d, tile);
+                sync_cube();
+                if valid {
+                    for ii in 0..comptime!(tile as usize) {
+                        let i = i0 + ii;
+                        if i < s {
+                            let mv = mask[mbase + i * t + j];
+                            if mv > F::new(MASKED) {
+                                let capped = score::<F>(&kr, &qs, ii * dd, scale, cap, d, softcap);
+                                let p = F::exp(capped + mv - lse[bh * s + i]);
+                                let mut dp = F::new(0.0);
+                                for c in 0..dd {
+                                    dp += os[ii * dd + c] * v[krow + c];
+                                }
+                                let mut dx = p * (dp - delta[bh * s + i]) * scale;
+                                if softcap {
+                                    let r = capped / cap;
+                                    dx *= F::new(1.0) - r * r;
+                                }
+                                for c in 0..dd {
+                                    av[c] += p * os[ii * dd + c];
+                                    ak[c] += dx * qs[ii * dd + c];
+                                }
+                            }
+                        }
+                    }
+                }
+                sync_cube();
+                i0 += comptime!(tile as usize);
+            }
+        }
+        if valid {
+            for c in 0..dd {
+                dk[krow + c] = ak[c];
+                dv[krow + c] = av[c];
+            }
+        }
+    }
+
+    fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
+        into_contiguous(crate::cube::as_float::<R, F>(t))
+    }
+
+    fn params<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(like: &CubeTensor<R>, spec: AttentionSpec) -> CubeTensor<R> {
+        let data = TensorData::new(vec![spec.scale as f32, spec.softcap.unwrap_or(1.0) as f32], [2]).convert::<F>();
+        as_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
+    }
+
+    fn empty<R: CubeRuntime, F: FloatElement>(like: &CubeTensor<R>, shape: Vec<usize>) -> CubeTensor<R> {
+        empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), F::dtype())
+    }
+
+    fn blocks(rows: usize) -> u32 {
+        rows.div_ceil(ROWS as usize) as u32
+    }
+
+    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAttention for CubeBackend<R, F, I, BT> {
+        fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let (q, k, v, mask) = (as_float::<R, F>(q), as_float::<R, F>(k), as_float::<R, F>(v), as_float::<R, F>(mask));
+            let [b, h, s, d] = q.meta.shape().dims::<4>();
+            let out = empty::<R, F>(&q, vec![b, h, s, d]);
+            let lse = empty::<R, F>(&q, vec![b, h, s]);
+            if b * h * s == 0 || d == 0 {
+                return (out, lse);
+            }
+            let p = params::<R, F, I, BT>(&q, spec);
+            let client = q.client.clone();
+            let tile = tile_rows(d as u32);
+            // SAFETY: every tensor is contiguous with the shapes above (k, v `[b, kv, t, d]`,
+            // mask `[b or 1, s, t]`, checked by the typed entry point's callers); rows at or past
+            // `s` (the last cube's spare threads) read and write nothing.
+            unsafe {
+                forward_kernel::launch_unchecked::<F, R>(
+                    &client,
+                    CubeCount::Static(blocks(s), (b * h) as u32, 1),
+                    CubeDim { x: ROWS, y: 1, z: 1 },
+                    q.into_tensor_arg(),
+                    k.into_tensor_arg(),
+                    v.into_tensor_arg(),
+                    mask.into_tensor_arg(),
+                    p.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    lse.clone().into_tensor_arg(),
+                    d as u32,
+                    tile,
+                    spec.softcap.is_some(),
+                );
+            }
+            (out, lse)
+        }
+
+        fn flash_attention_bwd(
+            dout: FloatTensor<Self>,
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            mask: FloatTensor<Self>,
+            out: FloatTensor<Self>,
+            lse: FloatTensor<Self>,
+            spec: AttentionSpec,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            use burn::tensor::ops::FloatTensorOps;
+            let (dout, q, k, v, mask, lse) = (as_float::<R, F>(dout), as_float::<R, F>(q), as_float::<R, F>(k), as_float::<R, F>(v), as_float::<R, F>(mask), as_float::<R, F>(lse));
+            let [b, h, s, d] = q.meta.shape().dims::<4>();
+            let [_, kvh, t, _] = k.meta.shape().dims::<4>();
+            let dq = empty::<R, F>(&q, vec![b, h, s, d]);
+            let dk = empty::<R, F>(&q, vec![b, kvh, t, d]);
+            let dv = empty::<R, F>(&q, vec![b, kvh, t, d]);
+            if b * h * s * t == 0 || d == 0 {
+                return (dq, dk, dv);
+            }
+            // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
+            let prod = Self::float_mul(dout.clone(), as_float::<R, F>(out));
+            let delta = as_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
+            let p = params::<R, F, I, BT>(&q, spec);
+            let client = q.client.clone();
+            let tile = tile_rows(d as u32);
+            let softcap = spec.softcap.is_some();
+            // SAFETY: as in the forward; `lse`, `delta` `[b, h, s]`; key rows at or past `t`
+            // (the last cube's spare threads) read and write nothing.
+            unsafe {
+                dq_kernel::launch_unchecked::<F, R>(
+                    &client,
+                    CubeCount::Static(blocks(s), (b * h) as u32, 1),
+                    CubeDim { x: ROWS, y: 1, z: 1 },
+                    dout.clone().into_tensor_arg(),
+                    q.clone().into_tensor_arg(),
+                    k.clone().into_tensor_arg(),
+                    v.clone().into_tensor_arg(),
+                    mask.clone().into_tensor_arg(),
+                    lse.clone().into_tensor_arg(),
+                    delta.clone().into_tensor_arg(),
+                    p.clone().into_tensor_arg(),
+                    dq.clone().into_tensor_arg(),
+                    d as u32,
+                    tile,
+                    softcap,
+                );
+                dkv_kernel::launch_unchecked::<F, R>(
+                    &client,
+                    CubeCount::Static(blocks(t), (b * kvh) as u32, 1),
+                    CubeDim { x: ROWS, y: 1, z: 1 },
+                    dout.into_tensor_arg(),
+                    q.into_tensor_arg(),
+                    k.into_tensor_arg(),
+                    v.into_tensor_arg(),
+                    mask.into_tensor_arg(),
+                    lse.into_tensor_arg(),
+                    delta.into_tensor_arg(),
+                    p.into_tensor_arg(),
+                    dk.clone().into_tensor_arg(),
+                    dv.clone().into_tensor_arg(),
+                    d as u32,
+                    tile,
+                    softcap,
+                );
+            }
+            (dq, dk, dv)
+        }
+    }
+}
