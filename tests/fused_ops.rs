@@ -12,7 +12,6 @@ mod common;
 
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use kiln::backend::QuantMatmul;
@@ -45,20 +44,6 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// The plain composition: full logits, softcap, log-softmax, gather, mask.
-fn reference<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, targets: Tensor<B, 1, Int>, mask: Tensor<B, 1>, spec: HeadLoss) -> Tensor<B, 1> {
-    let n = h.dims()[0];
-    let mut z = match spec.layout {
-        HeadLayout::InOut => h.matmul(w),
-        HeadLayout::OutIn => h.matmul(w.transpose()),
-    };
-    if let Some(c) = spec.softcap {
-        z = z.div_scalar(c).tanh().mul_scalar(c);
-    }
-    let picked = log_softmax(z, 1).gather(1, targets.reshape([n, 1])).reshape([n]);
-    (picked * mask).sum().neg()
-}
-
 /// Shapes (rows, hidden, vocab, chunk rows): chunks that do not divide the rows, one chunk
 /// only, a vocabulary larger than the chunk.
 const SHAPES: [(usize, usize, usize, usize); 3] = [(37, 24, 53, 8), (16, 40, 300, 16), (5, 8, 7, 64)];
@@ -79,7 +64,7 @@ fn check_head_loss<A: AutodiffBackend + QuantMatmul>(device: &A::Device, name: &
                     let w = Tensor::<A, 2>::from_data(TensorData::new(wv.clone(), wdims), device).require_grad();
                     let t = Tensor::<A, 1, Int>::from_data(TensorData::new(tv.clone(), [n]), device);
                     let m = Tensor::<A, 1>::from_data(TensorData::new(mv.clone(), [n]), device);
-                    let loss = if fused { lm_head_loss(h.clone(), w.clone(), t, m, spec) } else { reference(h.clone(), w.clone(), t, m, spec) };
+                    let loss = if fused { lm_head_loss(h.clone(), w.clone(), t, m, spec) } else { kiln_kernels::loss::lm_head_loss_composition(h.clone(), w.clone(), t, m, spec) };
                     // A non-unit upstream gradient, as the trainer's division by the token count gives.
                     let grads = loss.clone().mul_scalar(0.37).backward();
                     (host(loss), host(h.grad(&grads).unwrap()), host(w.grad(&grads).unwrap()))
@@ -220,19 +205,7 @@ const ATTENTION: [AttentionCase; 5] = [
     AttentionCase { b: 2, h: 2, kv: 1, s: 40, d: 8, mask: MaskKind::Packed { lengths: &[1, 39, 2], window: None }, softcap: None },
 ];
 
-/// The attention the model computed before the fused op: repeated keys and values, the full
-/// `[b, h, s, t]` scores, softcap, mask, softmax.
-fn plain_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3>, spec: kiln_kernels::AttentionSpec) -> Tensor<B, 4> {
-    use kiln::model::layers::repeat_kv;
-    let (h, kv) = (q.dims()[1], k.dims()[1]);
-    let mut z = q.matmul(repeat_kv(k, h / kv).swap_dims(2, 3)).mul_scalar(spec.scale);
-    if let Some(c) = spec.softcap {
-        z = z.div_scalar(c).tanh().mul_scalar(c);
-    }
-    burn::tensor::activation::softmax(z + mask.unsqueeze_dim::<4>(1), 3).matmul(repeat_kv(v, h / kv))
-}
-
-/// The fused attention against [`plain_attention`]: output, and the gradients of `q`, `k` and
+/// The fused attention against the composition (keys repeated, full softmax): output, and the gradients of `q`, `k` and
 /// `v` for a random upstream gradient.
 fn check_attention<A: AutodiffBackend + kiln_kernels::FlashAttention>(device: &A::Device, name: &str, cases: &[AttentionCase]) {
     use kiln::model::layers::{causal_mask, packed_mask};
@@ -266,7 +239,7 @@ fn check_attention<A: AutodiffBackend + kiln_kernels::FlashAttention>(device: &A
             let c = Tensor::<A, 4>::from_data(TensorData::new(cv.clone(), [b, h, s, d]), device);
             let out = match fused {
                 true => kiln_kernels::flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), spec),
-                false => plain_attention(q.clone(), k.clone(), v.clone(), mask.clone(), spec),
+                false => kiln_kernels::attention::attention_composition(q.clone(), k.clone(), v.clone(), mask.clone(), spec).0,
             };
             let grads = (out.clone() * c).sum().backward();
             [host(out), host(q.grad(&grads).unwrap()), host(k.grad(&grads).unwrap()), host(v.grad(&grads).unwrap())]
@@ -341,9 +314,6 @@ fn check_gated<A: AutodiffBackend + kiln_kernels::GatedActOp>(device: &A::Device
                 let (g, u, c) = (make(&gv).require_grad(), make(&uv).require_grad(), make(&cv));
                 let y = match fused {
                     true => kiln_kernels::gated_act(g.clone(), u.clone(), act),
-                    // Burn's own GELU differentiates as the tanh approximation; the exact
-                    // derivative comes from the erf composition.
-                    false if act == GateActivation::Gelu => g.clone() * g.clone().div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5) * u.clone(),
                     false => activate(g.clone(), act) * u.clone(),
                 };
                 let grads = (y.clone() * c).sum().backward();

@@ -98,6 +98,34 @@ pub fn flash_attention<B: FlashAttention>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: T
     float(out)
 }
 
+/// Attention as the model computed it before the fused operation: keys and values repeated to
+/// every head, the full `[b, h, s, t]` scores, softcap, mask, softmax. Returns the output
+/// `[b, h, s, d]` and the probabilities `[b, h, s, t]` (the probes read them). The reference
+/// [`FlashAttention`] is checked against.
+pub fn attention_composition<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3>, spec: AttentionSpec) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let groups = q.dims()[1] / k.dims()[1];
+    let mut z = q.matmul(repeat_kv(k, groups).swap_dims(2, 3)); // [b, h, s, t]
+    if spec.scale != 1.0 {
+        z = z.mul_scalar(spec.scale);
+    }
+    if let Some(c) = spec.softcap {
+        z = z.div_scalar(c).tanh().mul_scalar(c);
+    }
+    let probs = burn::tensor::activation::softmax(z + mask.unsqueeze_dim::<4>(1), 3); // mask [b, s, t] -> [b, 1, s, t]
+    (probs.clone().matmul(repeat_kv(v, groups)), probs)
+}
+
+/// Repeats each of `kv` key/value heads `n_rep` times: `[b, kv, t, d] -> [b, kv·n_rep, t, d]`.
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2) // [b, kv, 1, t, d]
+        .expand([b, kv, n_rep, t, d])
+        .reshape([b, kv * n_rep, t, d])
+}
+
 /// `cap(scale · q·kᵀ)` with each group's query heads as extra rows: `[b, kv, g·s, t]`.
 fn grouped_scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, spec: AttentionSpec) -> Tensor<B, 4> {
     let [b, h, s, d] = q.dims();

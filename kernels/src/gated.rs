@@ -81,12 +81,14 @@ pub fn gated_act<B: GatedActOp, const D: usize>(gate: Tensor<B, D>, up: Tensor<B
     float::<B>(y).reshape(dims)
 }
 
-/// The activation as Burn's tensor operations (how the unfused model computed it).
+/// The activation as tensor operations (how the unfused model computed it). Exact GELU is
+/// spelled out as Burn's `gelu` computes it, because Burn differentiates its `gelu` as the tanh
+/// approximation; through `erf` the gradient is exact.
 pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: GateActivation) -> Tensor<B, D> {
     match act {
         GateActivation::Silu => activation::silu(x),
         GateActivation::GeluTanh => activation::gelu_approximate(x),
-        GateActivation::Gelu => activation::gelu(x),
+        GateActivation::Gelu => (x.clone() * x.div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0)).div_scalar(2.0),
     }
 }
 

@@ -61,6 +61,19 @@ pub fn lm_head_loss<B: LmHeadLoss>(h: Tensor<B, 2>, w: Tensor<B, 2>, targets: Te
     float(B::lm_head_loss(h.into_primitive().tensor(), w.into_primitive().tensor(), targets.into_primitive(), mask.into_primitive().tensor(), spec))
 }
 
+/// The plain composition [`lm_head_loss`] is checked against: the full `[n, v]` logits,
+/// softcap, log-softmax, gather, mask, summed and negated.
+pub fn lm_head_loss_composition<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, targets: Tensor<B, 1, Int>, mask: Tensor<B, 1>, spec: HeadLoss) -> Tensor<B, 1> {
+    let n = h.dims()[0];
+    let z = match spec.layout {
+        HeadLayout::InOut => h.matmul(w),
+        HeadLayout::OutIn => h.matmul(w.transpose()),
+    };
+    let z = softcap(z, spec.softcap); // [n, v]
+    let picked = burn::tensor::activation::log_softmax(z, 1).gather(1, targets.reshape([n, 1])).reshape([n]);
+    (picked * mask).sum().neg()
+}
+
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{model_dir, DeviceArg};
 use crate::backend::QuantMatmul;
-use crate::generate::{argmax, ids_tensor};
+use crate::generate::{argmax, ids_tensor, Sampler, SamplingConfig, StopConfig};
 use crate::model::layers::LinearWeight;
 use crate::model::Model;
 use crate::quant::affine::QuantSpec;
@@ -21,6 +21,9 @@ enum What {
     Forward,
     /// Prefill, then greedy decoding one token at a time with the KV cache.
     Decode,
+    /// Batched sampling as GRPO rollouts run it: one prompt, `--batch` rows decoded side by side
+    /// with the KV cache for `--new-tokens` each (temperature 1, top-k 50, no stop token).
+    Sample,
     /// Training steps of a recipe (`--recipe`): tokens/s and peak memory.
     Train,
     /// The probe signals' cost on a recipe (`--recipe`): step time with probes off and on.
@@ -52,9 +55,12 @@ pub struct Args {
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
-    /// Tokens to decode (decode only).
+    /// Tokens to decode (decode, sample).
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// Rows sampled side by side (sample).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
     /// Timed runs; the median is reported.
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -91,8 +97,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.prompt_len == 0 || args.runs == 0 {
         anyhow::bail!("--prompt-len and --runs must be at least 1");
     }
-    if args.what == What::Decode && args.new_tokens == 0 {
-        anyhow::bail!("--new-tokens must be at least 1 for `bench decode`");
+    if matches!(args.what, What::Decode | What::Sample) && args.new_tokens == 0 {
+        anyhow::bail!("--new-tokens must be at least 1 for `bench decode` and `bench sample`");
+    }
+    if args.what == What::Sample && args.batch == 0 {
+        anyhow::bail!("--batch must be at least 1 for `bench sample`");
     }
     let scratch = tempfile::tempdir()?;
     let dir = match &args.model {
@@ -121,7 +130,8 @@ fn run_on<B: QuantMatmul>(args: &Args, dir: &Path, device: &B::Device) -> anyhow
         "model": dir.display().to_string(),
         "device": args.device.device.to_string(),
         "prompt_len": args.prompt_len,
-        "new_tokens": (args.what == What::Decode).then_some(args.new_tokens),
+        "new_tokens": matches!(args.what, What::Decode | What::Sample).then_some(args.new_tokens),
+        "batch": (args.what == What::Sample).then_some(args.batch),
         "runs": args.runs,
         "results": rows,
     });
@@ -132,8 +142,9 @@ fn run_on<B: QuantMatmul>(args: &Args, dir: &Path, device: &B::Device) -> anyhow
     println!("model   {}  (device {}, prompt {} tokens, median of {} runs)", dir.display(), args.device.device, args.prompt_len, args.runs);
     for r in &rows {
         let decode = r["decode_tokens_per_s"].as_f64().map(|d| format!("  decode {d:>8.1} tokens/s")).unwrap_or_default();
+        let sample = r["sample_tokens_per_s"].as_f64().map(|d| format!("  sampling {} × {} {d:>8.1} tokens/s", args.batch, args.new_tokens)).unwrap_or_default();
         println!(
-            "  {:<10} prefill {:>9.1} tokens/s{decode}  weights {:>8.1} MiB",
+            "  {:<10} prefill {:>9.1} tokens/s{decode}{sample}  weights {:>8.1} MiB",
             r["weights"].as_str().unwrap_or(""),
             r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["weight_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
@@ -188,6 +199,21 @@ fn measure<B: QuantMatmul>(args: &Args, dir: &Path, quantize: Option<QuantSpec>,
         decode()?;
         let times = (0..args.runs).map(|_| decode()).collect::<anyhow::Result<Vec<_>>>()?;
         row["decode_tokens_per_s"] = json!(args.new_tokens as f64 / median(times));
+    }
+    if args.what == What::Sample {
+        // Prefill included, as a rollout pays it; no stop token, so every row runs to the end.
+        let stop = StopConfig { max_new_tokens: args.new_tokens, eos_ids: Vec::new() };
+        let sample = |seed: u64| {
+            let mut sampler = Sampler::new(SamplingConfig { temperature: 1.0, top_k: 50, top_p: 1.0, seed });
+            let t = Instant::now();
+            let rows = crate::train::rollout::rollout_group(&model, &prompt, args.batch, &mut sampler, &stop);
+            (t.elapsed().as_secs_f64(), rows.iter().map(|r| r.ids.len()).sum::<usize>())
+        };
+        sample(0);
+        let runs: Vec<(f64, usize)> = (1..=args.runs as u64).map(sample).collect();
+        let tokens = runs[0].1;
+        row["sample_tokens_per_s"] = json!(tokens as f64 / median(runs.iter().map(|r| r.0).collect()));
+        row["sample_tokens"] = json!(tokens);
     }
     Ok(row)
 }

@@ -49,10 +49,15 @@ impl Sampler {
         }
         let t = self.config.temperature;
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.config.top_k > 0 {
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if self.config.top_k > 0 && self.config.top_k < cand.len() {
+            // The order is total (ties go to the lower id), so the k best are one set: select
+            // them, then sort only those (a 152k vocabulary sorted per row per token dominates
+            // batched sampling otherwise).
+            cand.select_nth_unstable_by(self.config.top_k - 1, order);
             cand.truncate(self.config.top_k);
         }
+        cand.sort_by(order);
         let max = cand[0].1;
         let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
         let total: f32 = probs.iter().sum();

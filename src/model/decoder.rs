@@ -8,13 +8,13 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::activation;
 
 use super::config::{Activation, ModelConfig, MoeKind};
-use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask, repeat_kv, rms_normalize, rope_tables, Linear, RmsNorm};
+use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask, rms_normalize, rope_tables, Linear, RmsNorm};
 use super::moe::{Moe, RouterStats};
 use super::weights::WeightFiles;
 use crate::quant::affine::QuantSpec;
+use kiln_kernels::attention::attention_composition;
 use kiln_kernels::{flash_attention, gated_act, AttentionSpec, QuantMatmul};
 use super::ModelError;
 
@@ -180,26 +180,13 @@ impl<B: QuantMatmul> Attention<B> {
             (None, None) => unreachable!("a KV-sharing layer runs after the layer it shares with (checked when the config was read)"),
         };
         let kv_used = (k.clone(), v.clone());
-        if self.fused && !keep_probs {
-            let spec = AttentionSpec { scale: self.scale, softcap: (self.logit_softcap > 0.0).then_some(self.logit_softcap) };
-            let out = flash_attention(q, k, v, mask.clone(), spec); // [b, h, s, d]
-            let out = out.swap_dims(1, 2).reshape([b, s, h * d]); // [b, h, s, d] -> [b, s, h*d]
-            return (self.o_proj.forward(out), kv_used, None);
-        }
-        let k = repeat_kv(k, h / kv); // [b, kv, t, d] -> [b, h, t, d]
-        let v = repeat_kv(v, h / kv);
-
-        let mut scores = q.matmul(k.swap_dims(2, 3)); // [b, h, s, t]
-        if self.scale != 1.0 {
-            scores = scores.mul_scalar(self.scale);
-        }
-        if self.logit_softcap > 0.0 {
-            scores = scores.div_scalar(self.logit_softcap).tanh().mul_scalar(self.logit_softcap);
-        }
-        let scores = scores + mask.clone().unsqueeze_dim::<4>(1); // [b, s, t] -> [b, 1, s, t]
-        let probs = activation::softmax(scores, 3);
-        let kept = keep_probs.then(|| probs.clone());
-        let out = probs.matmul(v); // [b, h, s, d]
+        let spec = AttentionSpec { scale: self.scale, softcap: (self.logit_softcap > 0.0).then_some(self.logit_softcap) };
+        let (out, kept) = if self.fused && !keep_probs {
+            (flash_attention(q, k, v, mask.clone(), spec), None)
+        } else {
+            let (out, probs) = attention_composition(q, k, v, mask.clone(), spec);
+            (out, keep_probs.then_some(probs))
+        }; // [b, h, s, d]
         let out = out.swap_dims(1, 2).reshape([b, s, h * d]); // [b, h, s, d] -> [b, s, h*d]
         (self.o_proj.forward(out), kv_used, kept)
     }

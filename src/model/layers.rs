@@ -324,17 +324,6 @@ fn may_attend(q: usize, k: usize, window: Option<usize>) -> bool {
     k <= q && window.is_none_or(|w| q < k + w)
 }
 
-/// Repeats each of `kv` key/value heads `n_rep` times: `[b, kv, t, d] -> [b, kv·n_rep, t, d]`.
-pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kv, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2) // [b, kv, 1, t, d]
-        .expand([b, kv, n_rep, t, d])
-        .reshape([b, kv * n_rep, t, d])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
