@@ -273,28 +273,48 @@ pub(crate) mod cube {
         }
     }
 
-    /// One thread per query row; cube `(query block, b·h)`. `params` = [scale, softcap].
-    #[cube(launch_unchecked)]
-    fn forward_kernel<F: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
-        let lane = UNIT_POS_X as usize;
+    /// Where this thread's query row lives (cube `(query block, b·h)`, one row per thread).
+    #[derive(CubeType)]
+    struct QueryRow {
+        /// Batch · query heads + head.
+        bh: usize,
+        /// Queries and keys.
+        s: usize,
+        t: usize,
+        /// The row, and whether it exists (the last block's spare threads do not).
+        i: usize,
+        valid: bool,
+        /// Offsets of the query row, of its key/value head's `[t, d]` block, of its mask row.
+        qrow: usize,
+        kbase: usize,
+        mrow: usize,
+    }
+
+    #[cube]
+    fn query_row<F: Float>(q: &Tensor<F>, k: &Tensor<F>, mask: &Tensor<F>, lane: usize, #[comptime] d: u32) -> QueryRow {
+        let dd = comptime!(d as usize);
         let bh = CUBE_POS_Y as usize;
         let h = q.shape(1);
         let s = q.shape(2);
         let kvh = k.shape(1);
         let t = k.shape(2);
-        let dd = comptime!(d as usize);
-        let scale = params[0];
-        let cap = params[1];
         let bi = bh / h;
         let mut mb = bi;
         if mask.shape(0) == 1 {
             mb = 0;
         }
-        let kbase = (bi * kvh + (bh % h) / (h / kvh)) * t * dd;
         let i = CUBE_POS_X as usize * ROWS as usize + lane;
-        let valid = i < s;
-        let qrow = (bh * s + i) * dd;
-        let mrow = mb * s * t + i * t;
+        QueryRow { bh, s, t, i, valid: i < s, qrow: (bh * s + i) * dd, kbase: (bi * kvh + (bh % h) / (h / kvh)) * t * dd, mrow: mb * s * t + i * t }
+    }
+
+    /// One thread per query row; cube `(query block, b·h)`. `params` = [scale, softcap].
+    #[cube(launch_unchecked)]
+    fn forward_kernel<F: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+        let lane = UNIT_POS_X as usize;
+        let dd = comptime!(d as usize);
+        let scale = params[0];
+        let cap = params[1];
+        let QueryRow { bh, s, t, i, valid, qrow, kbase, mrow } = query_row::<F>(q, k, mask, lane, d);
         let qr = load_row::<F>(q, qrow, valid, d);
         let mut ks = SharedMemory::<F>::new(comptime!((tile * d) as usize));
         let mut vs = SharedMemory::<F>::new(comptime!((tile * d) as usize));
@@ -372,24 +392,10 @@ pub(crate) mod cube {
     #[allow(clippy::too_many_arguments)]
     fn dq_kernel<F: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
         let lane = UNIT_POS_X as usize;
-        let bh = CUBE_POS_Y as usize;
-        let h = q.shape(1);
-        let s = q.shape(2);
-        let kvh = k.shape(1);
-        let t = k.shape(2);
         let dd = comptime!(d as usize);
         let scale = params[0];
         let cap = params[1];
-        let bi = bh / h;
-        let mut mb = bi;
-        if mask.shape(0) == 1 {
-            mb = 0;
-        }
-        let kbase = (bi * kvh + (bh % h) / (h / kvh)) * t * dd;
-        let i = CUBE_POS_X as usize * ROWS as usize + lane;
-        let valid = i < s;
-        let qrow = (bh * s + i) * dd;
-        let mrow = mb * s * t + i * t;
+        let QueryRow { bh, s, t, i, valid, qrow, kbase, mrow } = query_row::<F>(q, k, mask, lane, d);
         let mut row_lse = F::new(0.0);
         let mut row_delta = F::new(0.0);
         if valid {
