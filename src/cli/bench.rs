@@ -296,10 +296,14 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
         Some(b) => (b, "device"),
         None => (crate::run::peak_rss_bytes(), "host_rss"),
     };
+    // What `kiln plan` predicted for this recipe and device, for the measured peak to be held to.
+    let planned = crate::train::plan::recipe_geometry(&recipe).ok().map(|g| crate::train::plan::plan(&recipe, &g, device, None).peak_bytes);
     let out = json!({
         "recipe": recipe.path.display().to_string(),
         "device": device.to_string(),
         "method": recipe.method.as_str(),
+        "plan_peak_bytes": planned,
+        "peak_over_plan": planned.map(|p| peak_bytes as f64 / p.max(1) as f64),
         "steps_timed": steps.len(),
         "batch_size": recipe.train.batch_size,
         "max_seq_len": recipe.data.max_seq_len,
@@ -315,6 +319,9 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
         println!("train   {tokens_per_s:>10.1} tokens/s  {:.3} s/step  (median of {} steps after 2 warm-up, {} on {})", step_s, steps.len(), recipe.method.as_str(), device);
         let what = if peak_of == "device" { "peak device memory (allocator high-water mark)" } else { "peak resident memory (host)" };
         println!("memory  {:>10.1} MiB {what}", peak_bytes as f64 / (1024.0 * 1024.0));
+        if let Some(p) = planned {
+            println!("plan    {:>10.1} MiB predicted by `kiln plan` (measured / predicted = {:.2})", p as f64 / (1024.0 * 1024.0), peak_bytes as f64 / p.max(1) as f64);
+        }
     }
     Ok(())
 }
