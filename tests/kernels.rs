@@ -11,20 +11,7 @@ use burn::tensor::TensorData;
 use kiln_kernels::host::HostQuant;
 use kiln_kernels::{quant_matmul, Affine, QuantMatmul};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (a, b) = (self.next().max(1e-12), self.next());
-        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
-    }
-}
+use common::Rng;
 
 fn random_quant(rng: &mut Rng, n: usize, k: usize, format: Affine) -> HostQuant {
     let levels: Vec<u8> = (0..n * k).map(|_| (rng.next() * (format.mask() + 1) as f64) as u8).collect();

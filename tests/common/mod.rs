@@ -73,3 +73,23 @@ pub fn logits_of(model: &kiln::model::Model<kiln::backend::Cpu>, name: &str) -> 
     let ids = Tensor::<kiln::backend::Cpu, 2, Int>::from_data(burn::tensor::TensorData::new(data, [shape[0], shape[1]]), &Default::default());
     model.forward(ids, None).into_data().convert::<f32>().into_vec().unwrap()
 }
+
+/// A small deterministic generator (xorshift) for the random inputs of kernel checks: the same
+/// numbers on every machine, without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Uniform in [0, 1).
+    pub fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let (a, b) = (self.next().max(1e-12), self.next());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+    }
+}
