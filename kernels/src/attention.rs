@@ -29,7 +29,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::float;
 
 /// Score scale and softcap of one attention layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -146,9 +148,6 @@ fn grouped_mask<B: Backend>(mask: Tensor<B, 3>, b: usize, h: usize, kv: usize) -
     mask.reshape([mb, 1, 1, s, t]).expand([b, kv, h / kv, s, t]).reshape([b, kv, h / kv * s, t])
 }
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
 
 #[derive(Debug, Clone)]
 struct State<B: Backend> {
@@ -202,11 +201,11 @@ impl<B: burn_fusion::FusionBackend> FlashAttention for burn_fusion::Fusion<B> {}
 pub(crate) mod cube {
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{Shape, TensorData};
-    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
+    use crate::cube::contiguous_float;
     use cubecl::{cube, CubeCount, CubeDim};
 
     use super::{AttentionSpec, FlashAttention};
@@ -526,13 +525,10 @@ pub(crate) mod cube {
         }
     }
 
-    fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
-        into_contiguous(crate::cube::as_float::<R, F>(t))
-    }
 
     fn params<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(like: &CubeTensor<R>, spec: AttentionSpec) -> CubeTensor<R> {
         let data = TensorData::new(vec![spec.scale as f32, spec.softcap.unwrap_or(1.0) as f32], [2]).convert::<F>();
-        as_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
+        contiguous_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
     }
 
     fn empty<R: CubeRuntime, F: FloatElement>(like: &CubeTensor<R>, shape: Vec<usize>) -> CubeTensor<R> {
@@ -545,7 +541,7 @@ pub(crate) mod cube {
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAttention for CubeBackend<R, F, I, BT> {
         fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let (q, k, v, mask) = (as_float::<R, F>(q), as_float::<R, F>(k), as_float::<R, F>(v), as_float::<R, F>(mask));
+            let (q, k, v, mask) = (contiguous_float::<R, F>(q), contiguous_float::<R, F>(k), contiguous_float::<R, F>(v), contiguous_float::<R, F>(mask));
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             let out = empty::<R, F>(&q, vec![b, h, s, d]);
             let lse = empty::<R, F>(&q, vec![b, h, s]);
@@ -589,7 +585,7 @@ pub(crate) mod cube {
             spec: AttentionSpec,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             use burn::tensor::ops::FloatTensorOps;
-            let (dout, q, k, v, mask, lse) = (as_float::<R, F>(dout), as_float::<R, F>(q), as_float::<R, F>(k), as_float::<R, F>(v), as_float::<R, F>(mask), as_float::<R, F>(lse));
+            let (dout, q, k, v, mask, lse) = (contiguous_float::<R, F>(dout), contiguous_float::<R, F>(q), contiguous_float::<R, F>(k), contiguous_float::<R, F>(v), contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse));
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             let [_, kvh, t, _] = k.meta.shape().dims::<4>();
             let dq = empty::<R, F>(&q, vec![b, h, s, d]);
@@ -599,8 +595,8 @@ pub(crate) mod cube {
                 return (dq, dk, dv);
             }
             // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
-            let prod = Self::float_mul(dout.clone(), as_float::<R, F>(out));
-            let delta = as_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
+            let prod = Self::float_mul(dout.clone(), contiguous_float::<R, F>(out));
+            let delta = contiguous_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
             let p = params::<R, F, I, BT>(&q, spec);
             let client = q.client.clone();
             let tile = tile_rows(d as u32);

@@ -276,6 +276,11 @@ pub(crate) fn flat_index() -> usize {
     (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * FLAT_THREADS as usize + UNIT_POS_X as usize
 }
 
+/// [`as_float`], laid out contiguously: what the row-wise kernels index directly.
+pub(crate) fn contiguous_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
+    into_contiguous(as_float::<R, F>(t))
+}
+
 /// Words are read as u32; an I32 tensor holds the same bits.
 fn as_words<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
     match t.dtype {

@@ -13,7 +13,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::activation;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::float;
 
 /// The gate's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,12 +46,12 @@ const GELU_K: f64 = 0.044715;
 /// plain composition (the reference).
 pub trait GatedActOp: Backend {
     fn gated_act(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> FloatTensor<Self> {
-        (activate(float::<Self>(gate), act) * float::<Self>(up)).into_primitive().tensor()
+        (activate(float::<Self, 1>(gate), act) * float::<Self, 1>(up)).into_primitive().tensor()
     }
 
     /// `(d_gate, d_up)` for the upstream gradient `dy`.
     fn gated_act_bwd(dy: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (dy, g) = (float::<Self>(dy), float::<Self>(gate));
+        let (dy, g) = (float::<Self, 1>(dy), float::<Self, 1>(gate));
         let a = activate(g.clone(), act);
         let slope = match act {
             GateActivation::Silu => {
@@ -67,7 +69,7 @@ pub trait GatedActOp: Backend {
                 cdf + g * pdf
             }
         };
-        let dgate = dy.clone() * float::<Self>(up) * slope;
+        let dgate = dy.clone() * float::<Self, 1>(up) * slope;
         (dgate.into_primitive().tensor(), (dy * a).into_primitive().tensor())
     }
 }
@@ -78,7 +80,7 @@ pub fn gated_act<B: GatedActOp, const D: usize>(gate: Tensor<B, D>, up: Tensor<B
     let dims = gate.dims();
     let n = dims.iter().product::<usize>();
     let y = B::gated_act(gate.reshape([n]).into_primitive().tensor(), up.reshape([n]).into_primitive().tensor(), act);
-    float::<B>(y).reshape(dims)
+    float::<B, 1>(y).reshape(dims)
 }
 
 /// The activation as tensor operations (how the unfused model computed it). Exact GELU is
@@ -92,9 +94,6 @@ pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: GateActivation
     }
 }
 
-fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 1> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
 
 #[derive(Debug, Clone)]
 struct State<B: Backend> {
@@ -143,11 +142,11 @@ impl<B: burn_fusion::FusionBackend> GatedActOp for burn_fusion::Fusion<B> {}
 #[allow(unused_assignments)]
 pub(crate) mod cube {
     use burn::tensor::ops::FloatTensor;
-    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
+    use crate::cube::contiguous_float;
     use cubecl::{cube, CubeDim};
 
     use super::{GateActivation, GatedActOp, GELU_C, GELU_K};
@@ -210,9 +209,6 @@ pub(crate) mod cube {
         }
     }
 
-    fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
-        into_contiguous(crate::cube::as_float::<R, F>(t))
-    }
 
     fn like<R: CubeRuntime, F: FloatElement>(t: &CubeTensor<R>) -> CubeTensor<R> {
         empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), t.meta.shape().clone(), F::dtype())
@@ -220,7 +216,7 @@ pub(crate) mod cube {
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> GatedActOp for CubeBackend<R, F, I, BT> {
         fn gated_act(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> FloatTensor<Self> {
-            let (gate, up) = (as_float::<R, F>(gate), as_float::<R, F>(up));
+            let (gate, up) = (contiguous_float::<R, F>(gate), contiguous_float::<R, F>(up));
             let y = like::<R, F>(&gate);
             let n = gate.meta.shape().num_elements();
             if n == 0 {
@@ -236,7 +232,7 @@ pub(crate) mod cube {
         }
 
         fn gated_act_bwd(dy: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let (dy, gate, up) = (as_float::<R, F>(dy), as_float::<R, F>(gate), as_float::<R, F>(up));
+            let (dy, gate, up) = (contiguous_float::<R, F>(dy), contiguous_float::<R, F>(gate), contiguous_float::<R, F>(up));
             let (dgate, dup) = (like::<R, F>(&gate), like::<R, F>(&gate));
             let n = gate.meta.shape().num_elements();
             if n == 0 {

@@ -128,7 +128,8 @@ pub trait QuantMatmul: Backend + LmHeadLoss + RmsNormOp + RopeOp + GatedActOp + 
     }
 }
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+/// A float primitive as a typed tensor (the extensions' default methods work on these).
+pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 

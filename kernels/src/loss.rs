@@ -18,7 +18,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor};
+
+use crate::float;
 
 /// Where the vocabulary axis of the head weight is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,9 +76,6 @@ pub fn lm_head_loss_composition<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, ta
     (picked * mask).sum().neg()
 }
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
 
 /// Logits of one chunk before the softcap, `[c, v]`, in f32.
 fn chunk_logits<B: Backend>(h: Tensor<B, 2>, w: &Tensor<B, 2>, layout: HeadLayout) -> Tensor<B, 2> {

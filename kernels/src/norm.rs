@@ -14,7 +14,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::float;
 
 /// Backend extension: RMSNorm over the last dimension of `x` `[n, d]` with weight `w` `[d]`.
 /// The default methods are the plain tensor composition (the reference).
@@ -41,6 +43,13 @@ pub trait RmsNormOp: Backend {
     }
 }
 
+/// RMSNorm as plain tensor operations over the last dimension of `x` `[n, d]`: what the op is
+/// checked against.
+pub fn rms_norm_composition<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64, offset: f64) -> Tensor<B, 2> {
+    let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt(); // [n, 1]
+    x.div(rms) * w.add_scalar(offset).unsqueeze::<2>()
+}
+
 /// RMSNorm of `x` `[.., d]` with weight `w` `[d]`: the typed entry point.
 pub fn rms_norm<B: RmsNormOp, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64, offset: f64) -> Tensor<B, D> {
     let dims = x.dims();
@@ -50,9 +59,6 @@ pub fn rms_norm<B: RmsNormOp, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, 
     float::<B, 2>(y).reshape(dims)
 }
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
 
 #[derive(Debug, Clone)]
 struct State<B: Backend> {
@@ -106,11 +112,11 @@ impl<B: burn_fusion::FusionBackend> RmsNormOp for burn_fusion::Fusion<B> {}
 pub(crate) mod cube {
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{Shape, TensorData};
-    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
+    use crate::cube::contiguous_float;
     use cubecl::{cube, CubeCount, CubeDim};
 
     use super::RmsNormOp;
@@ -191,18 +197,15 @@ pub(crate) mod cube {
         }
     }
 
-    fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
-        into_contiguous(crate::cube::as_float::<R, F>(t))
-    }
 
     fn params<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(like: &CubeTensor<R>, eps: f64, offset: f64) -> CubeTensor<R> {
         let data = TensorData::new(vec![eps as f32, offset as f32], [2]).convert::<F>();
-        as_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
+        contiguous_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
     }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RmsNormOp for CubeBackend<R, F, I, BT> {
         fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let (x, w) = (as_float::<R, F>(x), as_float::<R, F>(w));
+            let (x, w) = (contiguous_float::<R, F>(x), contiguous_float::<R, F>(w));
             let p = params::<R, F, I, BT>(&x, eps, offset);
             let [n, d] = x.meta.shape().dims::<2>();
             let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, d]), F::dtype());
@@ -220,7 +223,7 @@ pub(crate) mod cube {
         }
 
         fn rms_norm_dx(dy: FloatTensor<Self>, x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, offset: f64) -> FloatTensor<Self> {
-            let (dy, x, w, rstd) = (as_float::<R, F>(dy), as_float::<R, F>(x), as_float::<R, F>(w), as_float::<R, F>(rstd));
+            let (dy, x, w, rstd) = (contiguous_float::<R, F>(dy), contiguous_float::<R, F>(x), contiguous_float::<R, F>(w), contiguous_float::<R, F>(rstd));
             let p = params::<R, F, I, BT>(&x, 0.0, offset);
             let [n, d] = x.meta.shape().dims::<2>();
             let dx = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, d]), F::dtype());

@@ -13,7 +13,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::float;
 
 /// Backend extension: rope of `x` `[b, h, s, d]` with tables `cos`, `sin` `[b or 1, s, r]`,
 /// `r ≤ d` even. The default method is the plain composition (the reference).
@@ -43,9 +45,6 @@ pub fn rope_composition<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Ten
     }
 }
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
 
 #[derive(Debug)]
 struct RopeBackward;
@@ -87,11 +86,10 @@ impl<B: burn_fusion::FusionBackend> RopeOp for burn_fusion::Fusion<B> {}
 pub(crate) mod cube {
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::Shape;
-    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
-    use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
+    use crate::cube::contiguous_float;
     use cubecl::{cube, CubeDim};
 
     use super::RopeOp;
@@ -130,13 +128,10 @@ pub(crate) mod cube {
         }
     }
 
-    fn as_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
-        into_contiguous(crate::cube::as_float::<R, F>(t))
-    }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RopeOp for CubeBackend<R, F, I, BT> {
         fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-            let (x, cos, sin) = (as_float::<R, F>(x), as_float::<R, F>(cos), as_float::<R, F>(sin));
+            let (x, cos, sin) = (contiguous_float::<R, F>(x), contiguous_float::<R, F>(cos), contiguous_float::<R, F>(sin));
             let [b, h, s, d] = x.meta.shape().dims::<4>();
             let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([b, h, s, d]), F::dtype());
             let n = b * h * s * d;

@@ -12,6 +12,7 @@ use burn::tensor::{Distribution, TensorData};
 use kiln_kernels::attention::attention_composition;
 use kiln_kernels::gated::activate;
 use kiln_kernels::loss::lm_head_loss_composition;
+use kiln_kernels::norm::rms_norm_composition;
 use kiln_kernels::rope::rope_composition;
 use kiln_kernels::{chunk_rows, flash_attention, gated_act, lm_head_loss, rms_norm, rope, AttentionSpec, GateActivation, HeadLayout, HeadLoss};
 use serde_json::json;
@@ -151,10 +152,7 @@ fn rms_norm_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize,
             let (x, w) = (x0.clone().detach().require_grad(), w0.clone().detach().require_grad());
             let y = match fused {
                 true => rms_norm(x.clone(), w.clone(), 1e-6, offset),
-                false => {
-                    let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(1e-6).sqrt();
-                    x.clone().div(rms) * w.clone().add_scalar(offset).unsqueeze::<2>()
-                }
+                false => rms_norm_composition(x.clone(), w.clone(), 1e-6, offset),
             };
             let grads = (y.clone() * c.clone()).sum().backward();
             vec![("y", host(y)), ("dx", x.grad(&grads).map(host).unwrap_or_default()), ("dw", w.grad(&grads).map(host).unwrap_or_default())]
