@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see ../shared/gpu/README.md; carry .devcarry and .whl):
-# the fused-op checks on CUDA and Vulkan, kiln vs PyTorch + PEFT LoRA training, then batched
-# sampling against transformers' generate.
+# kiln vs PyTorch + PEFT LoRA training, a per-kernel profile of one kiln run, the fused-op checks
+# on CUDA and Vulkan, then batched sampling against transformers' generate.
 #   bash bench/gpu_train.sh "qwen2.5-0.5b" "512,1024,2048"
+# SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; STEPS, KILN_TIMEOUT tune the training runs.
 set -o pipefail
 source .devcarry/prelude.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1
 # Compiled kernels (PTX) and autotune results outlive the call: the directory is git-ignored, and
-# ignored files stay on a warm device machine between calls.
+# ignored files stay on a warm device machine between calls. A copy goes back in $OUT so the
+# next machine can start warm too (unpack it into .kiln-cache and carry that).
 export KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/card.txt
+python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
+  --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
+tar cJf $OUT/kiln-cache.tar.xz .kiln-cache 2>/dev/null; ls .kiln-cache 2>/dev/null | wc -l | sed 's/^/kernel cache entries: /'
+if [ -z "$SKIP_PROFILE" ]; then
+  # CubeCL times every launch when its profiling logger is on; run one recipe that way.
+  recipe=$(ls /tmp/kiln-bench-*/bench-*.toml | head -1)
+  d=$(mktemp -d)
+  printf '[profiling.logger]\nlevel = "basic"\nfile = "%s/profile.log"\nappend = false\n' "$d" > $d/cubecl.toml
+  (cd $d && timeout ${PROFILE_TIMEOUT:-150} $KILN bench train --recipe $recipe --steps 3 --json) > $OUT/profile-run.txt 2>&1
+  python3 bench/profile_summary.py $d/profile.log --top 40 | tee $OUT/profile.txt
+fi
 if [ -z "$SKIP_FUSED" ]; then
   timeout 120 $KILN bench fused --device cuda --runs 3 2>&1 | tee $OUT/fused-cuda.txt | tail -25
   timeout 120 $KILN bench fused --device wgpu --runs 3 2>&1 | tee $OUT/fused-vulkan.txt | tail -3
 fi
-python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
-  --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
 if [ -z "$SKIP_DECODE" ]; then
   python3 bench/decode_vs_hf.py --kiln $KILN --shape qwen2.5-0.5b --batch 8 --new-tokens 256 \
     --kiln-timeout ${KILN_TIMEOUT:-180} --out $OUT 2>&1 | tee $OUT/decode_vs_hf.txt | grep -v '^{'
 fi
+tar cJf $OUT/kiln-cache.tar.xz .kiln-cache 2>/dev/null
