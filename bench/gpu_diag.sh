@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# Why kiln's CUDA path is slow: kernel compilations over time for `bench fused`, and kiln's
-# training on the same card through Vulkan (wgpu) instead.
+# Where a kiln training run on the GPU spends its first minutes: kiln's phase log, kernel
+# compilations over time (CubeCL's compilation log), which threads are busy, and samples of the
+# busiest threads' stacks (bench/stack_sample.py; name them here with bench/stack_resolve.py
+# against the same unstripped binary).
+#   bash bench/gpu_diag.sh [DEVICE=cuda] [SECONDS=180] [BATCH=8] [SEQ=1024]
 source .devcarry/prelude.sh >/dev/null
-export PYTHONUNBUFFERED=1
-( CUBECL_AUTOTUNE_LEVEL=minimal CUBECL_DEBUG_LOG=/tmp/c.log timeout ${T1:-150} $KILN bench fused --device cuda --runs 1 > $OUT/fused-cuda.txt 2>&1 ) &
-p=$!; for i in $(seq 1 $(( ${T1:-150} / 15 ))); do sleep 15; echo "t=$((i*15))s compiled $(grep -c START_KERNEL_COMPILATION /tmp/c.log 2>/dev/null) kernels, autotune lines $(grep -ci autotun /tmp/c.log 2>/dev/null)"; kill -0 $p 2>/dev/null || break; done; wait $p
-tail -4 $OUT/fused-cuda.txt
-grep -o "name: [a-zA-Z_:]*" /tmp/c.log | sort | uniq -c | sort -rn | head -8
+export PYTHONUNBUFFERED=1 KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+device=${1:-cuda}; secs=${2:-180}; batch=${3:-8}; seq=${4:-1024}
 python3 -c "
 import sys; sys.path.insert(0,'bench'); import train_vs_peft as t
 t.make_model('qwen2.5-0.5b', '/tmp/kiln-bench-qwen2.5-0.5b')
-t.write_recipe('/tmp/kiln-bench-qwen2.5-0.5b','wgpu',${B:-16},${S:-512},8,'/tmp/w.toml','')" 2>&1 | grep -v Writing
-$KILN plan /tmp/w.toml --memory-gib 79.6
-timeout ${T2:-300} $KILN bench train --recipe /tmp/w.toml --steps 6 --json 2>&1 | tail -3
+t.write_recipe('/tmp/kiln-bench-qwen2.5-0.5b','$device',$batch,$seq,8,'/tmp/diag.toml','')" 2>&1 | grep -v Writing
+echo "tools: $(which gdb eu-stack nsys 2>/dev/null | tr '\n' ' ')"
+KILN_LOG=debug CUBECL_DEBUG_LOG=/tmp/c.log timeout $secs $KILN bench train --recipe /tmp/diag.toml --steps 6 --json > $OUT/diag-run.txt 2>&1 &
+p=$!; sleep 1; pid=$(pgrep -n -f "bench train --recipe /tmp/diag.toml")
+for i in $(seq 1 $(( secs / 10 ))); do
+  sleep 10
+  kill -0 $p 2>/dev/null || break
+  busy=$(top -b -n1 -H -p $pid 2>/dev/null | awk 'NR>7 && $9>5 {printf "%s:%s%% ", $12, $9}')
+  echo "t=$((i*10))s compiled $(grep -c START_KERNEL_COMPILATION /tmp/c.log 2>/dev/null) | busy threads: $busy| $(tail -1 $OUT/diag-run.txt | cut -c1-150)"
+  if [ $i -eq 4 ] || [ $i -eq 12 ]; then
+    python3 bench/stack_sample.py $pid --samples 15 --threads 3 > $OUT/stacks-$((i*10))s.txt 2>&1
+  fi
+done
+wait $p; echo "rc $?"
+tail -5 $OUT/diag-run.txt | cut -c1-400
+grep -o "name: [a-zA-Z_:]*" /tmp/c.log | sort | uniq -c | sort -rn | head -8

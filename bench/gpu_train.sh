@@ -3,30 +3,37 @@
 # kiln vs PyTorch + PEFT LoRA training, a per-kernel profile of one kiln run, the fused-op checks
 # on CUDA and Vulkan, then batched sampling against transformers' generate.
 #   bash bench/gpu_train.sh "qwen2.5-0.5b" "512,1024,2048"
-# SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; STEPS, KILN_TIMEOUT tune the training runs.
+# SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; STEPS, KILN_TIMEOUT tune the training runs.
 set -o pipefail
 source .devcarry/prelude.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1
 # Compiled kernels (PTX) and autotune results outlive the call: the directory is git-ignored, and
 # ignored files stay on a warm device machine between calls. A copy goes back in $OUT so the
-# next machine can start warm too (unpack it into .kiln-cache and carry that).
+# next machine can start warm too (carry it back as .kiln-cache.tar.xz).
 export KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+[ -f .kiln-cache.tar.xz ] && [ ! -d .kiln-cache ] && tar xJf .kiln-cache.tar.xz
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/card.txt
-python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
+[ -z "$SKIP_TRAIN" ] && python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
   --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
-tar cJf $OUT/kiln-cache.tar.xz .kiln-cache 2>/dev/null; ls .kiln-cache 2>/dev/null | wc -l | sed 's/^/kernel cache entries: /'
+tar cJf $OUT/kiln-cache.tar.xz .kiln-cache 2>/dev/null; du -sh .kiln-cache 2>/dev/null | sed 's/^/kernel cache: /'
 if [ -z "$SKIP_PROFILE" ]; then
   # CubeCL times every launch when its profiling logger is on; run one recipe that way.
-  recipe=$(ls /tmp/kiln-bench-*/bench-*.toml | head -1)
+  recipe=$(ls /tmp/kiln-bench-*/bench-*.toml 2>/dev/null | head -1)
+  if [ -z "$recipe" ]; then
+    recipe=/tmp/kiln-bench-qwen2.5-0.5b/bench-8x1024.toml
+    python3 -c "import sys; sys.path.insert(0, 'bench'); import train_vs_peft as t
+t.make_model('qwen2.5-0.5b', '/tmp/kiln-bench-qwen2.5-0.5b')
+t.write_recipe('/tmp/kiln-bench-qwen2.5-0.5b', 'cuda', 8, 1024, 3, '$recipe', '')" 2>&1 | grep -v Writing
+  fi
   d=$(mktemp -d)
   printf '[profiling.logger]\nlevel = "basic"\nfile = "%s/profile.log"\nappend = false\n' "$d" > $d/cubecl.toml
   (cd $d && timeout ${PROFILE_TIMEOUT:-150} $KILN bench train --recipe $recipe --steps 3 --json) > $OUT/profile-run.txt 2>&1
   python3 bench/profile_summary.py $d/profile.log --top 40 | tee $OUT/profile.txt
 fi
 if [ -z "$SKIP_FUSED" ]; then
-  timeout 120 $KILN bench fused --device cuda --runs 3 2>&1 | tee $OUT/fused-cuda.txt | tail -25
-  timeout 120 $KILN bench fused --device wgpu --runs 3 2>&1 | tee $OUT/fused-vulkan.txt | tail -3
+  timeout ${FUSED_TIMEOUT:-120} $KILN bench fused --device cuda --runs 3 2>&1 | tee $OUT/fused-cuda.txt | tail -25
+  timeout ${FUSED_TIMEOUT:-120} $KILN bench fused --device wgpu --runs 3 2>&1 | tee $OUT/fused-vulkan.txt | tail -3
 fi
 if [ -z "$SKIP_DECODE" ]; then
   python3 bench/decode_vs_hf.py --kiln $KILN --shape qwen2.5-0.5b --batch 8 --new-tokens 256 \

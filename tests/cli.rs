@@ -236,4 +236,12 @@ fn plan_and_bench_train_print_their_json_contract() {
         assert!(bench[key].as_f64().is_some_and(|v| v > 0.0), "{key} missing in {bench}");
     }
     assert_eq!(bench["peak_of"], "host_rss");
+
+    // The recipe's `run.device` is the one timed: asking for ROCm fails in a build without it.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(recipe).unwrap().replace("device = \"cpu\"", "device = \"rocm\"");
+    let rocm = dir.path().join("rocm.toml");
+    std::fs::write(&rocm, text.replace("\"../datasets/", &format!("\"{}/datasets/", env!("CARGO_MANIFEST_DIR")))).unwrap();
+    let (code, _, err) = common::kiln(&["bench", "train", "--recipe", rocm.to_str().unwrap(), "--steps", "3", "--json"]);
+    assert_clean_error(code, &err, &["`rocm` feature"]);
 }

@@ -8,8 +8,8 @@ use anyhow::Context;
 use burn::prelude::*;
 use serde_json::json;
 
-use super::{model_dir, DeviceArg};
-use crate::backend::QuantMatmul;
+use super::model_dir;
+use crate::backend::{DeviceSpec, QuantMatmul};
 use crate::generate::{argmax, ids_tensor, Sampler, SamplingConfig, StopConfig};
 use crate::model::layers::LinearWeight;
 use crate::model::Model;
@@ -73,23 +73,38 @@ pub struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    device: DeviceArg,
+    /// cpu, wgpu (Vulkan/Metal/DX12; wgpu:cpu for a software adapter), cuda[:N] or rocm[:N].
+    /// Train and probes default to the recipe's `run.device`, the others to cpu.
+    #[arg(long, value_parser = super::parse_device)]
+    device: Option<DeviceSpec>,
+}
+
+impl Args {
+    /// `--device`, else the recipe's `run.device` (train, probes), else the CPU.
+    fn device(&self, recipe: Option<&crate::recipe::Recipe>) -> anyhow::Result<DeviceSpec> {
+        let device = match (self.device, recipe) {
+            (Some(d), _) => d,
+            (None, Some(r)) => r.run.device.parse()?,
+            (None, None) => DeviceSpec::Cpu,
+        };
+        device.check()?;
+        Ok(device)
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    args.device.device.check()?;
     if args.what == What::Train {
         return bench_train(&args);
     }
     if args.what == What::Probes {
         return bench_probes(&args);
     }
+    let device = args.device(None)?;
     if args.what == What::Kernels {
-        return super::bench_kernels::run(args.device.device, args.json);
+        return super::bench_kernels::run(device, args.json);
     }
     if args.what == What::Fused {
-        return super::bench_fused::run(args.device.device, args.runs, args.json);
+        return super::bench_fused::run(device, args.runs, args.json);
     }
     if args.what == What::Export {
         return super::export::bench(args.model.as_deref(), &args.types, args.json);
@@ -111,7 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             super::export::random_qwen3_0_6b(&scratch.path().join("model"))?
         }
     };
-    crate::with_backend!(args.device.device, |B, device| run_on::<B>(&args, &dir, &device))
+    crate::with_backend!(device, |B, dev| run_on::<B>(&args, &dir, device, &dev))
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -120,7 +135,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// With `--quantize`, the float model is measured first in the same run as the reference.
-fn run_on<B: QuantMatmul>(args: &Args, dir: &Path, device: &B::Device) -> anyhow::Result<()> {
+fn run_on<B: QuantMatmul>(args: &Args, dir: &Path, spec: DeviceSpec, device: &B::Device) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     if args.quantize.is_some() {
         rows.push(measure::<B>(args, dir, None, device)?);
@@ -128,7 +143,7 @@ fn run_on<B: QuantMatmul>(args: &Args, dir: &Path, device: &B::Device) -> anyhow
     rows.push(measure::<B>(args, dir, args.quantize, device)?);
     let result = json!({
         "model": dir.display().to_string(),
-        "device": args.device.device.to_string(),
+        "device": spec.to_string(),
         "prompt_len": args.prompt_len,
         "new_tokens": matches!(args.what, What::Decode | What::Sample).then_some(args.new_tokens),
         "batch": (args.what == What::Sample).then_some(args.batch),
@@ -139,7 +154,7 @@ fn run_on<B: QuantMatmul>(args: &Args, dir: &Path, device: &B::Device) -> anyhow
         println!("{result}");
         return Ok(());
     }
-    println!("model   {}  (device {}, prompt {} tokens, median of {} runs)", dir.display(), args.device.device, args.prompt_len, args.runs);
+    println!("model   {}  (device {}, prompt {} tokens, median of {} runs)", dir.display(), spec, args.prompt_len, args.runs);
     for r in &rows {
         let decode = r["decode_tokens_per_s"].as_f64().map(|d| format!("  decode {d:>8.1} tokens/s")).unwrap_or_default();
         let sample = r["sample_tokens_per_s"].as_f64().map(|d| format!("  sampling {} × {} {d:>8.1} tokens/s", args.batch, args.new_tokens)).unwrap_or_default();
@@ -246,6 +261,9 @@ fn timing_recipe(args: &Args, steps: usize) -> anyhow::Result<crate::recipe::Rec
     recipe.eval.every = 0;
     recipe.eval.exact_match = false;
     recipe.data.test = None;
+    // Without a validation set the run ends without its final eval, which is not training time.
+    recipe.data.valid = None;
+    recipe.data.valid_fraction = 0.0;
     recipe.checkpoint.every = 0;
     recipe.export.adapter = false;
     recipe.export.fused = false;
@@ -256,7 +274,7 @@ fn timing_recipe(args: &Args, steps: usize) -> anyhow::Result<crate::recipe::Rec
 }
 
 /// Trains `steps` steps of `recipe` and returns its events (the scratch directory is removed).
-fn timed_run(recipe: &crate::recipe::Recipe, steps: usize, device: crate::backend::DeviceSpec) -> anyhow::Result<Vec<crate::run::Event>> {
+fn timed_run(recipe: &crate::recipe::Recipe, steps: usize, device: DeviceSpec) -> anyhow::Result<Vec<crate::run::Event>> {
     use crate::train::{train, TrainOptions};
     let options = TrainOptions { max_steps: Some(steps), overwrite: true, ..Default::default() };
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -277,7 +295,7 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
     }
     let mut recipe = timing_recipe(args, args.steps)?;
     recipe.probes.every = 0;
-    let device = args.device.device;
+    let device = args.device(Some(&recipe))?;
     let events = timed_run(&recipe, args.steps, device)?;
     // (tokens/s, seconds) of each timed step: with log_every = 1 an event covers one step.
     let steps: Vec<(f64, f64)> = events
@@ -311,6 +329,7 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
         "step_s": step_s,
         "peak_bytes": peak_bytes,
         "peak_of": peak_of,
+        "peak_in_use_bytes": crate::run::peak_device_in_use_bytes(),
         "peak_host_rss_bytes": crate::run::peak_rss_bytes(),
     });
     if args.json {
@@ -319,6 +338,9 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
         println!("train   {tokens_per_s:>10.1} tokens/s  {:.3} s/step  (median of {} steps after 2 warm-up, {} on {})", step_s, steps.len(), recipe.method.as_str(), device);
         let what = if peak_of == "device" { "peak device memory (allocator high-water mark)" } else { "peak resident memory (host)" };
         println!("memory  {:>10.1} MiB {what}", peak_bytes as f64 / (1024.0 * 1024.0));
+        if let Some(b) = crate::run::peak_device_in_use_bytes() {
+            println!("        {:>10.1} MiB in live tensors at the end of a forward or backward", b as f64 / (1024.0 * 1024.0));
+        }
         if let Some(p) = planned {
             println!("plan    {:>10.1} MiB predicted by `kiln plan` (measured / predicted = {:.2})", p as f64 / (1024.0 * 1024.0), peak_bytes as f64 / p.max(1) as f64);
         }
@@ -338,7 +360,7 @@ fn bench_probes(args: &Args) -> anyhow::Result<()> {
     let mut recipe = timing_recipe(args, steps)?;
     let every = if recipe.probes.every > 0 { recipe.probes.every } else { 50 };
     recipe.probes.every = CADENCE;
-    let device = args.device.device;
+    let device = args.device(Some(&recipe))?;
     let events = timed_run(&recipe, steps, device)?;
     let at: Vec<(usize, f64)> = events.iter().filter_map(|e| match e { Event::Train { step, elapsed_s, .. } => Some((*step, *elapsed_s)), _ => None }).collect();
     // (interval's first step, seconds), skipping the warm-up steps.

@@ -166,29 +166,42 @@ pub fn run(device: DeviceSpec, runs: usize, json_out: bool) -> anyhow::Result<()
 }
 
 fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec, runs: usize, json_out: bool) -> anyhow::Result<()> {
+    // Each row prints as soon as it is measured: on a GPU the first run of a shape waits for its
+    // kernels to compile, and a cut-short run should still show what it checked.
     let mut rows = Vec::new();
+    if !json_out {
+        println!("kiln's fused operations vs the plain composition, device {spec} (forward + backward; median of {runs}):");
+    }
+    let mut push = |r: serde_json::Value| {
+        if !json_out {
+            let errs: Vec<String> = r["rel_err"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k} {:.1e}", v.as_f64().unwrap_or(f64::NAN))).collect()).unwrap_or_default();
+            let (tf, tp) = (r["fused_s"].as_f64().unwrap_or(0.0) * 1e3, r["plain_s"].as_f64().unwrap_or(0.0) * 1e3);
+            println!("  {:<13} {:<58} rel err {:<36} {tf:>9.2} ms vs {tp:>9.2} ms", r["op"].as_str().unwrap_or(""), r["shape"].as_str().unwrap_or(""), errs.join(" "));
+        }
+        rows.push(r);
+    };
     // Small shapes that do not fill the kernels' tiles, then the sizes of a Qwen2.5-0.5B
     // training step at 4 × 1024 tokens (14 query heads over 2 key/value heads of 64).
+    push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, runs));
+    push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), runs));
+    push(rope_case::<A>(device, 2, 3, 37, 12, runs));
+    for act in [GateActivation::Silu, GateActivation::GeluTanh, GateActivation::Gelu] {
+        push(gated_case::<A>(device, 37, 101, act, runs));
+    }
+    push(rms_norm_case::<A>(device, 37, 300, 1.0, runs));
     for &(n, e, v, chunk) in &[(37, 24, 53, 8), (300, 64, 1001, 128)] {
         for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
             for softcap in [None, Some(30.0)] {
-                rows.push(lm_head_case::<A>(device, n, e, v, HeadLoss { layout, softcap, chunk }, runs));
+                push(lm_head_case::<A>(device, n, e, v, HeadLoss { layout, softcap, chunk }, runs));
             }
         }
     }
+    push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, runs));
+    push(rope_case::<A>(device, 4, 14, 1024, 64, runs));
+    push(gated_case::<A>(device, 4096, 4864, GateActivation::Silu, runs));
+    push(rms_norm_case::<A>(device, 4096, 896, 0.0, runs));
     let v = 151_936;
-    rows.push(lm_head_case::<A>(device, 2048, 896, v, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: chunk_rows(v) }, runs));
-    rows.push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, runs));
-    rows.push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), runs));
-    rows.push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, runs));
-    rows.push(rope_case::<A>(device, 2, 3, 37, 12, runs));
-    rows.push(rope_case::<A>(device, 4, 14, 1024, 64, runs));
-    for act in [GateActivation::Silu, GateActivation::GeluTanh, GateActivation::Gelu] {
-        rows.push(gated_case::<A>(device, 37, 101, act, runs));
-    }
-    rows.push(gated_case::<A>(device, 4096, 4864, GateActivation::Silu, runs));
-    rows.push(rms_norm_case::<A>(device, 37, 300, 1.0, runs));
-    rows.push(rms_norm_case::<A>(device, 4096, 896, 0.0, runs));
+    push(lm_head_case::<A>(device, 2048, 896, v, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: chunk_rows(v) }, runs));
 
     let worst = rows.iter().flat_map(|r| r["rel_err"].as_object().into_iter().flat_map(|m| m.values().map(|v| v.as_f64().unwrap_or(f64::INFINITY)))).fold(0.0f64, f64::max);
     // f32 throughout, TF32 in CUDA's matmuls: 1e-2 relative is what TF32 rounding gives here.
@@ -198,12 +211,6 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
     if json_out {
         println!("{out}");
     } else {
-        println!("kiln's fused operations vs the plain composition, device {spec} (forward + backward; median of {runs}):");
-        for r in &rows {
-            let errs: Vec<String> = r["rel_err"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k} {:.1e}", v.as_f64().unwrap_or(f64::NAN))).collect()).unwrap_or_default();
-            let (tf, tp) = (r["fused_s"].as_f64().unwrap_or(0.0) * 1e3, r["plain_s"].as_f64().unwrap_or(0.0) * 1e3);
-            println!("  {:<13} {:<58} rel err {:<36} {tf:>9.2} ms vs {tp:>9.2} ms", r["op"].as_str().unwrap_or(""), r["shape"].as_str().unwrap_or(""), errs.join(" "));
-        }
         println!("{} (worst relative error {worst:.1e}, tolerance {tolerance:.0e})", if pass { "PASS" } else { "FAIL" });
     }
     if !pass {

@@ -155,6 +155,7 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 static DEVICE_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DEVICE_IN_USE_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Waits for the device's queued work, reads its allocator and keeps the largest figure seen:
 /// bytes the allocator holds from the device (its pages are kept for reuse, so this is the
@@ -163,8 +164,16 @@ static DEVICE_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 pub fn poll_device_memory<B: crate::backend::QuantMatmul>(device: &B::Device) -> Option<u64> {
     let _ = B::sync(device);
     let stats = B::memory_stats(device)?;
+    DEVICE_IN_USE_PEAK.fetch_max(stats.in_use, std::sync::atomic::Ordering::Relaxed);
     let before = DEVICE_PEAK.fetch_max(stats.reserved, std::sync::atomic::Ordering::Relaxed);
     Some(before.max(stats.reserved))
+}
+
+/// The most bytes in live tensors [`poll_device_memory`] has seen. Only read where it polls (the
+/// end of each forward and backward), so it can miss a peak between polls; what the pool holds
+/// ([`peak_device_bytes`]) bounds it from above.
+pub fn peak_device_in_use_bytes() -> Option<u64> {
+    Some(DEVICE_IN_USE_PEAK.load(std::sync::atomic::Ordering::Relaxed)).filter(|&b| b > 0)
 }
 
 /// The largest device-memory figure [`poll_device_memory`] has read in this process.

@@ -304,12 +304,14 @@ fn run_loop<B: TrainBackend>(
         Some(path) => Model::load_quantized(path, recipe.model.quantize_spec(), device)?,
         None => Model::init_random(base.config.clone(), seed, device),
     };
+    tracing::info!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
     let model = if options.reference_ops { model.use_reference_ops() } else { model };
     let spec = lora_spec(recipe);
     // With every weight training, GRPO's reference is the starting point, kept frozen.
     let frozen = (recipe.method == Method::Grpo && !recipe.trains_lora()).then(|| model.valid());
     let mut model = if recipe.trains_lora() { lora::attach(model, &spec, seed) } else { model };
     let data = load_data(recipe, &tokenizer, eos_ids.first().copied())?;
+    tracing::info!("adapters attached and data loaded at {:.1} s", started.elapsed().as_secs_f64());
     let t = &recipe.train;
     let mut objective = make_objective::<B>(recipe, &base, &tokenizer, &eos_ids, frozen, device)?;
 
@@ -446,6 +448,7 @@ fn run_loop<B: TrainBackend>(
         state.adam_step = opt.step;
         state.step += 1;
         train_time += step_start.elapsed().as_secs_f64();
+        tracing::debug!("step {} took {:.3} s", state.step, step_start.elapsed().as_secs_f64());
 
         state.window_loss += loss_value;
         state.window_steps += 1;
