@@ -18,7 +18,13 @@ fn main() {
         if broken_pipe {
             std::process::exit(0);
         }
-        let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+        // Errors that print their cause in their own message also expose it as `source`: say it once.
+        let mut chain: Vec<String> = Vec::new();
+        for message in err.chain().map(|e| e.to_string()) {
+            if !chain.last().is_some_and(|last| last.ends_with(&message)) {
+                chain.push(message);
+            }
+        }
         eprintln!("kiln: {}", chain.join(": "));
         std::process::exit(1);
     }

@@ -200,6 +200,13 @@ fn backend_not_compiled_in_names_the_feature() {
 }
 
 #[test]
+fn a_missing_recipe_names_its_cause_once() {
+    let (code, _, stderr) = kiln(&["train", "/nonexistent/recipe.toml"]);
+    assert_clean_error(code, &stderr, &["/nonexistent/recipe.toml", "cannot read recipe"]);
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+}
+
+#[test]
 fn missing_model_directory() {
     let (code, _, stderr) = kiln(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"]);
     assert_clean_error(code, &stderr, &["/nonexistent/model", "not a model directory"]);
