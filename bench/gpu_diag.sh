@@ -7,10 +7,8 @@
 source .devcarry/prelude.sh >/dev/null
 export PYTHONUNBUFFERED=1 KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
 device=${1:-cuda}; secs=${2:-180}; batch=${3:-8}; seq=${4:-1024}
-python3 -c "
-import sys; sys.path.insert(0,'bench'); import train_vs_peft as t
-t.make_model('qwen2.5-0.5b', '/tmp/kiln-bench-qwen2.5-0.5b')
-t.write_recipe('/tmp/kiln-bench-qwen2.5-0.5b','$device',$batch,$seq,8,'/tmp/diag.toml','')" 2>&1 | grep -v Writing
+python3 bench/train_vs_peft.py --prepare /tmp/diag.toml --device $device --shapes qwen2.5-0.5b --seqs $seq \
+  --tokens $((batch * seq)) --steps 8 2>&1 | grep -v Writing
 echo "tools: $(which gdb eu-stack nsys 2>/dev/null | tr '\n' ' ')"
 KILN_LOG=debug CUBECL_DEBUG_LOG=/tmp/c.log timeout $secs $KILN bench train --recipe /tmp/diag.toml --steps 6 --json > $OUT/diag-run.txt 2>&1 &
 p=$!; sleep 1; pid=$(pgrep -n -f "bench train --recipe /tmp/diag.toml")

@@ -22,9 +22,7 @@ if [ -z "$SKIP_PROFILE" ]; then
   recipe=$(ls /tmp/kiln-bench-*/bench-*.toml 2>/dev/null | head -1)
   if [ -z "$recipe" ]; then
     recipe=/tmp/kiln-bench-qwen2.5-0.5b/bench-8x1024.toml
-    python3 -c "import sys; sys.path.insert(0, 'bench'); import train_vs_peft as t
-t.make_model('qwen2.5-0.5b', '/tmp/kiln-bench-qwen2.5-0.5b')
-t.write_recipe('/tmp/kiln-bench-qwen2.5-0.5b', 'cuda', 8, 1024, 3, '$recipe', '')" 2>&1 | grep -v Writing
+    python3 bench/train_vs_peft.py --prepare $recipe --shapes qwen2.5-0.5b --seqs 1024 --steps 3 2>&1 | grep -v Writing
   fi
   d=$(mktemp -d)
   printf '[profiling.logger]\nlevel = "basic"\nfile = "%s/profile.log"\nappend = false\n' "$d" > $d/cubecl.toml

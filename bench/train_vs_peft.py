@@ -18,6 +18,7 @@ N_linear counts every projection and the LM head; LoRA's own FLOPs (<1 %) are le
 
     python3 bench/train_vs_peft.py --kiln $KILN --shapes qwen2.5-0.5b,llama-3.2-1b --seqs 512,1024,2048
     python3 bench/train_vs_peft.py --torch-only --shapes qwen2.5-0.5b --seqs 1024
+    python3 bench/train_vs_peft.py --prepare /tmp/r.toml --shapes qwen2.5-0.5b --seqs 1024   # model + recipe only
 """
 import argparse
 import json
@@ -178,7 +179,15 @@ def main():
     ap.add_argument("--kiln-extra", default="", help="extra lines for the recipe's [model] table")
     ap.add_argument("--kiln-timeout", type=int, default=240, help="seconds one kiln bench may take")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--prepare", metavar="RECIPE", help="only save the first shape's model and write a kiln "
+                    "recipe for it at the first sequence length to RECIPE, then stop")
     args = ap.parse_args()
+    if args.prepare:
+        shape, seq = args.shapes.split(",")[0], int(args.seqs.split(",")[0])
+        model_dir = f"/tmp/kiln-bench-{shape}"
+        make_model(shape, model_dir)
+        write_recipe(model_dir, args.device, max(1, args.tokens // seq), seq, args.steps, args.prepare, args.kiln_extra)
+        return 0
 
     import torch
     import peft
