@@ -3,7 +3,8 @@
 # kiln vs PyTorch + PEFT LoRA training, a per-kernel profile of one kiln run, the fused-op checks
 # on CUDA and Vulkan, then batched sampling against transformers' generate.
 #   bash bench/gpu_train.sh "qwen2.5-0.5b" "512,1024,2048"
-# SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; STEPS, KILN_TIMEOUT tune the training runs.
+# SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; STEPS, KILN_TIMEOUT tune the training runs;
+# DTYPES (default bf16,f32) are the run.dtype values kiln trains with, each its own run.
 set -o pipefail
 source .devcarry/prelude.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -15,15 +16,12 @@ export KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE
 [ -f .kiln-cache.tar.xz ] && [ ! -d .kiln-cache ] && tar xJf .kiln-cache.tar.xz
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/card.txt
 [ -z "$SKIP_TRAIN" ] && python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
-  --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
+  --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --kiln-dtypes ${DTYPES:-bf16,f32} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
 tar cJf $OUT/kiln-cache.tar.xz .kiln-cache 2>/dev/null; du -sh .kiln-cache 2>/dev/null | sed 's/^/kernel cache: /'
 if [ -z "$SKIP_PROFILE" ]; then
   # CubeCL times every launch when its profiling logger is on; run one recipe that way.
-  recipe=$(ls /tmp/kiln-bench-*/bench-*.toml 2>/dev/null | head -1)
-  if [ -z "$recipe" ]; then
-    recipe=/tmp/kiln-bench-qwen2.5-0.5b/bench-8x1024.toml
-    python3 bench/train_vs_peft.py --prepare $recipe --shapes qwen2.5-0.5b --seqs 1024 --steps 3 2>&1 | grep -v Writing
-  fi
+  recipe=/tmp/kiln-bench-qwen2.5-0.5b/bench-8x1024-bf16.toml
+  [ -f $recipe ] || python3 bench/train_vs_peft.py --prepare $recipe --shapes qwen2.5-0.5b --seqs 1024 --steps 3 2>&1 | grep -v Writing
   d=$(mktemp -d)
   printf '[profiling.logger]\nlevel = "basic"\nfile = "%s/profile.log"\nappend = false\n' "$d" > $d/cubecl.toml
   (cd $d && timeout ${PROFILE_TIMEOUT:-150} $KILN bench train --recipe $recipe --steps 3 --json) > $OUT/profile-run.txt 2>&1

@@ -114,13 +114,14 @@ def torch_train(path, batch, seq, steps):
     return dict(tokens_per_s=batch * seq / step_s, step_s=step_s, peak_bytes=peak, peak_reserved_bytes=reserved)
 
 
-def write_recipe(model_dir, device, batch, seq, steps, path, extra):
+def write_recipe(model_dir, device, batch, seq, steps, path, extra, dtype="f32"):
     data = os.path.join(ROOT, "datasets/arith")
     with open(path, "w") as f:
         f.write(f"""method = "lora"
 [run]
 name = "bench-train"
 device = "{device}"
+dtype = "{dtype}"
 [model]
 path = "{model_dir}"
 {extra}
@@ -142,9 +143,9 @@ max_grad_norm = 1.0
 """)
 
 
-def kiln_train(kiln, model_dir, device, batch, seq, steps, extra, log, timeout):
-    recipe = os.path.join(model_dir, f"bench-{batch}x{seq}.toml")
-    write_recipe(model_dir, device, batch, seq, steps, recipe, extra)
+def kiln_train(kiln, model_dir, device, batch, seq, steps, extra, log, timeout, dtype):
+    recipe = os.path.join(model_dir, f"bench-{batch}x{seq}-{dtype}.toml")
+    write_recipe(model_dir, device, batch, seq, steps, recipe, extra, dtype)
     cmd = [kiln, "bench", "train", "--recipe", recipe, "--steps", str(steps), "--json"]
     plan = subprocess.run([kiln, "plan", recipe, "--json"], capture_output=True, text=True)
     predicted = None
@@ -176,6 +177,7 @@ def main():
     ap.add_argument("--seqs", default="512,1024,2048")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per step; batch = tokens / seq")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--kiln-dtypes", default="bf16,f32", help="run.dtype values kiln trains with, each its own run")
     ap.add_argument("--kiln-extra", default="", help="extra lines for the recipe's [model] table")
     ap.add_argument("--kiln-timeout", type=int, default=240, help="seconds one kiln bench may take")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -186,7 +188,8 @@ def main():
         shape, seq = args.shapes.split(",")[0], int(args.seqs.split(",")[0])
         model_dir = f"/tmp/kiln-bench-{shape}"
         make_model(shape, model_dir)
-        write_recipe(model_dir, args.device, max(1, args.tokens // seq), seq, args.steps, args.prepare, args.kiln_extra)
+        write_recipe(model_dir, args.device, max(1, args.tokens // seq), seq, args.steps, args.prepare, args.kiln_extra,
+                     args.kiln_dtypes.split(",")[0])
         return 0
 
     import torch
@@ -203,9 +206,15 @@ def main():
             batch = max(1, args.tokens // seq)
             row = dict(shape=shape, seq=seq, batch=batch, flops_per_token=flops_per_token(shape, seq))
             row["torch"] = torch_train(model_dir, batch, seq, args.steps)
-            if not args.torch_only:
-                row["kiln"] = kiln_train(args.kiln, model_dir, args.device, batch, seq, args.steps, args.kiln_extra, log, args.kiln_timeout)
-            for side in ("torch", "kiln"):
+            dtypes = [] if args.torch_only else args.kiln_dtypes.split(",")
+            for dtype in dtypes:
+                row[f"kiln_{dtype}"] = kiln_train(args.kiln, model_dir, args.device, batch, seq, args.steps, args.kiln_extra,
+                                                  log, args.kiln_timeout, dtype)
+            curves = [row[f"kiln_{d}"].get("losses") for d in dtypes]
+            if len(curves) == 2 and all(curves):
+                # The same seed and data: the two precisions' loss curves side by side.
+                row["kiln_loss_max_abs_diff"] = max(abs(a - b) for a, b in zip(*curves))
+            for side in ["torch"] + [f"kiln_{d}" for d in dtypes]:
                 r = row.get(side, {})
                 if "tokens_per_s" in r:
                     r["mfu"] = r["tokens_per_s"] * row["flops_per_token"] / H100_BF16_DENSE
@@ -216,15 +225,19 @@ def main():
 
     gib = 2**30
     print(f"\n{card}: LoRA r16 all 7 projections, AdamW, bf16; tokens/s (peak GiB, MFU)")
-    print(f"{'shape':14}{'seq':>6}{'batch':>6}{'torch+peft':>28}{'kiln':>28}{'speed':>7}{'mem':>7}{'plan/kiln':>10}")
+    print(f"{'shape':14}{'seq':>6}{'batch':>6}{'kiln':>6}{'torch+peft':>28}{'kiln':>28}{'speed':>7}{'mem':>7}{'plan/kiln':>10}")
+    cell = lambda r: (f"{r['tokens_per_s']:9.0f} ({r['peak_bytes'] / gib:5.1f}, {r['mfu'] * 100:4.1f}%)"
+                      if "tokens_per_s" in r else r.get("error", "-")[:26])
     for row in rows:
-        t, k = row["torch"], row.get("kiln", {})
-        cell = lambda r: (f"{r['tokens_per_s']:9.0f} ({r['peak_bytes'] / gib:5.1f}, {r['mfu'] * 100:4.1f}%)"
-                          if "tokens_per_s" in r else r.get("error", "-")[:26])
-        ratio = lambda key: f"{k[key] / t[key]:7.2f}" if key in k and k.get(key) else "      -"
-        plan = k.get("plan_peak_bytes")
-        vs = f"{plan / k['peak_bytes']:10.2f}" if plan and k.get("peak_bytes") else (f"{plan / gib:8.1f}G" if plan else "         -")
-        print(f"{row['shape']:14}{row['seq']:>6}{row['batch']:>6}{cell(t):>28}{cell(k):>28}{ratio('tokens_per_s')}{ratio('peak_bytes')}{vs}")
+        t = row["torch"]
+        for d in dtypes:
+            k = row[f"kiln_{d}"]
+            ratio = lambda key: f"{k[key] / t[key]:7.2f}" if key in k and k.get(key) else "      -"
+            plan = k.get("plan_peak_bytes")
+            vs = f"{plan / k['peak_bytes']:10.2f}" if plan and k.get("peak_bytes") else (f"{plan / gib:8.1f}G" if plan else "         -")
+            print(f"{row['shape']:14}{row['seq']:>6}{row['batch']:>6}{d:>6}{cell(t):>28}{cell(k):>28}{ratio('tokens_per_s')}{ratio('peak_bytes')}{vs}")
+        if "kiln_loss_max_abs_diff" in row:
+            print(f"{'':26}loss curves bf16 vs f32, same seed: max |difference| {row['kiln_loss_max_abs_diff']:.4f}")
 
 
 if __name__ == "__main__":

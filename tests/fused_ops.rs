@@ -415,3 +415,37 @@ fn quickstart_loss_curve_is_the_same_fused_and_unfused() {
     assert!((tail(&fused) - tail(&plain)).abs() <= 0.02 * tail(&plain), "mean loss of steps 31-40: fused {} vs unfused {}", tail(&fused), tail(&plain));
     assert!(fused[39] < fused[0] * 0.8, "the quickstart did not learn: {fused:?}");
 }
+
+/// The AdamW kernel on wgpu against the composition on the CPU: two updates in a row (the
+/// moments carry over), weight decay on and off, lengths that are not multiples of the
+/// kernel's 256 threads.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_adamw_kernel_matches_the_composition() {
+    use kiln_kernels::{adamw, AdamWStep};
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu AdamW kernel check");
+        return;
+    }
+    fn run<B: kiln_kernels::AdamWOp>(device: &B::Device, p: &[f32], grads: &[Vec<f32>], weight_decay: f64) -> [Vec<f32>; 3] {
+        let n = p.len();
+        let make = |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [n]), device);
+        let (mut p, mut m, mut v) = (make(p), Tensor::zeros([n], device), Tensor::zeros([n], device));
+        for (t, g) in grads.iter().enumerate() {
+            let step = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, grad_scale: 0.5, t: t as i32 + 1 };
+            (p, m, v) = adamw(p, make(g), m, v, &step, step.to_device::<B>(device));
+        }
+        [host(p), host(m), host(v)]
+    }
+    let mut rng = Rng(0xADA3);
+    for (n, weight_decay) in [(1, 0.0), (1000, 0.01), (70_001, 0.1)] {
+        let p: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let grads: Vec<Vec<f32>> = (0..2).map(|_| (0..n).map(|_| rng.normal()).collect()).collect();
+        let kernel = run::<kiln_kernels::WgpuDirect>(&Default::default(), &p, &grads, weight_decay);
+        let reference = run::<kiln::backend::Cpu>(&Default::default(), &p, &grads, weight_decay);
+        for (what, (a, b)) in ["p", "m", "v"].iter().zip(kernel.iter().zip(&reference)) {
+            let err = rel(a, b);
+            assert!(err < 1e-6, "adamw n {n} wd {weight_decay}: {what} relative error {err}");
+        }
+    }
+}

@@ -249,6 +249,30 @@ fn lora_training_lowers_the_loss_and_saves_a_loadable_adapter() {
 }
 
 #[test]
+fn bf16_on_a_device_without_it_trains_in_f32_and_says_so() {
+    let _serial = serial();
+    let stop = AtomicBool::new(false);
+    let opts = TrainOptions { max_steps: Some(2), ..Default::default() };
+    let run = |dtype: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut recipe = tiny_recipe(tmp.path(), "");
+        recipe.run.dtype = dtype.into();
+        let mut rec = Recorder::default();
+        train::<Autodiff<Cpu>>(&recipe, &opts, &Default::default(), &mut rec, &stop).unwrap();
+        rec.events
+    };
+    let (f32_run, bf16_run) = (run("f32"), run("bf16"));
+    let dtype = |events: &[Event]| events.iter().find_map(|e| if let Event::Start { dtype, .. } = e { Some(dtype.clone()) } else { None });
+    assert_eq!(dtype(&bf16_run).as_deref(), Some("f32"));
+    let warnings: Vec<&String> = bf16_run.iter().filter_map(|e| if let Event::Warning { message, .. } = e { Some(message) } else { None }).collect();
+    assert!(warnings.iter().any(|m| m.contains("run.dtype = \"bf16\"") && m.contains("has no bf16") && m.contains("training in f32")), "{warnings:?}");
+    // And it is the f32 run (up to the CPU's unordered threaded reductions).
+    for ((_, a), (_, b)) in train_losses(&bf16_run).iter().zip(&train_losses(&f32_run)) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+    }
+}
+
+#[test]
 fn existing_run_is_not_overwritten_silently() {
     let _serial = serial();
     let stop = AtomicBool::new(false);

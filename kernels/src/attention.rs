@@ -20,8 +20,9 @@
 //! The default methods are the composition (with the grouped heads folded into query rows, so
 //! it does not repeat keys either); the CubeCL backends run three kernels: the forward (one
 //! thread per query row, key/value tiles staged through shared memory, online softmax), `dQ`
-//! (one thread per query row) and `dK, dV` (one thread per key row, looping over the group's
-//! heads and every query row), each recomputing scores rather than reading them.
+//! (one thread per query row) and `dK, dV` (one thread per key row and slice of the group's
+//! query rows, the slices' partial sums added afterwards), each recomputing scores rather than
+//! reading them.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
@@ -447,8 +448,12 @@ pub(crate) mod cube {
         }
     }
 
-    /// `dK, dV`: one thread per key row; cube `(key block, b·kv)`. Loops over the group's query
-    /// heads and their rows, staging query and upstream-gradient tiles.
+    /// `dK, dV`: one thread per key row; cube `(key block, b·kv, split)`. Split `z` covers one
+    /// query head of the group (`z % g`) and one slice of its query rows (`z / g`), staging
+    /// query and upstream-gradient tiles, and writes its partial sums to `dk[z]`, `dv[z]`
+    /// (`[splits, b, kv, t, d]`; the caller sums over splits). Without the split, a key row's
+    /// thread would walk every query row of every head in its group, and `b·kv·t` threads
+    /// leave most of a large GPU idle.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     fn dkv_kernel<F: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
@@ -480,18 +485,27 @@ pub(crate) mod cube {
             ak[c] = F::new(0.0);
             av[c] = F::new(0.0);
         }
-        for head in 0..g {
+        let z = CUBE_POS_Z as usize;
+        let splits = dk.shape(0);
+        let head = z % g;
+        let per = (s + splits / g - 1) / (splits / g); // query rows per slice
+        let first = (z / g) * per;
+        let mut end = first + per;
+        if end > s {
+            end = s;
+        }
+        {
             let bh = bkv * g + head; // == bi·h + (kv head)·g + head
             let qbase = bh * s * dd;
-            let mut i0 = 0;
-            while i0 < s {
+            let mut i0 = first;
+            while i0 < end {
                 stage::<F>(q, qbase, i0, s, &mut qs, lane, d, tile);
                 stage::<F>(dout, qbase, i0, s, &mut os, lane, d, tile);
                 sync_cube();
                 if valid {
                     for ii in 0..comptime!(tile as usize) {
                         let i = i0 + ii;
-                        if i < s {
+                        if i < end {
                             let mv = mask[mbase + i * t + j];
                             if mv > F::new(MASKED) {
                                 let capped = score::<F>(&kr, &qs, ii * dd, scale, cap, d, softcap);
@@ -518,11 +532,26 @@ pub(crate) mod cube {
             }
         }
         if valid {
+            let out = z * (dk.len() / splits) + krow;
             for c in 0..dd {
-                dk[krow + c] = ak[c];
-                dv[krow + c] = av[c];
+                dk[out + c] = ak[c];
+                dv[out + c] = av[c];
             }
         }
+    }
+
+    /// How many slices `dkv_kernel` splits each key row's work into: a multiple of the group
+    /// size `g`, enough for about `TARGET_CUBES` cubes, at most one slice per staged tile of
+    /// queries, and partial sums of at most `MAX_PARTIAL` bytes.
+    fn dkv_splits(b: usize, kvh: usize, g: usize, s: usize, t: usize, d: usize, tile: usize) -> usize {
+        const TARGET_CUBES: usize = 4096;
+        const MAX_PARTIAL: usize = 512 << 20;
+        let cubes = blocks(t) as usize * b * kvh * g;
+        let mut slices = TARGET_CUBES.div_ceil(cubes.max(1)).clamp(1, s.div_ceil(tile).max(1));
+        while slices > 1 && 2 * g * slices * b * kvh * t * d * 4 > MAX_PARTIAL {
+            slices -= 1;
+        }
+        g * slices
     }
 
 
@@ -589,11 +618,12 @@ pub(crate) mod cube {
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             let [_, kvh, t, _] = k.meta.shape().dims::<4>();
             let dq = empty::<R, F>(&q, vec![b, h, s, d]);
-            let dk = empty::<R, F>(&q, vec![b, kvh, t, d]);
-            let dv = empty::<R, F>(&q, vec![b, kvh, t, d]);
             if b * h * s * t == 0 || d == 0 {
-                return (dq, dk, dv);
+                return (dq, empty::<R, F>(&q, vec![b, kvh, t, d]), empty::<R, F>(&q, vec![b, kvh, t, d]));
             }
+            let splits = dkv_splits(b, kvh, h / kvh, s, t, d, tile_rows(d as u32) as usize);
+            let dk = empty::<R, F>(&q, vec![splits, b, kvh, t, d]);
+            let dv = empty::<R, F>(&q, vec![splits, b, kvh, t, d]);
             // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
             let prod = Self::float_mul(dout.clone(), contiguous_float::<R, F>(out));
             let delta = contiguous_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
@@ -623,7 +653,7 @@ pub(crate) mod cube {
                 );
                 dkv_kernel::launch_unchecked::<F, R>(
                     &client,
-                    CubeCount::Static(blocks(t), (b * kvh) as u32, 1),
+                    CubeCount::Static(blocks(t), (b * kvh) as u32, splits as u32),
                     CubeDim { x: ROWS, y: 1, z: 1 },
                     dout.into_tensor_arg(),
                     q.into_tensor_arg(),
@@ -640,7 +670,11 @@ pub(crate) mod cube {
                     softcap,
                 );
             }
-            (dq, dk, dv)
+            let total = |x: CubeTensor<R>| match splits {
+                1 => Self::float_reshape(x, Shape::new([b, kvh, t, d])),
+                _ => Self::float_reshape(Self::float_sum_dim(x, 0), Shape::new([b, kvh, t, d])),
+            };
+            (dq, total(dk), total(dv))
         }
     }
 }

@@ -23,6 +23,7 @@
 //! [`FlashAttention`] (attention that keeps no score matrix for backward) and
 //! [`DeviceMemory`] (the GPU allocator's figures).
 
+pub mod adamw;
 pub mod attention;
 mod autodiff;
 mod cpu;
@@ -37,6 +38,7 @@ pub mod memory;
 pub mod norm;
 pub mod rope;
 
+pub use adamw::{adamw, AdamWOp, AdamWStep};
 pub use attention::{flash_attention, AttentionSpec, FlashAttention};
 pub use gated::{gated_act, GateActivation, GatedActOp};
 pub use loss::{chunk_rows, lm_head_loss, HeadLayout, HeadLoss, LmHeadLoss};
@@ -114,7 +116,7 @@ impl Affine {
 
 /// Backend extension for products with an affine-quantised weight. Shapes: `x` `[m, k]`,
 /// `words` `[n, k·bits/32]`, `scales`/`biases` `[n, k/group]`, `dy` `[m, n]`.
-pub trait QuantMatmul: Backend + LmHeadLoss + RmsNormOp + RopeOp + GatedActOp + FlashAttention + DeviceMemory {
+pub trait QuantMatmul: Backend + LmHeadLoss + RmsNormOp + RopeOp + GatedActOp + FlashAttention + AdamWOp + DeviceMemory {
     /// `y[m, n] = x[m, k] · dequant(W)ᵀ`.
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
         let w = dequantize::<Self>(Tensor::from_primitive(words), float(scales), float(biases), format);

@@ -77,8 +77,10 @@ pub fn lm_head_loss_composition<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, ta
 }
 
 
-/// Logits of one chunk before the softcap, `[c, v]`, in f32.
+/// Logits of one chunk before the softcap, `[c, v]`, in f32. The product runs in `w`'s dtype
+/// (bf16 for a bf16 head, accumulating in f32), the softmax that follows in f32.
 fn chunk_logits<B: Backend>(h: Tensor<B, 2>, w: &Tensor<B, 2>, layout: HeadLayout) -> Tensor<B, 2> {
+    let h = h.cast(w.dtype());
     let z = match layout {
         HeadLayout::InOut => h.matmul(w.clone()), // [c, e] x [e, v]
         // (W·hᵀ)ᵀ: the [v, e] weight is used as stored; only the small chunk is transposed.

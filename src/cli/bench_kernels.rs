@@ -45,6 +45,48 @@ fn time<B: Backend, T>(device: &B::Device, runs: usize, queued: usize, mut f: im
     Ok(median(secs))
 }
 
+/// `kiln bench matmul`: Burn's dense matmul where a LoRA step spends most of its time, the
+/// frozen projections over 8192 tokens, forward `x·W` and backward `dy·Wᵀ` (a transposed view,
+/// as autodiff passes it), in f32 (TF32 on NVIDIA tensor cores) and bf16 where the device has
+/// it (the `run.dtype = "bf16"` path: casts excluded). (inputs, outputs) of Qwen2.5-0.5B's
+/// q/o, k/v, gate/up and down, then Llama-3.2-1B's q/o, gate/up and down.
+pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
+    const ROWS: usize = 8192;
+    const SHAPES: [(usize, usize); 7] = [(896, 896), (896, 128), (896, 4864), (4864, 896), (2048, 2048), (2048, 8192), (8192, 2048)];
+    device.check()?;
+    let rows = crate::with_backend!(device, |B, dev| {
+        let bf16 = B::supports_dtype(&dev, burn::tensor::DType::BF16);
+        let mut rows = Vec::new();
+        for (k, n) in SHAPES {
+            let x = Tensor::<B, 2>::random([ROWS, k], Distribution::Default, &dev);
+            let w = Tensor::<B, 2>::random([k, n], Distribution::Default, &dev);
+            let dy = Tensor::<B, 2>::random([ROWS, n], Distribution::Default, &dev);
+            let flops = 2.0 * (ROWS * k * n) as f64;
+            let tflops = |secs: f64| flops / secs / 1e12;
+            let mut row = json!({"rows": ROWS, "k": k, "n": n});
+            row["f32_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || x.clone().matmul(w.clone()))?));
+            row["f32_bwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || dy.clone().matmul(w.clone().transpose()))?));
+            if bf16 {
+                let (x, w, dy) = (x.cast(burn::tensor::FloatDType::BF16), w.cast(burn::tensor::FloatDType::BF16), dy.cast(burn::tensor::FloatDType::BF16));
+                row["bf16_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || x.clone().matmul(w.clone()))?));
+                row["bf16_bwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || dy.clone().matmul(w.clone().transpose()))?));
+            }
+            rows.push(row);
+        }
+        anyhow::Ok(rows)
+    })?;
+    if json_out {
+        println!("{}", json!({"device": device.to_string(), "matmul": rows}));
+        return Ok(());
+    }
+    println!("dense matmul on {device}, {ROWS} rows: TFLOP/s (forward x·W, backward dy·Wᵀ)");
+    for r in &rows {
+        let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:7.1}"));
+        println!("  {:>5} -> {:<5}  f32 {} {}   bf16 {} {}", r["k"], r["n"], cell("f32_fwd"), cell("f32_bwd"), cell("bf16_fwd"), cell("bf16_bwd"));
+    }
+    Ok(())
+}
+
 /// Random levels, scales and biases: the speed does not depend on the values.
 fn random_weight(n: usize, k: usize, format: Affine) -> HostQuant {
     let mut state = 0x2545F4914F6CDD1Du64 ^ (n * 31 + k) as u64;

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 
 use super::config::{Activation, ModelConfig, MoeKind};
 use super::layers::{apply_rope, causal_mask, inv_freq, load_tensor, packed_mask, rms_normalize, rope_tables, Linear, RmsNorm};
@@ -436,6 +437,10 @@ pub struct Model<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     #[module(skip)]
     pub config: ModelConfig,
+    /// The dtype of the products with frozen weights: f32, or bf16 after
+    /// [`Model::to_bf16_matmuls`]. The tied LM head follows it too.
+    #[module(skip)]
+    pub matmul_dtype: FloatDType,
 }
 
 impl<B: QuantMatmul> Model<B> {
@@ -487,7 +492,16 @@ impl<B: QuantMatmul> Model<B> {
         } else {
             Some(Linear::load(files, "lm_head", cfg.hidden_size, cfg.vocab_size, false, None, device)?)
         };
-        Ok(Self { embed_tokens: Param::from_tensor(embed_tokens), per_layer, layers, norm, lm_head, config })
+        Ok(Self { embed_tokens: Param::from_tensor(embed_tokens), per_layer, layers, norm, lm_head, config, matmul_dtype: FloatDType::F32 })
+    }
+
+    /// Frozen projection weights in bf16, multiplied in bf16 ([`super::layers::to_bf16_matmuls`]);
+    /// a tied head keeps its f32 embedding for lookups and multiplies through a bf16 copy.
+    /// Returns the model and how many weights were converted.
+    pub fn to_bf16_matmuls(self) -> (Self, usize) {
+        let (mut model, n) = super::layers::to_bf16_matmuls(self);
+        model.matmul_dtype = FloatDType::BF16;
+        (model, n)
     }
 
     /// Runs attention as the plain composition (`[b, h, s, t]` scores kept for backward)
@@ -623,12 +637,12 @@ impl<B: QuantMatmul> Model<B> {
             Some(head) => head.forward(h),
             // E·hᵀ rather than h·Eᵀ: the embedding stays in its stored layout, so the backend
             // never copies a transposed [e, v] matrix (113 MB for a 49k vocabulary) per call.
-            None => self
-                .embed_tokens
-                .val()
-                .unsqueeze::<3>() // [v, e] -> [1, v, e]
-                .matmul(h.swap_dims(1, 2)) // [1, v, e] x [b, e, s] -> [b, v, s]
-                .swap_dims(1, 2), // [b, v, s] -> [b, s, v]
+            None => super::layers::matmul_as(
+                self.embed_tokens.val().unsqueeze::<3>(), // [v, e] -> [1, v, e]
+                h.swap_dims(1, 2),                        // [b, e, s]
+                self.matmul_dtype,
+            ) // [b, v, s]
+            .swap_dims(1, 2), // [b, v, s] -> [b, s, v]
         };
         match self.config.final_logit_softcap {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
@@ -642,7 +656,7 @@ impl<B: QuantMatmul> Model<B> {
     /// [`Self::lm_head`].
     pub fn head_weight(&self) -> Option<(Tensor<B, 2>, kiln_kernels::HeadLayout)> {
         match &self.lm_head {
-            None => Some((self.embed_tokens.val(), kiln_kernels::HeadLayout::OutIn)),
+            None => Some((self.embed_tokens.val().cast(self.matmul_dtype), kiln_kernels::HeadLayout::OutIn)),
             Some(Linear { weight: super::layers::LinearWeight::Dense(w), bias: None, lora: None }) => Some((w.val(), kiln_kernels::HeadLayout::InOut)),
             Some(_) => None,
         }

@@ -4,9 +4,9 @@
 //! Weights load straight from HF names (`q_proj.weight` is `[out, in]`); [`Linear`] keeps the
 //! transpose `[in, out]` so that a forward is one matmul, as Burn's own `Linear` does.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{FloatDType, TensorData};
 
 use kiln_kernels::host::HostQuant;
 use kiln_kernels::{Affine, QuantMatmul};
@@ -158,27 +158,77 @@ impl<B: Backend> Linear<B> {
     /// saving or fusing an adapter into a quantised base works on).
     pub fn dense_weight(&self) -> Tensor<B, 2> {
         match &self.weight {
-            LinearWeight::Dense(w) => w.val(),
+            LinearWeight::Dense(w) => w.val().cast(FloatDType::F32),
             LinearWeight::Quant(q) => kiln_kernels::dequantize(q.words.clone(), q.scales.clone(), q.biases.clone(), q.format).transpose(),
         }
     }
 }
 
 impl<B: QuantMatmul> Linear<B> {
+    /// `x` `[.., in]` -> `[.., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // One 2-D product over every row: against a weight broadcast over a batch dimension,
+        // backward would sum each adapter's gradient over the batch (a reduction per matrix).
+        let dims = x.dims();
+        let x = x.reshape([dims[..D - 1].iter().product::<usize>(), dims[D - 1]]); // [n, in]
         let y = match &self.weight {
-            LinearWeight::Dense(w) => x.clone().matmul(w.val().unsqueeze::<D>()), // [in, out] -> [1.., in, out]
+            LinearWeight::Dense(w) => {
+                let w = w.val();
+                let dtype = if w.dtype() == burn::tensor::DType::BF16 { FloatDType::BF16 } else { FloatDType::F32 };
+                matmul_as(x.clone(), w, dtype)
+            }
             LinearWeight::Quant(q) => kiln_kernels::quant_matmul(x.clone(), q.words.clone(), q.scales.clone(), q.biases.clone(), q.format),
         };
         let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze::<D>(),
+            Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,
         };
-        match &self.lora {
+        let y = match &self.lora {
             Some(lora) => y + lora.forward(x),
             None => y,
+        };
+        let mut out = dims;
+        out[D - 1] = self.d_out();
+        y.reshape(out)
+    }
+}
+
+/// `lhs · rhs` computed in `dtype`, returned in f32 (kiln's activations are f32 throughout).
+/// With a bf16 frozen weight ([`to_bf16_matmuls`]) the activation is cast to bf16 and the
+/// product runs on the tensor cores with f32 accumulation, as under PyTorch's autocast;
+/// autodiff casts the gradient back the same way. Casts to a tensor's own dtype are free.
+pub fn matmul_as<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
+    lhs.cast(dtype).matmul(rhs.cast(dtype)).cast(FloatDType::F32)
+}
+
+/// Stores every frozen dense projection weight (attention, MLP, experts, an untied LM head)
+/// in bf16, so that [`Linear::forward`] multiplies in bf16; trainable weights, adapters, norms
+/// and embeddings stay as they are. Returns how many weights were converted.
+pub fn to_bf16_matmuls<B: Backend, M: Module<B>>(module: M) -> (M, usize) {
+    struct ToBf16 {
+        path: Vec<String>,
+        converted: usize,
+    }
+    impl<B: Backend> ModuleMapper<B> for ToBf16 {
+        fn enter_module(&mut self, _: &str, container: &str) {
+            self.path.push(container.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let in_linear_weight = self.path.last().is_some_and(|c| c == "Enum:LinearWeight");
+            let (id, tensor, mapper) = param.consume();
+            if !in_linear_weight || D != 2 || tensor.is_require_grad() {
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+            self.converted += 1;
+            Param::from_mapped_value(id, tensor.cast(FloatDType::BF16), mapper)
         }
     }
+    let mut mapper = ToBf16 { path: Vec::new(), converted: 0 };
+    let module = module.map(&mut mapper);
+    (module, mapper.converted)
 }
 
 /// `q4_g64`-style name of an affine format (the MLX spec that names it).

@@ -237,6 +237,7 @@ impl<B: Backend> Model<B> {
             norm: norm(e),
             lm_head,
             config,
+            matmul_dtype: burn::tensor::FloatDType::F32,
         }
     }
 }

@@ -322,12 +322,12 @@ impl Validator<'_> {
             return Err(self.invalid("run.device", e.to_string()));
         }
         match run.dtype.as_str() {
-            "f32" => Ok(()),
-            "bf16" | "f16" => Err(self.invalid(
+            "f32" | "bf16" => Ok(()),
+            "f16" => Err(self.invalid(
                 "run.dtype",
-                format!("expected \"f32\", found {:?}: {} training is not available yet; f32 is the reference path", run.dtype, run.dtype),
+                "expected \"f32\" or \"bf16\", found \"f16\": f16 training is not available (its range needs loss scaling); bf16 has f32's range",
             )),
-            other => Err(self.invalid("run.dtype", format!("expected \"f32\", found {other:?}"))),
+            other => Err(self.invalid("run.dtype", format!("expected \"f32\" or \"bf16\", found {other:?}"))),
         }
     }
 

@@ -102,7 +102,15 @@ pub struct RunSection {
     pub seed: u64,
     /// A `--device` string, checked with [`crate::backend::DeviceSpec`].
     pub device: String,
+    /// `f32`, or `bf16`: frozen base weights stored in bf16 and multiplied in bf16 (f32
+    /// accumulation); activations, adapters, optimizer state and losses stay f32.
     pub dtype: String,
+}
+
+impl RunSection {
+    pub fn bf16(&self) -> bool {
+        self.dtype == "bf16"
+    }
 }
 
 impl Default for RunSection {

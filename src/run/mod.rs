@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
-    Start { step: usize, total_steps: usize, run: String, method: String, model: String, device: String, trainable_params: usize, total_params: usize, train_examples: usize, valid_examples: usize, resumed: bool },
+    /// `dtype`: what the frozen weights are multiplied in (`f32`, or `bf16` under `run.dtype`).
+    Start { step: usize, total_steps: usize, run: String, method: String, model: String, device: String, dtype: String, trainable_params: usize, total_params: usize, train_examples: usize, valid_examples: usize, resumed: bool },
     /// `rss_bytes`: the process's peak resident memory so far (host memory). `device_bytes`: on
     /// a GPU, the most device memory its allocator has held so far ([`peak_device_bytes`]).
     Train {
@@ -260,9 +261,9 @@ impl Default for ProgressSink {
 impl EventSink for ProgressSink {
     fn emit(&mut self, event: &Event) {
         match event {
-            Event::Start { step, total_steps, run, method, model, device, trainable_params, total_params, train_examples, valid_examples, resumed } => {
+            Event::Start { step, total_steps, run, method, model, device, dtype, trainable_params, total_params, train_examples, valid_examples, resumed } => {
                 self.line(format!(
-                    "{} {run}: {method} on {model} ({device}); {trainable_params} of {total_params} parameters trainable; {train_examples} train / {valid_examples} valid examples",
+                    "{} {run}: {method} on {model} ({device}, {dtype}); {trainable_params} of {total_params} parameters trainable; {train_examples} train / {valid_examples} valid examples",
                     if *resumed { "resuming" } else { "training" }
                 ));
                 if std::io::stderr().is_terminal() {

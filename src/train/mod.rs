@@ -309,7 +309,8 @@ fn run_loop<B: TrainBackend>(
     let spec = lora_spec(recipe);
     // With every weight training, GRPO's reference is the starting point, kept frozen.
     let frozen = (recipe.method == Method::Grpo && !recipe.trains_lora()).then(|| model.valid());
-    let mut model = if recipe.trains_lora() { lora::attach(model, &spec, seed) } else { model };
+    let model = if recipe.trains_lora() { lora::attach(model, &spec, seed) } else { model };
+    let (mut model, precision_warning) = with_precision(model, recipe, device);
     let data = load_data(recipe, &tokenizer, eos_ids.first().copied())?;
     tracing::info!("adapters attached and data loaded at {:.1} s", started.elapsed().as_secs_f64());
     let t = &recipe.train;
@@ -347,12 +348,16 @@ fn run_loop<B: TrainBackend>(
         method: format!("{:?}", recipe.method).to_lowercase(),
         model: recipe.model.path.as_ref().map_or_else(|| "init".to_string(), |p| p.display().to_string()),
         device: recipe.run.device.clone(),
+        dtype: if model.matmul_dtype == burn::tensor::FloatDType::BF16 { "bf16" } else { "f32" }.into(),
         trainable_params: trainable,
         total_params: total,
         train_examples: data.train.len(),
         valid_examples: data.valid.len(),
         resumed: resuming,
     });
+    if let Some(message) = precision_warning {
+        sink.emit(&Event::Warning { step: state.step, message });
+    }
     if recipe.trains_lora() && spec.experts && !model.config.has_experts() {
         sink.emit(&Event::Warning { step: state.step, message: format!("lora.experts = true, but {} has no experts: only attention and MLP projections are adapted", model.config.model_type) });
     }
@@ -575,6 +580,24 @@ fn next_micro_batches(recipe: &Recipe, train: &[Example], state: &mut LoopState,
 
 /// Cross-entropy gradients of the micro-batches, each loss divided by the step's target-token
 /// count so that accumulation equals one big batch.
+/// Applies `run.dtype`: with `bf16`, the frozen projections go to bf16 where the device has
+/// it. Where it cannot apply, the run trains in f32 and the returned warning says why.
+fn with_precision<B: TrainBackend>(model: Model<B>, recipe: &Recipe, device: &B::Device) -> (Model<B>, Option<String>) {
+    if !recipe.run.bf16() {
+        return (model, None);
+    }
+    if !recipe.trains_lora() {
+        return (model, Some("run.dtype = \"bf16\" puts the frozen base weights in bf16, and this run trains every weight: training in f32".into()));
+    }
+    if !B::supports_dtype(device, burn::tensor::DType::BF16) {
+        let why = "the CPU backend computes in f32 and wgpu's shader language (WGSL) has no bf16";
+        return (model, Some(format!("run.dtype = \"bf16\": this device ({}) has no bf16 ({why}): training in f32", B::name(device))));
+    }
+    let (model, n) = model.to_bf16_matmuls();
+    tracing::info!("{n} frozen weights stored and multiplied in bf16");
+    (model, None)
+}
+
 fn sft_grads<B: TrainBackend>(model: &Model<B>, micro: &[Batch], device: &B::Device, reference_ops: bool) -> StepGrads {
     let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
     let mut out = StepGrads::default();
@@ -705,6 +728,11 @@ fn export<B: QuantMatmul>(model: &Model<B>, base: &Base, recipe: &Recipe, spec: 
     }
     if let Some(q) = recipe.model.quantize_spec().filter(|_| recipe.export.fused || recipe.export.gguf.is_some()) {
         let message = format!("the adapter was trained over a {q} base: the fused model is the dequantised {q} weights plus the update, not the original float weights");
+        sink.emit(&Event::Warning { step, message });
+    }
+    let exports_base = recipe.export.fused || recipe.export.gguf.is_some();
+    if model.matmul_dtype == burn::tensor::FloatDType::BF16 && base.config.dtype != "bfloat16" && exports_base {
+        let message = format!("the adapter was trained over the base weights rounded to bf16 (run.dtype); the fused model holds those plus the update, not the original {} weights", base.config.dtype);
         sink.emit(&Event::Warning { step, message });
     }
     if !recipe.trains_lora() || recipe.export.fused {

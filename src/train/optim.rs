@@ -13,6 +13,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
+use kiln_kernels::{AdamWOp, AdamWStep};
 
 /// AdamW hyper-parameters (PyTorch's `torch.optim.AdamW` formulas).
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +36,9 @@ impl<B: Backend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
         Self { config, step: 0, moments: HashMap::new() }
     }
+}
 
+impl<B: AdamWOp> AdamW<B> {
     /// Applies one update to every parameter of `module` that has a gradient in `grads`,
     /// with the gradient multiplied by `grad_scale` (clipping) first.
     pub fn update<AB, M>(&mut self, module: M, grads: &mut GradientsParams, lr: f64, grad_scale: f64) -> M
@@ -44,7 +47,9 @@ impl<B: Backend> AdamW<B> {
         M: Module<AB>,
     {
         self.step += 1;
-        let mut mapper = Update::<AB> { path: Vec::new(), grads, opt: self, lr, grad_scale, _b: Default::default() };
+        let c = self.config;
+        let step = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, grad_scale, t: self.step as i32 };
+        let mut mapper = Update::<AB> { path: Vec::new(), grads, opt: self, step, scalars: None };
         module.map(&mut mapper)
     }
 }
@@ -53,12 +58,12 @@ struct Update<'a, AB: AutodiffBackend> {
     path: Vec<String>,
     grads: &'a mut GradientsParams,
     opt: &'a mut AdamW<AB::InnerBackend>,
-    lr: f64,
-    grad_scale: f64,
-    _b: std::marker::PhantomData<AB>,
+    step: AdamWStep,
+    /// `step`'s scalars on the device, made with the first gradient.
+    scalars: Option<Tensor<AB::InnerBackend, 1>>,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
+impl<AB: AutodiffBackend<InnerBackend: AdamWOp>> ModuleMapper<AB> for Update<'_, AB> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_string());
     }
@@ -73,26 +78,18 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();
-        let c = self.opt.config;
-        let t = self.opt.step as i32;
         let shape = grad.shape();
         let n = shape.num_elements();
-        let grad = grad.mul_scalar(self.grad_scale).reshape([n]);
+        let grad = grad.reshape([n]);
         let device = grad.device();
         let (m, v) = self
             .opt
             .moments
             .remove(&self.path.join("."))
             .unwrap_or_else(|| (Tensor::zeros([n], &device), Tensor::zeros([n], &device)));
-        let m = m.mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1);
-        let v = v.mul_scalar(c.beta2) + grad.powi_scalar(2).mul_scalar(1.0 - c.beta2);
-        let m_hat = m.clone().div_scalar(1.0 - c.beta1.powi(t));
-        let v_hat = v.clone().div_scalar(1.0 - c.beta2.powi(t));
-        let step = m_hat.div(v_hat.sqrt().add_scalar(c.eps)).mul_scalar(self.lr);
-        let p = tensor.inner().reshape([n]);
-        // Decoupled weight decay first, as torch.optim.AdamW does.
-        let p = if c.weight_decay > 0.0 { p.mul_scalar(1.0 - self.lr * c.weight_decay) } else { p };
-        let p = (p - step).reshape(shape);
+        let scalars = self.scalars.get_or_insert_with(|| self.step.to_device(&device)).clone();
+        let (p, m, v) = kiln_kernels::adamw(tensor.inner().reshape([n]), grad, m, v, &self.step, scalars);
+        let p = p.reshape(shape);
         self.opt.moments.insert(self.path.join("."), (m, v));
         let mut tensor = Tensor::from_inner(p);
         if require_grad {

@@ -104,7 +104,7 @@ pub struct Plan {
     pub suggestions: Vec<String>,
 }
 
-/// f32, the dtype of everything the trainer holds today.
+/// f32: what the trainer holds, except frozen projections under `run.dtype = "bf16"`.
 const F32: u64 = 4;
 
 /// What one training step of `recipe` holds, for a model of `geom`.
@@ -137,11 +137,23 @@ impl Step<'_> {
         g.layers.iter().enumerate().map(|(i, l)| g.projections(l).iter().filter(|p| self.adapted(p.0, i)).map(|p| r * (p.1 + p.2)).sum::<usize>()).sum()
     }
 
-    fn weight_bytes(&self) -> u64 {
+    /// Whether the frozen projections are held in bf16 (`run.dtype = "bf16"` on a device that
+    /// has it, with the base frozen under LoRA).
+    fn bf16(&self, device: DeviceSpec) -> bool {
+        self.recipe.run.bf16() && self.lora() && matches!(device, DeviceSpec::Cuda(_) | DeviceSpec::Rocm(_))
+    }
+
+    fn weight_bytes(&self, device: DeviceSpec) -> u64 {
         let g = self.geom;
         let linear = g.linear_params() as u64;
         let rest = (g.params() - g.linear_params()) as u64 * F32;
         match self.quantize {
+            // An untied head is converted too (f32 -> bf16 saves 2 bytes a weight); a tied head
+            // keeps its f32 embedding and multiplies through a bf16 copy held for the step.
+            None if self.bf16(device) => {
+                let head = (g.vocab * g.hidden) as u64 * 2;
+                if g.tied { linear * 2 + rest + head } else { linear * 2 + rest - head }
+            }
             None => linear * F32 + rest,
             Some(q) => {
                 let (bits, group) = match q {
@@ -194,7 +206,7 @@ impl Step<'_> {
         let chunk = kiln_kernels::chunk_rows(g.vocab).min(self.batch * self.seq) as u64;
         // Logits, exponentials, their gradient, and the gradient's copy in the weight's layout.
         let logits = 4 * chunk * g.vocab as u64 * F32;
-        let weights = self.weight_bytes();
+        let weights = self.weight_bytes(device);
         let peak = weights + gradients + optimizer + activations + backward + logits;
         let flops = flops_per_token(g, self.seq, self.lora());
         let rate = sustained_flops(device);
