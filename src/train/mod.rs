@@ -578,8 +578,6 @@ fn next_micro_batches(recipe: &Recipe, train: &[Example], state: &mut LoopState,
     micro
 }
 
-/// Cross-entropy gradients of the micro-batches, each loss divided by the step's target-token
-/// count so that accumulation equals one big batch.
 /// Applies `run.dtype`: with `bf16`, the frozen projections go to bf16 where the device has
 /// it. Where it cannot apply, the run trains in f32 and the returned warning says why.
 fn with_precision<B: TrainBackend>(model: Model<B>, recipe: &Recipe, device: &B::Device) -> (Model<B>, Option<String>) {
@@ -598,6 +596,8 @@ fn with_precision<B: TrainBackend>(model: Model<B>, recipe: &Recipe, device: &B:
     (model, None)
 }
 
+/// Cross-entropy gradients of the micro-batches, each loss divided by the step's target-token
+/// count so that accumulation equals one big batch.
 fn sft_grads<B: TrainBackend>(model: &Model<B>, micro: &[Batch], device: &B::Device, reference_ops: bool) -> StepGrads {
     let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
     let mut out = StepGrads::default();
