@@ -1,12 +1,12 @@
 //! `kiln bench kernels`: the quantised-matmul kernels on the chosen device, per format and
 //! shape. Decode (one activation row): achieved GB/s of weight traffic as a fraction of the
 //! device's copy bandwidth measured in the same run. Prefill (512 rows): TFLOP/s next to
-//! Burn's dense matmul of the same shape (f32, and bf16 on CUDA).
+//! Burn's dense matmul of the same shape (f32, and bf16 where the device has it).
 
 use std::time::Instant;
 
 use burn::prelude::*;
-use burn::tensor::Distribution;
+use burn::tensor::{Distribution, FloatDType};
 use kiln_kernels::host::HostQuant;
 use kiln_kernels::{quant_matmul, Affine, QuantMatmul};
 use serde_json::{json, Value};
@@ -67,7 +67,7 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
             row["f32_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || x.clone().matmul(w.clone()))?));
             row["f32_bwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || dy.clone().matmul(w.clone().transpose()))?));
             if bf16 {
-                let (x, w, dy) = (x.cast(burn::tensor::FloatDType::BF16), w.cast(burn::tensor::FloatDType::BF16), dy.cast(burn::tensor::FloatDType::BF16));
+                let (x, w, dy) = (x.cast(FloatDType::BF16), w.cast(FloatDType::BF16), dy.cast(FloatDType::BF16));
                 row["bf16_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || x.clone().matmul(w.clone()))?));
                 row["bf16_bwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || dy.clone().matmul(w.clone().transpose()))?));
             }
@@ -104,12 +104,7 @@ fn random_weight(n: usize, k: usize, format: Affine) -> HostQuant {
 
 pub fn run(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
     device.check()?;
-    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
-    let mut report = crate::with_backend!(device, |B, dev| bench::<B>(&dev, device))?;
-    #[cfg(feature = "cuda")]
-    if let DeviceSpec::Cuda(i) = device {
-        dense_bf16(&burn::backend::cuda::CudaDevice::new(i), &mut report)?;
-    }
+    let report = crate::with_backend!(device, |B, dev| bench::<B>(&dev, device))?;
     if json_out {
         println!("{report}");
         return Ok(());
@@ -151,6 +146,8 @@ fn bench<B: Backend + QuantMatmul>(device: &B::Device, spec: DeviceSpec) -> anyh
     let shapes: Vec<(usize, usize)> = if cpu { vec![(896, 4864), (4096, 4096)] } else { SHAPES.to_vec() };
     let prefill_rows = if cpu { 64 } else { 512 };
     let (mut decode, mut prefill) = (Vec::new(), Vec::new());
+    let bf16 = B::supports_dtype(device, burn::tensor::DType::BF16);
+    let mut dense_bf16 = std::collections::HashMap::new();
     let check = verify::<B>(device)?;
     for (name, bits, group) in FORMATS {
         let format = Affine { bits, group };
@@ -180,7 +177,20 @@ fn bench<B: Backend + QuantMatmul>(device: &B::Device, spec: DeviceSpec) -> anyh
             let secs = time::<B, _>(device, if cpu { 2 } else { 10 }, if cpu { 1 } else { 4 }, || quant_matmul(xm.clone(), words.clone(), scales.clone(), biases.clone(), format))?;
             let dense = Tensor::<B, 2>::random([k, n], Distribution::Default, device);
             let dense_secs = time::<B, _>(device, if cpu { 2 } else { 10 }, if cpu { 1 } else { 4 }, || xm.clone().matmul(dense.clone()))?;
-            prefill.push(json!({"format": name, "shape": format!("{k}x{n}"), "rows": m, "tflops": flops / secs / 1e12, "dense_f32_tflops": flops / dense_secs / 1e12}));
+            let mut row = json!({"format": name, "shape": format!("{k}x{n}"), "rows": m, "tflops": flops / secs / 1e12, "dense_f32_tflops": flops / dense_secs / 1e12});
+            if bf16 {
+                // The same product in bf16 (as `run.dtype = "bf16"` runs it), once per shape.
+                let tflops = match dense_bf16.get(&(k, n)) {
+                    Some(t) => *t,
+                    None => {
+                        let (x, w) = (xm.clone().cast(FloatDType::BF16), dense.clone().cast(FloatDType::BF16));
+                        let t = flops / time::<B, _>(device, 10, 4, || x.clone().matmul(w.clone()))? / 1e12;
+                        *dense_bf16.entry((k, n)).or_insert(t)
+                    }
+                };
+                row["dense_bf16_tflops"] = json!(tflops);
+            }
+            prefill.push(row);
         }
     }
     Ok(json!({"device": format!("{spec:?}"), "copy_gb_s": copy_gb_s, "check": check, "decode": decode, "prefill": prefill}))
@@ -239,31 +249,4 @@ fn verify<B: Backend + QuantMatmul>(device: &B::Device) -> anyhow::Result<Value>
         }
     }
     Ok(json!({"cases": cases, "max_rel_err": worst}))
-}
-
-/// Burn's dense bf16 matmul at the prefill shapes, added to each prefill row.
-#[cfg(feature = "cuda")]
-fn dense_bf16(device: &burn::backend::cuda::CudaDevice, report: &mut Value) -> anyhow::Result<()> {
-    use burn::tensor::TensorData;
-    type Bf16 = burn::backend::Cuda<half::bf16>;
-    let Some(rows) = report["prefill"].as_array_mut() else { return Ok(()) };
-    let mut cache = std::collections::HashMap::new();
-    for r in rows.iter_mut() {
-        let shape = r["shape"].as_str().unwrap_or("").to_string();
-        let m = r["rows"].as_u64().unwrap_or(512) as usize;
-        let Some((k, n)) = shape.split_once('x').and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))) else { continue };
-        let tflops = match cache.get(&shape) {
-            Some(t) => *t,
-            None => {
-                let x = Tensor::<Bf16, 2>::from_data(TensorData::new(vec![half::bf16::from_f32(0.5); m * k], [m, k]), device);
-                let w = Tensor::<Bf16, 2>::from_data(TensorData::new(vec![half::bf16::from_f32(0.25); k * n], [k, n]), device);
-                let secs = time::<Bf16, _>(device, 10, 4, || x.clone().matmul(w.clone()))?;
-                let t = 2.0 * (m * n * k) as f64 / secs / 1e12;
-                cache.insert(shape.clone(), t);
-                t
-            }
-        };
-        r["dense_bf16_tflops"] = json!(tflops);
-    }
-    Ok(())
 }
