@@ -11,6 +11,7 @@ import sys
 import torch
 
 ROWS = 8192
+RANK = 16
 SHAPES = [(896, 896), (896, 128), (896, 4864), (4864, 896), (2048, 2048), (2048, 8192), (8192, 2048)]
 
 
@@ -42,6 +43,12 @@ def main():
             flops = 2.0 * ROWS * k * n
             row[f"{name}_fwd"] = tflops(lambda: x @ w, flops)
             row[f"{name}_bwd"] = tflops(lambda: dy @ w.t(), flops)
+            # The rank-16 adapter products, microseconds each (autocast runs PEFT's in bf16).
+            a = torch.randn(k, RANK, device="cuda", dtype=dtype)
+            b = torch.randn(RANK, n, device="cuda", dtype=dtype)
+            h = torch.randn(ROWS, RANK, device="cuda", dtype=dtype)
+            for key, f in (("xa", lambda: x @ a), ("hb", lambda: h @ b), ("da", lambda: x.t() @ h), ("db", lambda: h.t() @ dy)):
+                row[f"{name}_lora_{key}_us"] = 1.0 / tflops(f, 1e6)
         rows.append(row)
     if "--json" in sys.argv:
         print(json.dumps(dict(card=torch.cuda.get_device_name(), torch=torch.__version__, matmul=rows)))
@@ -49,6 +56,10 @@ def main():
     print(f"torch {torch.__version__} dense matmul on {torch.cuda.get_device_name()}, {ROWS} rows: TFLOP/s (forward x·W, backward dy·Wᵀ)")
     for r in rows:
         print(f"  {r['k']:>5} -> {r['n']:<5}  f32 {r['f32_fwd']:7.1f} {r['f32_bwd']:7.1f}   bf16 {r['bf16_fwd']:7.1f} {r['bf16_bwd']:7.1f}")
+    print(f"rank-{RANK} adapter products, microseconds each: x·A, h·B, dA = xᵀ·g, dB = hᵀ·dy (f32 | bf16)")
+    for r in rows:
+        cells = "  ".join(" ".join(f"{r[f'{d}_lora_{k}_us']:7.1f}" for k in ("xa", "hb", "da", "db")) for d in ("f32", "bf16"))
+        print(f"  {r['k']:>5} -> {r['n']:<5}  {cells}")
 
 
 if __name__ == "__main__":

@@ -176,15 +176,16 @@ enum MaskKind {
     Packed { lengths: &'static [usize], window: Option<usize> },
 }
 
-/// Head sizes on both sides of the kernels' tile widths; query and key counts that are not
+/// Head sizes on both sides of the kernels' tile widths, and ones the kernels read as vectors of
+/// 4, 2 and 1 floats (16, 6, 5); query and key counts that are not
 /// multiples of the 32 rows a cube handles; GQA groups of 1, 2 and 3; decode-like rows over a
 /// cache; packed (block-diagonal) masks; sliding windows; Gemma's attention softcap.
 const ATTENTION: [AttentionCase; 5] = [
     AttentionCase { b: 2, h: 4, kv: 2, s: 37, d: 16, mask: MaskKind::Causal { past: 0, window: None }, softcap: None },
     AttentionCase { b: 2, h: 3, kv: 1, s: 33, d: 24, mask: MaskKind::Packed { lengths: &[5, 11, 3, 20], window: Some(4) }, softcap: Some(2.0) },
-    AttentionCase { b: 1, h: 2, kv: 2, s: 3, d: 8, mask: MaskKind::Causal { past: 17, window: None }, softcap: None },
+    AttentionCase { b: 1, h: 2, kv: 2, s: 3, d: 6, mask: MaskKind::Causal { past: 17, window: None }, softcap: None },
     AttentionCase { b: 1, h: 2, kv: 1, s: 70, d: 64, mask: MaskKind::Causal { past: 0, window: Some(9) }, softcap: Some(5.0) },
-    AttentionCase { b: 2, h: 2, kv: 1, s: 40, d: 8, mask: MaskKind::Packed { lengths: &[1, 39, 2], window: None }, softcap: None },
+    AttentionCase { b: 2, h: 2, kv: 1, s: 40, d: 5, mask: MaskKind::Packed { lengths: &[1, 39, 2], window: None }, softcap: None },
 ];
 
 /// The fused attention against the composition (keys repeated, full softmax): output, and the gradients of `q`, `k` and

@@ -227,27 +227,44 @@ pub(crate) mod cube {
         (TILE_FLOATS / d).clamp(1, 64)
     }
 
+    // Rows of q, k, v, dO and the outputs are read and kept as vectors of `N` floats (4 when
+    // the head size allows): every thread of a cube reads the same staged key (or query) at
+    // once, and with one float per shared-memory load the kernels issued a load per
+    // multiply-add, a quarter of what the FP32 units can take. Offsets below count vectors;
+    // `dv` is the head size in vectors.
+
+    /// The sum of a vector's lanes.
+    #[cube]
+    fn lanes_sum<F: Float, N: Size>(v: Vector<F, N>) -> F {
+        let mut sum = F::new(0.0);
+        #[unroll]
+        for l in 0..v.vector_size() {
+            sum += v[l];
+        }
+        sum
+    }
+
     /// `cap(scale · a·b)` for the row `a` (this thread's, in registers) and row `bi` of the
     /// staged tile `b`.
     #[cube]
-    fn score<F: Float>(a: &Array<F>, b: &SharedMemory<F>, bi: usize, scale: F, cap: F, #[comptime] d: u32, #[comptime] softcap: bool) -> F {
-        let mut dot = F::new(0.0);
-        for c in 0..comptime!(d as usize) {
-            dot += a[c] * b[bi + c];
+    fn score<F: Float, N: Size>(a: &Array<Vector<F, N>>, b: &SharedMemory<Vector<F, N>>, bi: usize, scale: F, cap: F, #[comptime] dv: u32, #[comptime] softcap: bool) -> F {
+        let mut dot = Vector::<F, N>::new(F::new(0.0));
+        for c in 0..comptime!(dv as usize) {
+            dot = dot + a[c] * b[bi + c];
         }
-        let mut x = dot * scale;
+        let mut x = lanes_sum::<F, N>(dot) * scale;
         if softcap {
             x = cap * F::tanh(x / cap);
         }
         x
     }
 
-    /// This thread's row `base..base + d` of `x` in registers (zeros for a spare thread).
+    /// This thread's row `base..base + dv` of `x` in registers (zeros for a spare thread).
     #[cube]
-    fn load_row<F: Float>(x: &Tensor<F>, base: usize, valid: bool, #[comptime] d: u32) -> Array<F> {
-        let mut row = Array::<F>::new(comptime!(d as usize));
-        for c in 0..comptime!(d as usize) {
-            let mut value = F::new(0.0);
+    fn load_row<F: Float, N: Size>(x: &Tensor<Vector<F, N>>, base: usize, valid: bool, #[comptime] dv: u32) -> Array<Vector<F, N>> {
+        let mut row = Array::<Vector<F, N>>::new(comptime!(dv as usize));
+        for c in 0..comptime!(dv as usize) {
+            let mut value = Vector::<F, N>::new(F::new(0.0));
             if valid {
                 value = x[base + c];
             }
@@ -259,14 +276,14 @@ pub(crate) mod cube {
     /// Stages rows `first..first + tile` of the `[rows, d]` matrix at `base` of `x` in `shared`
     /// (zeros past `rows`).
     #[cube]
-    fn stage<F: Float>(x: &Tensor<F>, base: usize, first: usize, rows: usize, shared: &mut SharedMemory<F>, lane: usize, #[comptime] d: u32, #[comptime] tile: u32) {
-        let dd = comptime!(d as usize);
+    fn stage<F: Float, N: Size>(x: &Tensor<Vector<F, N>>, base: usize, first: usize, rows: usize, shared: &mut SharedMemory<Vector<F, N>>, lane: usize, #[comptime] dv: u32, #[comptime] tile: u32) {
+        let dvv = comptime!(dv as usize);
         let mut idx = lane;
-        while idx < comptime!((tile * d) as usize) {
-            let row = first + idx / dd;
-            let mut value = F::new(0.0);
+        while idx < comptime!((tile * dv) as usize) {
+            let row = first + idx / dvv;
+            let mut value = Vector::<F, N>::new(F::new(0.0));
             if row < rows {
-                value = x[base + row * dd + idx % dd];
+                value = x[base + row * dvv + idx % dvv];
             }
             shared[idx] = value;
             idx += ROWS as usize;
@@ -284,15 +301,16 @@ pub(crate) mod cube {
         /// The row, and whether it exists (the last block's spare threads do not).
         i: usize,
         valid: bool,
-        /// Offsets of the query row, of its key/value head's `[t, d]` block, of its mask row.
+        /// Offsets (in vectors) of the query row and of its key/value head's `[t, d]` block;
+        /// offset (in floats) of its mask row.
         qrow: usize,
         kbase: usize,
         mrow: usize,
     }
 
     #[cube]
-    fn query_row<F: Float>(q: &Tensor<F>, k: &Tensor<F>, mask: &Tensor<F>, lane: usize, #[comptime] d: u32) -> QueryRow {
-        let dd = comptime!(d as usize);
+    fn query_row<F: Float, N: Size>(q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, mask: &Tensor<F>, lane: usize, #[comptime] dv: u32) -> QueryRow {
+        let dvv = comptime!(dv as usize);
         let bh = CUBE_POS_Y as usize;
         let h = q.shape(1);
         let s = q.shape(2);
@@ -304,31 +322,31 @@ pub(crate) mod cube {
             mb = 0;
         }
         let i = CUBE_POS_X as usize * ROWS as usize + lane;
-        QueryRow { bh, s, t, i, valid: i < s, qrow: (bh * s + i) * dd, kbase: (bi * kvh + (bh % h) / (h / kvh)) * t * dd, mrow: mb * s * t + i * t }
+        QueryRow { bh, s, t, i, valid: i < s, qrow: (bh * s + i) * dvv, kbase: (bi * kvh + (bh % h) / (h / kvh)) * t * dvv, mrow: mb * s * t + i * t }
     }
 
     /// One thread per query row; cube `(query block, b·h)`. `params` = [scale, softcap].
     #[cube(launch_unchecked)]
-    fn forward_kernel<F: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+    fn forward_kernel<F: Float, N: Size>(q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<Vector<F, N>>, lse: &mut Tensor<F>, #[comptime] dv: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
         let lane = UNIT_POS_X as usize;
-        let dd = comptime!(d as usize);
+        let dvv = comptime!(dv as usize);
         let scale = params[0];
         let cap = params[1];
-        let QueryRow { bh, s, t, i, valid, qrow, kbase, mrow } = query_row::<F>(q, k, mask, lane, d);
-        let qr = load_row::<F>(q, qrow, valid, d);
-        let mut ks = SharedMemory::<F>::new(comptime!((tile * d) as usize));
-        let mut vs = SharedMemory::<F>::new(comptime!((tile * d) as usize));
-        let mut acc = Array::<F>::new(dd);
+        let QueryRow { bh, s, t, i, valid, qrow, kbase, mrow } = query_row::<F, N>(q, k, mask, lane, dv);
+        let qr = load_row::<F, N>(q, qrow, valid, dv);
+        let mut ks = SharedMemory::<Vector<F, N>>::new(comptime!((tile * dv) as usize));
+        let mut vs = SharedMemory::<Vector<F, N>>::new(comptime!((tile * dv) as usize));
+        let mut acc = Array::<Vector<F, N>>::new(dvv);
         let mut z = Array::<F>::new(comptime!(tile as usize));
-        for c in 0..dd {
-            acc[c] = F::new(0.0);
+        for c in 0..dvv {
+            acc[c] = Vector::<F, N>::new(F::new(0.0));
         }
         let mut m = F::new(MASKED);
         let mut l = F::new(0.0);
         let mut j0 = 0;
         while j0 < t {
-            stage::<F>(k, kbase, j0, t, &mut ks, lane, d, tile);
-            stage::<F>(v, kbase, j0, t, &mut vs, lane, d, tile);
+            stage::<F, N>(k, kbase, j0, t, &mut ks, lane, dv, tile);
+            stage::<F, N>(v, kbase, j0, t, &mut vs, lane, dv, tile);
             sync_cube();
             if valid {
                 let mut top = F::new(MASKED);
@@ -338,7 +356,7 @@ pub(crate) mod cube {
                     if j < t {
                         let mv = mask[mrow + j];
                         if mv > F::new(MASKED) {
-                            zj = score::<F>(&qr, &ks, jj * dd, scale, cap, d, softcap) + mv;
+                            zj = score::<F, N>(&qr, &ks, jj * dvv, scale, cap, dv, softcap) + mv;
                         }
                     }
                     z[jj] = zj;
@@ -353,15 +371,17 @@ pub(crate) mod cube {
                     }
                     let corr = F::exp(m - m_new);
                     l *= corr;
-                    for c in 0..dd {
-                        acc[c] *= corr;
+                    let corr = Vector::<F, N>::new(corr);
+                    for c in 0..dvv {
+                        acc[c] = acc[c] * corr;
                     }
                     for jj in 0..comptime!(tile as usize) {
                         if z[jj] > F::new(MASKED) {
                             let p = F::exp(z[jj] - m_new);
                             l += p;
-                            for c in 0..dd {
-                                acc[c] += p * vs[jj * dd + c];
+                            let pv = Vector::<F, N>::new(p);
+                            for c in 0..dvv {
+                                acc[c] = acc[c] + pv * vs[jj * dvv + c];
                             }
                         }
                     }
@@ -380,7 +400,8 @@ pub(crate) mod cube {
                 inv = F::new(1.0) / l;
                 row_lse = m + F::ln(l);
             }
-            for c in 0..dd {
+            let inv = Vector::<F, N>::new(inv);
+            for c in 0..dvv {
                 out[qrow + c] = acc[c] * inv;
             }
             lse[bh * s + i] = row_lse;
@@ -390,29 +411,30 @@ pub(crate) mod cube {
     /// `dQ`: one thread per query row, as the forward. `delta` `[b, h, s]` = rowsum(dO ∘ O).
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    fn dq_kernel<F: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+    fn dq_kernel<F: Float, N: Size>(dout: &Tensor<Vector<F, N>>, q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<Vector<F, N>>, #[comptime] dv: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
         let lane = UNIT_POS_X as usize;
-        let dd = comptime!(d as usize);
+        let dvv = comptime!(dv as usize);
         let scale = params[0];
         let cap = params[1];
-        let QueryRow { bh, s, t, i, valid, qrow, kbase, mrow } = query_row::<F>(q, k, mask, lane, d);
+        let QueryRow { bh, s, t, i, valid, qrow, kbase, mrow } = query_row::<F, N>(q, k, mask, lane, dv);
         let mut row_lse = F::new(0.0);
         let mut row_delta = F::new(0.0);
         if valid {
             row_lse = lse[bh * s + i];
             row_delta = delta[bh * s + i];
         }
-        let qr = load_row::<F>(q, qrow, valid, d);
-        let mut ks = SharedMemory::<F>::new(comptime!((tile * d) as usize));
-        let mut vs = SharedMemory::<F>::new(comptime!((tile * d) as usize));
-        let mut acc = Array::<F>::new(dd);
-        for c in 0..dd {
-            acc[c] = F::new(0.0);
+        let qr = load_row::<F, N>(q, qrow, valid, dv);
+        let dor = load_row::<F, N>(dout, qrow, valid, dv);
+        let mut ks = SharedMemory::<Vector<F, N>>::new(comptime!((tile * dv) as usize));
+        let mut vs = SharedMemory::<Vector<F, N>>::new(comptime!((tile * dv) as usize));
+        let mut acc = Array::<Vector<F, N>>::new(dvv);
+        for c in 0..dvv {
+            acc[c] = Vector::<F, N>::new(F::new(0.0));
         }
         let mut j0 = 0;
         while j0 < t {
-            stage::<F>(k, kbase, j0, t, &mut ks, lane, d, tile);
-            stage::<F>(v, kbase, j0, t, &mut vs, lane, d, tile);
+            stage::<F, N>(k, kbase, j0, t, &mut ks, lane, dv, tile);
+            stage::<F, N>(v, kbase, j0, t, &mut vs, lane, dv, tile);
             sync_cube();
             if valid {
                 for jj in 0..comptime!(tile as usize) {
@@ -420,19 +442,20 @@ pub(crate) mod cube {
                     if j < t {
                         let mv = mask[mrow + j];
                         if mv > F::new(MASKED) {
-                            let capped = score::<F>(&qr, &ks, jj * dd, scale, cap, d, softcap);
+                            let capped = score::<F, N>(&qr, &ks, jj * dvv, scale, cap, dv, softcap);
                             let p = F::exp(capped + mv - row_lse);
-                            let mut dp = F::new(0.0);
-                            for c in 0..dd {
-                                dp += dout[qrow + c] * vs[jj * dd + c];
+                            let mut dpv = Vector::<F, N>::new(F::new(0.0));
+                            for c in 0..dvv {
+                                dpv = dpv + dor[c] * vs[jj * dvv + c];
                             }
-                            let mut dx = p * (dp - row_delta) * scale;
+                            let mut dx = p * (lanes_sum::<F, N>(dpv) - row_delta) * scale;
                             if softcap {
                                 let r = capped / cap;
                                 dx *= F::new(1.0) - r * r;
                             }
-                            for c in 0..dd {
-                                acc[c] += dx * ks[jj * dd + c];
+                            let dxv = Vector::<F, N>::new(dx);
+                            for c in 0..dvv {
+                                acc[c] = acc[c] + dxv * ks[jj * dvv + c];
                             }
                         }
                     }
@@ -442,7 +465,7 @@ pub(crate) mod cube {
             j0 += comptime!(tile as usize);
         }
         if valid {
-            for c in 0..dd {
+            for c in 0..dvv {
                 dq[qrow + c] = acc[c];
             }
         }
@@ -456,14 +479,14 @@ pub(crate) mod cube {
     /// leave most of a large GPU idle.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    fn dkv_kernel<F: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] d: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+    fn dkv_kernel<F: Float, N: Size>(dout: &Tensor<Vector<F, N>>, q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<Vector<F, N>>, dv: &mut Tensor<Vector<F, N>>, #[comptime] dvec: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
         let lane = UNIT_POS_X as usize;
         let bkv = CUBE_POS_Y as usize;
         let h = q.shape(1);
         let s = q.shape(2);
         let kvh = k.shape(1);
         let t = k.shape(2);
-        let dd = comptime!(d as usize);
+        let dvv = comptime!(dvec as usize);
         let scale = params[0];
         let cap = params[1];
         let g = h / kvh;
@@ -474,16 +497,16 @@ pub(crate) mod cube {
         }
         let j = CUBE_POS_X as usize * ROWS as usize + lane;
         let valid = j < t;
-        let krow = (bkv * t + j) * dd;
+        let krow = (bkv * t + j) * dvv;
         let mbase = mb * s * t;
-        let kr = load_row::<F>(k, krow, valid, d);
-        let mut qs = SharedMemory::<F>::new(comptime!((tile * d) as usize));
-        let mut os = SharedMemory::<F>::new(comptime!((tile * d) as usize));
-        let mut ak = Array::<F>::new(dd);
-        let mut av = Array::<F>::new(dd);
-        for c in 0..dd {
-            ak[c] = F::new(0.0);
-            av[c] = F::new(0.0);
+        let kr = load_row::<F, N>(k, krow, valid, dvec);
+        let mut qs = SharedMemory::<Vector<F, N>>::new(comptime!((tile * dvec) as usize));
+        let mut os = SharedMemory::<Vector<F, N>>::new(comptime!((tile * dvec) as usize));
+        let mut ak = Array::<Vector<F, N>>::new(dvv);
+        let mut av = Array::<Vector<F, N>>::new(dvv);
+        for c in 0..dvv {
+            ak[c] = Vector::<F, N>::new(F::new(0.0));
+            av[c] = Vector::<F, N>::new(F::new(0.0));
         }
         let z = CUBE_POS_Z as usize;
         let splits = dk.shape(0);
@@ -496,11 +519,11 @@ pub(crate) mod cube {
         }
         {
             let bh = bkv * g + head; // == bi·h + (kv head)·g + head
-            let qbase = bh * s * dd;
+            let qbase = bh * s * dvv;
             let mut i0 = first;
             while i0 < end {
-                stage::<F>(q, qbase, i0, s, &mut qs, lane, d, tile);
-                stage::<F>(dout, qbase, i0, s, &mut os, lane, d, tile);
+                stage::<F, N>(q, qbase, i0, s, &mut qs, lane, dvec, tile);
+                stage::<F, N>(dout, qbase, i0, s, &mut os, lane, dvec, tile);
                 sync_cube();
                 if valid {
                     for ii in 0..comptime!(tile as usize) {
@@ -508,20 +531,21 @@ pub(crate) mod cube {
                         if i < end {
                             let mv = mask[mbase + i * t + j];
                             if mv > F::new(MASKED) {
-                                let capped = score::<F>(&kr, &qs, ii * dd, scale, cap, d, softcap);
+                                let capped = score::<F, N>(&kr, &qs, ii * dvv, scale, cap, dvec, softcap);
                                 let p = F::exp(capped + mv - lse[bh * s + i]);
-                                let mut dp = F::new(0.0);
-                                for c in 0..dd {
-                                    dp += os[ii * dd + c] * v[krow + c];
+                                let mut dpv = Vector::<F, N>::new(F::new(0.0));
+                                for c in 0..dvv {
+                                    dpv = dpv + os[ii * dvv + c] * v[krow + c];
                                 }
-                                let mut dx = p * (dp - delta[bh * s + i]) * scale;
+                                let mut dx = p * (lanes_sum::<F, N>(dpv) - delta[bh * s + i]) * scale;
                                 if softcap {
                                     let r = capped / cap;
                                     dx *= F::new(1.0) - r * r;
                                 }
-                                for c in 0..dd {
-                                    av[c] += p * os[ii * dd + c];
-                                    ak[c] += dx * qs[ii * dd + c];
+                                let (pv, dxv) = (Vector::<F, N>::new(p), Vector::<F, N>::new(dx));
+                                for c in 0..dvv {
+                                    av[c] = av[c] + pv * os[ii * dvv + c];
+                                    ak[c] = ak[c] + dxv * qs[ii * dvv + c];
                                 }
                             }
                         }
@@ -533,7 +557,7 @@ pub(crate) mod cube {
         }
         if valid {
             let out = z * (dk.len() / splits) + krow;
-            for c in 0..dd {
+            for c in 0..dvv {
                 dk[out + c] = ak[c];
                 dv[out + c] = av[c];
             }
@@ -564,6 +588,13 @@ pub(crate) mod cube {
         empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), F::dtype())
     }
 
+    /// Floats per vector for rows of `d` floats: 4 (or 2) when `d` divides evenly and every
+    /// tensor starts on a boundary of that many floats, else 1.
+    fn vector_width<R: CubeRuntime>(d: usize, tensors: &[&CubeTensor<R>]) -> usize {
+        let aligned = |w: usize| tensors.iter().all(|t| t.handle.offset_start.unwrap_or(0) % (w * t.dtype.size()) as u64 == 0);
+        [4, 2].into_iter().find(|&w| d % w == 0 && aligned(w)).unwrap_or(1)
+    }
+
     fn blocks(rows: usize) -> u32 {
         rows.div_ceil(ROWS as usize) as u32
     }
@@ -580,14 +611,17 @@ pub(crate) mod cube {
             let p = params::<R, F, I, BT>(&q, spec);
             let client = q.client.clone();
             let tile = tile_rows(d as u32);
+            let width = vector_width(d, &[&q, &k, &v, &out]);
             // SAFETY: every tensor is contiguous with the shapes above (k, v `[b, kv, t, d]`,
-            // mask `[b or 1, s, t]`, checked by the typed entry point's callers); rows at or past
-            // `s` (the last cube's spare threads) read and write nothing.
+            // mask `[b or 1, s, t]`, checked by the typed entry point's callers) and the
+            // vectorised ones start on a vector boundary; rows at or past `s` (the last cube's
+            // spare threads) read and write nothing.
             unsafe {
                 forward_kernel::launch_unchecked::<F, R>(
                     &client,
                     CubeCount::Static(blocks(s), (b * h) as u32, 1),
                     CubeDim { x: ROWS, y: 1, z: 1 },
+                    width,
                     q.into_tensor_arg(),
                     k.into_tensor_arg(),
                     v.into_tensor_arg(),
@@ -595,7 +629,7 @@ pub(crate) mod cube {
                     p.into_tensor_arg(),
                     out.clone().into_tensor_arg(),
                     lse.clone().into_tensor_arg(),
-                    d as u32,
+                    (d / width) as u32,
                     tile,
                     spec.softcap.is_some(),
                 );
@@ -631,6 +665,8 @@ pub(crate) mod cube {
             let client = q.client.clone();
             let tile = tile_rows(d as u32);
             let softcap = spec.softcap.is_some();
+            let width = vector_width(d, &[&dout, &q, &k, &v, &dq, &dk, &dv]);
+            let dvec = (d / width) as u32;
             // SAFETY: as in the forward; `lse`, `delta` `[b, h, s]`; key rows at or past `t`
             // (the last cube's spare threads) read and write nothing.
             unsafe {
@@ -638,6 +674,7 @@ pub(crate) mod cube {
                     &client,
                     CubeCount::Static(blocks(s), (b * h) as u32, 1),
                     CubeDim { x: ROWS, y: 1, z: 1 },
+                    width,
                     dout.clone().into_tensor_arg(),
                     q.clone().into_tensor_arg(),
                     k.clone().into_tensor_arg(),
@@ -647,7 +684,7 @@ pub(crate) mod cube {
                     delta.clone().into_tensor_arg(),
                     p.clone().into_tensor_arg(),
                     dq.clone().into_tensor_arg(),
-                    d as u32,
+                    dvec,
                     tile,
                     softcap,
                 );
@@ -655,6 +692,7 @@ pub(crate) mod cube {
                     &client,
                     CubeCount::Static(blocks(t), (b * kvh) as u32, splits as u32),
                     CubeDim { x: ROWS, y: 1, z: 1 },
+                    width,
                     dout.into_tensor_arg(),
                     q.into_tensor_arg(),
                     k.into_tensor_arg(),
@@ -665,7 +703,7 @@ pub(crate) mod cube {
                     p.into_tensor_arg(),
                     dk.clone().into_tensor_arg(),
                     dv.clone().into_tensor_arg(),
-                    d as u32,
+                    dvec,
                     tile,
                     softcap,
                 );

@@ -52,6 +52,7 @@ fn time<B: Backend, T>(device: &B::Device, runs: usize, queued: usize, mut f: im
 /// q/o, k/v, gate/up and down, then Llama-3.2-1B's q/o, gate/up and down.
 pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
     const ROWS: usize = 8192;
+    const LORA_RANK: usize = 16;
     const SHAPES: [(usize, usize); 7] = [(896, 896), (896, 128), (896, 4864), (4864, 896), (2048, 2048), (2048, 8192), (8192, 2048)];
     device.check()?;
     let rows = crate::with_backend!(device, |B, dev| {
@@ -66,6 +67,23 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
             let mut row = json!({"rows": ROWS, "k": k, "n": n});
             row["f32_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || x.clone().matmul(w.clone()))?));
             row["f32_bwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || dy.clone().matmul(w.clone().transpose()))?));
+            // The adapter's rank-16 products beside it (f32, as kiln keeps adapters): forward
+            // `x·A`, `h·B`; the gradients `dA = xᵀ·g` and `dB = hᵀ·dy` reduce over all rows
+            // into a small matrix. Microseconds, since their FLOPs are few.
+            let a = Tensor::<B, 2>::random([k, LORA_RANK], Distribution::Default, &dev);
+            let b = Tensor::<B, 2>::random([LORA_RANK, n], Distribution::Default, &dev);
+            let h = Tensor::<B, 2>::random([ROWS, LORA_RANK], Distribution::Default, &dev);
+            let us = |secs: f64| secs * 1e6;
+            row["lora_xa_us"] = json!(us(time::<B, _>(&dev, 10, 4, || x.clone().matmul(a.clone()))?));
+            row["lora_hb_us"] = json!(us(time::<B, _>(&dev, 10, 4, || h.clone().matmul(b.clone()))?));
+            row["lora_da_us"] = json!(us(time::<B, _>(&dev, 10, 4, || x.clone().transpose().matmul(h.clone()))?));
+            row["lora_db_us"] = json!(us(time::<B, _>(&dev, 10, 4, || h.clone().transpose().matmul(dy.clone()))?));
+            // The same two gradients as LoRA's forward makes autodiff form them: per slice of
+            // 256 rows, then summed over the slices.
+            let sliced = |t: &Tensor<B, 2>| t.clone().reshape([ROWS / 256, 256, t.dims()[1]]);
+            let (xs, hs, dys) = (sliced(&x), sliced(&h), sliced(&dy));
+            row["lora_da_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || xs.clone().swap_dims(1, 2).matmul(hs.clone()).sum_dim(0))?));
+            row["lora_db_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || hs.clone().swap_dims(1, 2).matmul(dys.clone()).sum_dim(0))?));
             if bf16 {
                 let (x, w, dy) = (x.cast(FloatDType::BF16), w.cast(FloatDType::BF16), dy.cast(FloatDType::BF16));
                 row["bf16_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || x.clone().matmul(w.clone()))?));
@@ -83,6 +101,12 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
     for r in &rows {
         let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:7.1}"));
         println!("  {:>5} -> {:<5}  f32 {} {}   bf16 {} {}", r["k"], r["n"], cell("f32_fwd"), cell("f32_bwd"), cell("bf16_fwd"), cell("bf16_bwd"));
+    }
+    println!("rank-{LORA_RANK} adapter products (f32), microseconds each: x·A, h·B, dA = xᵀ·g, dB = hᵀ·dy, and dA, dB summed over slices of 256 rows");
+    for r in &rows {
+        let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:8.1}"));
+        let (xa, hb, da, db) = (cell("lora_xa_us"), cell("lora_hb_us"), cell("lora_da_us"), cell("lora_db_us"));
+        println!("  {:>5} -> {:<5}  {xa} {hb} {da} {db}   sliced {} {}", r["k"], r["n"], cell("lora_da_sliced_us"), cell("lora_db_sliced_us"));
     }
     Ok(())
 }
