@@ -231,7 +231,7 @@ pub(crate) mod cube {
     // the head size allows): every thread of a cube reads the same staged key (or query) at
     // once, and with one float per shared-memory load the kernels issued a load per
     // multiply-add, a quarter of what the FP32 units can take. Offsets below count vectors;
-    // `dv` is the head size in vectors.
+    // `dv` is the head size in vectors (`dvec` in `dkv_kernel`, where `dv` is dV).
 
     /// The sum of a vector's lanes.
     #[cube]

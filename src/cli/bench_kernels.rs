@@ -79,8 +79,9 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
             row["lora_da_us"] = json!(us(time::<B, _>(&dev, 10, 4, || x.clone().transpose().matmul(h.clone()))?));
             row["lora_db_us"] = json!(us(time::<B, _>(&dev, 10, 4, || h.clone().transpose().matmul(dy.clone()))?));
             // The same two gradients as LoRA's forward makes autodiff form them: per slice of
-            // 256 rows, then summed over the slices.
-            let sliced = |t: &Tensor<B, 2>| t.clone().reshape([ROWS / 256, 256, t.dims()[1]]);
+            // rows, then summed over the slices.
+            let slices = crate::lora::row_slices(ROWS);
+            let sliced = |t: &Tensor<B, 2>| t.clone().reshape([slices, ROWS / slices, t.dims()[1]]);
             let (xs, hs, dys) = (sliced(&x), sliced(&h), sliced(&dy));
             row["lora_da_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || xs.clone().swap_dims(1, 2).matmul(hs.clone()).sum_dim(0))?));
             row["lora_db_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || hs.clone().swap_dims(1, 2).matmul(dys.clone()).sum_dim(0))?));
@@ -102,7 +103,7 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
         let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:7.1}"));
         println!("  {:>5} -> {:<5}  f32 {} {}   bf16 {} {}", r["k"], r["n"], cell("f32_fwd"), cell("f32_bwd"), cell("bf16_fwd"), cell("bf16_bwd"));
     }
-    println!("rank-{LORA_RANK} adapter products (f32), microseconds each: x·A, h·B, dA = xᵀ·g, dB = hᵀ·dy, and dA, dB summed over slices of 256 rows");
+    println!("rank-{LORA_RANK} adapter products (f32), microseconds each: x·A, h·B, dA = xᵀ·g, dB = hᵀ·dy, and dA, dB summed over {} slices of rows", crate::lora::row_slices(ROWS));
     for r in &rows {
         let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:8.1}"));
         let (xa, hb, da, db) = (cell("lora_xa_us"), cell("lora_hb_us"), cell("lora_da_us"), cell("lora_db_us"));

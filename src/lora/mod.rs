@@ -83,7 +83,7 @@ const SLICE_ROWS: usize = 256;
 
 /// How many equal slices `n` rows split into: a power of two dividing `n`, each of at least
 /// [`SLICE_ROWS`] rows (one slice for a short or odd row count).
-fn row_slices(n: usize) -> usize {
+pub fn row_slices(n: usize) -> usize {
     let mut slices = 1;
     while n % (2 * slices) == 0 && n / (2 * slices) >= SLICE_ROWS {
         slices *= 2;
