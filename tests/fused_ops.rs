@@ -4,7 +4,8 @@
 //! MLP activation (silu, both GELUs); the chunked LM-head cross-entropy (both weight layouts, with
 //! and without Gemma's logit softcap, chunk sizes that do not divide the rows, masked rows);
 //! attention (GQA groups, causal, packed and sliding-window masks, softcap, a decode-like cache)
-//! against repeated keys and a full softmax; and the model's loss through the fused ops against
+//! against repeated keys and a full softmax; the product with a frozen weight against the
+//! plain matmul; and the model's loss through the fused ops against
 //! the full-logits loss and plain attention on real fixture models (every parameter's
 //! gradient). On the CPU always, and on wgpu when a Vulkan driver is present (lavapipe in CI).
 
@@ -13,7 +14,7 @@ mod common;
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::TensorData;
+use burn::tensor::{FloatDType, TensorData};
 use kiln::backend::QuantMatmul;
 use kiln_kernels::{lm_head_loss, HeadLayout, HeadLoss};
 
@@ -309,6 +310,68 @@ fn check_gated<A: AutodiffBackend + kiln_kernels::GatedActOp>(device: &A::Device
             }
         }
     }
+}
+
+/// A product with a frozen weight through the op against the plain matmul: output and `dx`,
+/// at sizes that fill no matmul tile. (CPU and wgpu have no bf16: the weight is f32 here, which
+/// still runs the CubeCL path that asks the matmul for an f32 result; `kiln bench fused
+/// --device cuda` checks bf16.) Then a narrow weight, where the device has one.
+fn check_frozen<A: AutodiffBackend + kiln_kernels::FrozenMatmul>(device: &A::Device, name: &str) {
+    let mut rng = Rng(0xF20_2E00 ^ name.len() as u64);
+    for (case, (n, k, m)) in [(37, 24, 53), (5, 130, 7), (64, 64, 64), (1, 9, 1)].into_iter().enumerate() {
+        let (xv, wv, cv): (Vec<f32>, Vec<f32>, Vec<f32>) = ((0..n * k).map(|_| rng.normal()).collect(), (0..k * m).map(|_| rng.normal()).collect(), (0..n * m).map(|_| rng.normal()).collect());
+        let run = |fused: bool| {
+            let x = Tensor::<A, 2>::from_data(TensorData::new(xv.clone(), [n, k]), device).require_grad();
+            let w = Tensor::<A, 2>::from_data(TensorData::new(wv.clone(), [k, m]), device);
+            let c = Tensor::<A, 2>::from_data(TensorData::new(cv.clone(), [n, m]), device);
+            let y = match fused {
+                true => kiln_kernels::frozen_matmul(x.clone(), w.clone()),
+                false => x.clone().matmul(w.clone()),
+            };
+            let grads = (y.clone() * c).sum().backward();
+            [host(y), host(x.grad(&grads).unwrap())]
+        };
+        let (fused, plain) = (run(true), run(false));
+        for (what, (a, b)) in ["y", "dx"].iter().zip(fused.iter().zip(&plain)) {
+            let err = rel(a, b);
+            assert!(err < 1e-6, "{name} frozen matmul {n}×{k}·{k}×{m}: {what} relative error {err}");
+        }
+        // A narrow weight where the device has one (f16 on lavapipe's Vulkan): the matmul
+        // multiplies narrow operands and writes f32, against casting its result back from the
+        // narrow type (which rounds it: a few parts in 1e4).
+        for dtype in [FloatDType::BF16, FloatDType::F16] {
+            // Two shapes are enough: every new shape and dtype costs lavapipe an autotune.
+            if case >= 2 || !A::supports_dtype(device, dtype.into()) {
+                continue;
+            }
+            eprintln!("{name}: frozen matmul {n}×{k}·{k}×{m} with a {dtype:?} weight");
+            let x = Tensor::<A, 2>::from_data(TensorData::new(xv.clone(), [n, k]), device);
+            let w = Tensor::<A, 2>::from_data(TensorData::new(wv.clone(), [k, m]), device).cast(dtype);
+            let (xp, xf) = (x.clone().require_grad(), x.require_grad());
+            let c = Tensor::<A, 2>::from_data(TensorData::new(cv.clone(), [n, m]), device);
+            let (yf, yp) = (kiln_kernels::frozen_matmul(xf.clone(), w.clone()), kiln::model::layers::matmul_as(xp.clone(), w, dtype));
+            let (gf, gp) = ((yf.clone() * c.clone()).sum().backward(), (yp.clone() * c).sum().backward());
+            for (what, a, b) in [("y", host(yf), host(yp)), ("dx", host(xf.grad(&gf).unwrap()), host(xp.grad(&gp).unwrap()))] {
+                let err = rel(&a, &b);
+                assert!(err < 5e-3, "{name} frozen matmul {dtype:?} {n}×{k}·{k}×{m}: {what} relative error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn cpu_frozen_matmul_matches_the_plain_product() {
+    check_frozen::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_frozen_matmul_matches_the_plain_product() {
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu frozen-matmul checks");
+        return;
+    }
+    check_frozen::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu");
 }
 
 #[test]

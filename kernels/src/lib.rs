@@ -20,7 +20,8 @@
 //! cross-entropy over chunks of rows, with its own backward), [`RmsNormOp`] (RMSNorm as one
 //! kernel each way), [`RopeOp`] (rope whose backward keeps only the tables), [`GatedActOp`]
 //! (the gated MLP's `act(gate) · up`, keeping only its inputs),
-//! [`FlashAttention`] (attention that keeps no score matrix for backward) and
+//! [`FlashAttention`] (attention that keeps no score matrix for backward), [`FrozenMatmul`]
+//! (a product with a frozen bf16 weight whose result the matmul writes in f32) and
 //! [`DeviceMemory`] (the GPU allocator's figures).
 
 pub mod adamw;
@@ -31,6 +32,7 @@ mod cpu;
 mod cube;
 #[cfg(feature = "cubecl")]
 mod fusion;
+pub mod frozen;
 pub mod gated;
 pub mod host;
 pub mod loss;
@@ -40,6 +42,7 @@ pub mod rope;
 
 pub use adamw::{adamw, AdamWOp, AdamWStep};
 pub use attention::{flash_attention, AttentionSpec, FlashAttention};
+pub use frozen::{frozen_matmul, FrozenMatmul};
 pub use gated::{gated_act, GateActivation, GatedActOp};
 pub use loss::{chunk_rows, lm_head_loss, HeadLayout, HeadLoss, LmHeadLoss};
 pub use memory::{DeviceMemory, MemoryStats};
@@ -116,7 +119,7 @@ impl Affine {
 
 /// Backend extension for products with an affine-quantised weight. Shapes: `x` `[m, k]`,
 /// `words` `[n, k·bits/32]`, `scales`/`biases` `[n, k/group]`, `dy` `[m, n]`.
-pub trait QuantMatmul: Backend + LmHeadLoss + RmsNormOp + RopeOp + GatedActOp + FlashAttention + AdamWOp + DeviceMemory {
+pub trait QuantMatmul: Backend + FrozenMatmul + LmHeadLoss + RmsNormOp + RopeOp + GatedActOp + FlashAttention + AdamWOp + DeviceMemory {
     /// `y[m, n] = x[m, k] · dequant(W)ᵀ`.
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
         let w = dequantize::<Self>(Tensor::from_primitive(words), float(scales), float(biases), format);

@@ -14,7 +14,7 @@ use kiln_kernels::gated::activate;
 use kiln_kernels::loss::lm_head_loss_composition;
 use kiln_kernels::norm::rms_norm_composition;
 use kiln_kernels::rope::rope_composition;
-use kiln_kernels::{chunk_rows, flash_attention, gated_act, lm_head_loss, rms_norm, rope, AttentionSpec, GateActivation, HeadLayout, HeadLoss};
+use kiln_kernels::{chunk_rows, flash_attention, frozen_matmul, gated_act, lm_head_loss, rms_norm, rope, AttentionSpec, GateActivation, HeadLayout, HeadLoss};
 use serde_json::json;
 
 use crate::backend::{DeviceSpec, QuantMatmul};
@@ -143,6 +143,28 @@ fn gated_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, rows: usize,
     compare("gated_act", format!("{rows} × {f} {act:?}"), runs, &run)
 }
 
+/// A product with a frozen weight: in bf16 where the device has it (the matmul writing f32)
+/// against casting the input to bf16, multiplying, and casting the result back.
+fn frozen_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k: usize, m: usize, runs: usize) -> serde_json::Value {
+    let bf16 = A::supports_dtype(device, burn::tensor::DType::BF16);
+    let dtype = if bf16 { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
+    let x0 = Tensor::<A, 2>::random([n, k], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<A, 2>::random([k, m], Distribution::Normal(0.0, 0.05), device).cast(dtype);
+    let c = Tensor::<A, 2>::random([n, m], Distribution::Normal(0.0, 1.0), device);
+    let run = |fused: bool| {
+        timed::<A>(device, || {
+            let x = x0.clone().detach().require_grad();
+            let y = match fused {
+                true => frozen_matmul(x.clone(), w.clone()),
+                false => crate::model::layers::matmul_as(x.clone(), w.clone(), dtype),
+            };
+            let grads = (y.clone() * c.clone()).sum().backward();
+            vec![("y", host(y)), ("dx", x.grad(&grads).map(host).unwrap_or_default())]
+        })
+    };
+    compare("frozen_matmul", format!("{n} × {k} · {k} × {m} {}", if bf16 { "bf16" } else { "f32" }), runs, &run)
+}
+
 fn rms_norm_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, d: usize, offset: f64, runs: usize) -> serde_json::Value {
     let x0 = Tensor::<A, 2>::random([n, d], Distribution::Normal(0.0, 2.0), device);
     let w0 = Tensor::<A, 1>::random([d], Distribution::Normal(0.0, 1.0), device);
@@ -189,6 +211,7 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
         push(gated_case::<A>(device, 37, 101, act, runs));
     }
     push(rms_norm_case::<A>(device, 37, 300, 1.0, runs));
+    push(frozen_case::<A>(device, 37, 24, 53, runs));
     for &(n, e, v, chunk) in &[(37, 24, 53, 8), (300, 64, 1001, 128)] {
         for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
             for softcap in [None, Some(30.0)] {
@@ -200,6 +223,8 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
     push(rope_case::<A>(device, 4, 14, 1024, 64, runs));
     push(gated_case::<A>(device, 4096, 4864, GateActivation::Silu, runs));
     push(rms_norm_case::<A>(device, 4096, 896, 0.0, runs));
+    push(frozen_case::<A>(device, 8192, 896, 4864, runs));
+    push(frozen_case::<A>(device, 8192, 4864, 896, runs));
     let v = 151_936;
     push(lm_head_case::<A>(device, 2048, 896, v, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: chunk_rows(v) }, runs));
 

@@ -86,9 +86,17 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
             row["lora_da_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || xs.clone().swap_dims(1, 2).matmul(hs.clone()).sum_dim(0))?));
             row["lora_db_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || hs.clone().swap_dims(1, 2).matmul(dys.clone()).sum_dim(0))?));
             if bf16 {
-                let (x, w, dy) = (x.cast(FloatDType::BF16), w.cast(FloatDType::BF16), dy.cast(FloatDType::BF16));
+                let bf = |t: &Tensor<B, 2>| t.clone().cast(FloatDType::BF16);
+                let (x, w, dy) = (bf(&x), bf(&w), bf(&dy));
                 row["bf16_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || x.clone().matmul(w.clone()))?));
                 row["bf16_bwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || dy.clone().matmul(w.clone().transpose()))?));
+                // The adapter products again with bf16 operands (as PyTorch's autocast runs them).
+                let (a, b, h) = (bf(&a), bf(&b), bf(&h));
+                let (xs, hs, dys) = (sliced(&x), sliced(&h), sliced(&dy));
+                row["lora_bf16_xa_us"] = json!(us(time::<B, _>(&dev, 10, 4, || x.clone().matmul(a.clone()))?));
+                row["lora_bf16_hb_us"] = json!(us(time::<B, _>(&dev, 10, 4, || h.clone().matmul(b.clone()))?));
+                row["lora_bf16_da_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || xs.clone().swap_dims(1, 2).matmul(hs.clone()).sum_dim(0))?));
+                row["lora_bf16_db_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || hs.clone().swap_dims(1, 2).matmul(dys.clone()).sum_dim(0))?));
             }
             rows.push(row);
         }
@@ -108,6 +116,13 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
         let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:8.1}"));
         let (xa, hb, da, db) = (cell("lora_xa_us"), cell("lora_hb_us"), cell("lora_da_us"), cell("lora_db_us"));
         println!("  {:>5} -> {:<5}  {xa} {hb} {da} {db}   sliced {} {}", r["k"], r["n"], cell("lora_da_sliced_us"), cell("lora_db_sliced_us"));
+    }
+    if rows.iter().any(|r| r.get("lora_bf16_xa_us").is_some()) {
+        println!("the same with bf16 operands: x·A, h·B, and dA, dB summed over the slices");
+        for r in &rows {
+            let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:8.1}"));
+            println!("  {:>5} -> {:<5}  {} {}   sliced {} {}", r["k"], r["n"], cell("lora_bf16_xa_us"), cell("lora_bf16_hb_us"), cell("lora_bf16_da_sliced_us"), cell("lora_bf16_db_sliced_us"));
+        }
     }
     Ok(())
 }

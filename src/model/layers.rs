@@ -172,11 +172,10 @@ impl<B: QuantMatmul> Linear<B> {
         let dims = x.dims();
         let x = x.reshape([dims[..D - 1].iter().product::<usize>(), dims[D - 1]]); // [n, in]
         let y = match &self.weight {
-            LinearWeight::Dense(w) => {
-                let w = w.val();
-                let dtype = if w.dtype() == burn::tensor::DType::BF16 { FloatDType::BF16 } else { FloatDType::F32 };
-                matmul_as(x.clone(), w, dtype)
-            }
+            // A bf16 weight is frozen ([`to_bf16_matmuls`]): multiplied in bf16 with f32
+            // accumulation, as under PyTorch's autocast, the matmul writing the f32 result.
+            LinearWeight::Dense(w) if w.dtype() == burn::tensor::DType::BF16 => kiln_kernels::frozen_matmul(x.clone(), w.val()),
+            LinearWeight::Dense(w) => x.clone().matmul(w.val()),
             LinearWeight::Quant(q) => kiln_kernels::quant_matmul(x.clone(), q.words.clone(), q.scales.clone(), q.biases.clone(), q.format),
         };
         let y = match &self.bias {
@@ -193,10 +192,9 @@ impl<B: QuantMatmul> Linear<B> {
     }
 }
 
-/// `lhs · rhs` computed in `dtype`, returned in f32 (kiln's activations are f32 throughout).
-/// With a bf16 frozen weight ([`to_bf16_matmuls`]) the activation is cast to bf16 and the
-/// product runs on the tensor cores with f32 accumulation, as under PyTorch's autocast;
-/// autodiff casts the gradient back the same way. Casts to a tensor's own dtype are free.
+/// `lhs · rhs` computed in `dtype`, returned in f32 (kiln's activations are f32 throughout):
+/// the tied LM head's product with a bf16 copy of the embedding. Casts to a tensor's own dtype
+/// are free.
 pub fn matmul_as<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
     lhs.cast(dtype).matmul(rhs.cast(dtype)).cast(FloatDType::F32)
 }
