@@ -467,8 +467,8 @@ fn quickstart_loss_curve_is_the_same_fused_and_unfused() {
     let (fused, plain) = (curve(false), curve(true));
     assert_eq!(fused.len(), 40);
     assert_eq!(fused.len(), plain.len());
-    // Step for step the same while the runs are close; Burn's CPU backend does not fix the
-    // order of its threaded reductions, so identical runs differ by ~1e-7 after a few steps and
+    // Step for step the same while the runs are close; training on Burn's CPU backend is not
+    // bit-reproducible (see tests/train.rs), so identical runs differ by ~1e-7 after a few steps and
     // that drift grows at this learning rate (3e-3), to about 1e-4 by step 22 and 1 % by step
     // 40 here. A wrong gradient shows from the first steps; the curve's tail is compared as a
     // mean.
