@@ -188,15 +188,12 @@ fn resumed_run_matches_uninterrupted_run() {
     assert_eq!(rest.steps, 10);
     let mut resumed = train_losses(&first.events);
     resumed.extend(train_losses(&second.events));
-    // Step for step the same losses. Not bit for bit: training on Burn's CPU backend is not
-    // bit-reproducible (two identical runs give the same first loss but gradients that differ
-    // in the last bits, ~5e-7 relative, even with rayon and matrixmultiply on one thread), so
-    // the losses drift apart by about 1e-7 relative; anything the resume got wrong (data
-    // order, optimizer moments, schedule, dropout) shows up far above that.
+    // Step for step the same losses, bit for bit: anything the resume got wrong (data order,
+    // optimizer moments, schedule, dropout, a parameter saved with less precision) shows.
     assert_eq!(resumed.len(), whole_losses.len());
     for ((sa, a), (sb, b)) in resumed.iter().zip(&whole_losses) {
         assert_eq!(sa, sb);
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {sa}: resumed loss {a} vs uninterrupted {b}\n{resumed:?}\n{whole_losses:?}");
+        assert_eq!(a.to_bits(), b.to_bits(), "step {sa}: resumed loss {a} vs uninterrupted {b}\n{resumed:?}\n{whole_losses:?}");
     }
 
     // Both runs export the same adapter.
@@ -267,10 +264,8 @@ fn bf16_on_a_device_without_it_trains_in_f32_and_says_so() {
     assert_eq!(dtype(&bf16_run).as_deref(), Some("f32"));
     let warnings: Vec<&String> = bf16_run.iter().filter_map(|e| if let Event::Warning { message, .. } = e { Some(message) } else { None }).collect();
     assert!(warnings.iter().any(|m| m.contains("run.dtype = \"bf16\"") && m.contains("has no bf16") && m.contains("training in f32")), "{warnings:?}");
-    // And it is the f32 run (up to the CPU backend's last-bit drift between runs).
-    for ((_, a), (_, b)) in train_losses(&bf16_run).iter().zip(&train_losses(&f32_run)) {
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
-    }
+    // And it is the f32 run, bit for bit.
+    assert_eq!(train_losses(&bf16_run), train_losses(&f32_run));
 }
 
 #[test]

@@ -29,7 +29,11 @@ pub trait RmsNormOp: Backend {
         // x / rms rather than x · (1 / rms): the rounding the unfused model (and its parity
         // with transformers) was measured with.
         let y = x.div(rms.clone()) * float::<Self, 1>(w).add_scalar(offset).unsqueeze::<2>();
-        (y.into_primitive().tensor(), rms.recip().reshape([n]).into_primitive().tensor())
+        // 1 / rms as a division: Burn's CPU `recip` is an approximate SIMD reciprocal (off by up
+        // to 4e-5 relative, on whichever elements the buffer's alignment puts in SIMD lanes), which
+        // made `dx` inexact and training on the CPU differ from run to run.
+        let rstd = rms.ones_like() / rms;
+        (y.into_primitive().tensor(), rstd.reshape([n]).into_primitive().tensor())
     }
 
     /// `dx [n, d]` for the upstream gradient `dy` `[n, d]`.
