@@ -112,16 +112,15 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
         println!("  {:>5} -> {:<5}  f32 {} {}   bf16 {} {}", r["k"], r["n"], cell("f32_fwd"), cell("f32_bwd"), cell("bf16_fwd"), cell("bf16_bwd"));
     }
     println!("rank-{LORA_RANK} adapter products (f32), microseconds each: x·A, h·B, dA = xᵀ·g, dB = hᵀ·dy, and dA, dB summed over {} slices of rows", crate::lora::row_slices(ROWS));
+    let us = |r: &Value, key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:8.1}"));
     for r in &rows {
-        let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:8.1}"));
-        let (xa, hb, da, db) = (cell("lora_xa_us"), cell("lora_hb_us"), cell("lora_da_us"), cell("lora_db_us"));
-        println!("  {:>5} -> {:<5}  {xa} {hb} {da} {db}   sliced {} {}", r["k"], r["n"], cell("lora_da_sliced_us"), cell("lora_db_sliced_us"));
+        let (xa, hb, da, db) = (us(r, "lora_xa_us"), us(r, "lora_hb_us"), us(r, "lora_da_us"), us(r, "lora_db_us"));
+        println!("  {:>5} -> {:<5}  {xa} {hb} {da} {db}   sliced {} {}", r["k"], r["n"], us(r, "lora_da_sliced_us"), us(r, "lora_db_sliced_us"));
     }
     if rows.iter().any(|r| r.get("lora_bf16_xa_us").is_some()) {
         println!("the same with bf16 operands: x·A, h·B, and dA, dB summed over the slices");
         for r in &rows {
-            let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:8.1}"));
-            println!("  {:>5} -> {:<5}  {} {}   sliced {} {}", r["k"], r["n"], cell("lora_bf16_xa_us"), cell("lora_bf16_hb_us"), cell("lora_bf16_da_sliced_us"), cell("lora_bf16_db_sliced_us"));
+            println!("  {:>5} -> {:<5}  {} {}   sliced {} {}", r["k"], r["n"], us(r, "lora_bf16_xa_us"), us(r, "lora_bf16_hb_us"), us(r, "lora_bf16_da_sliced_us"), us(r, "lora_bf16_db_sliced_us"));
         }
     }
     Ok(())
