@@ -370,7 +370,7 @@ fn check_frozen<A: AutodiffBackend + kiln_kernels::FrozenMatmul>(device: &A::Dev
             let w = Tensor::<A, 2>::from_data(TensorData::new(wv.clone(), [k, m]), device).cast(dtype);
             let (xp, xf) = (x.clone().require_grad(), x.require_grad());
             let c = Tensor::<A, 2>::from_data(TensorData::new(cv.clone(), [n, m]), device);
-            let (yf, yp) = (kiln_kernels::frozen_matmul(xf.clone(), w.clone()), kiln::model::layers::matmul_as(xp.clone(), w, dtype));
+            let (yf, yp) = (kiln_kernels::frozen_matmul(xf.clone(), w.clone()), kiln_kernels::frozen::matmul_as(xp.clone(), w, dtype));
             let (gf, gp) = ((yf.clone() * c.clone()).sum().backward(), (yp.clone() * c).sum().backward());
             for (what, a, b) in [("y", host(yf), host(yp)), ("dx", host(xf.grad(&gf).unwrap()), host(xp.grad(&gp).unwrap()))] {
                 let err = rel(&a, &b);

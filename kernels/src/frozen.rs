@@ -19,21 +19,29 @@ use burn::tensor::{backend::Backend, FloatDType, Tensor};
 use crate::float;
 
 /// Backend extension: `x [m, k] · W [k, n] -> [m, n]` in f32, multiplied in `W`'s dtype.
-/// The default methods are the composition of casts and a matmul (the reference).
+/// The default methods are the composition, [`matmul_as`] (the reference).
 pub trait FrozenMatmul: Backend {
     /// `y = cast(x, W's dtype) · W`, in f32.
     fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let w = float::<Self, 2>(w);
         let dtype = FloatDType::from(w.dtype());
-        float::<Self, 2>(x).cast(dtype).matmul(w).cast(FloatDType::F32).into_primitive().tensor()
+        matmul_as(float::<Self, 2>(x), w, dtype).into_primitive().tensor()
     }
 
     /// `dx = cast(dy, W's dtype) · Wᵀ`, in f32.
     fn frozen_matmul_dx(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let w = float::<Self, 2>(w);
         let dtype = FloatDType::from(w.dtype());
-        float::<Self, 2>(dy).cast(dtype).matmul(w.transpose()).cast(FloatDType::F32).into_primitive().tensor()
+        matmul_as(float::<Self, 2>(dy), w.transpose(), dtype).into_primitive().tensor()
     }
+}
+
+/// `lhs · rhs` computed in `dtype`, returned in f32 (kiln's activations are f32 throughout) as
+/// plain tensor operations: cast both, multiply, cast back. What [`FrozenMatmul`] replaces, and
+/// the tied LM head's product with a bf16 copy of the embedding. Casts to a tensor's own dtype
+/// are free.
+pub fn matmul_as<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
+    lhs.cast(dtype).matmul(rhs.cast(dtype)).cast(FloatDType::F32)
 }
 
 /// `x [.., k] · W [k, n] -> [.., n]` in f32 through [`FrozenMatmul`]; `W` must not require a
@@ -89,13 +97,14 @@ pub(crate) mod cube {
     use burn::tensor::DType;
     use burn_cubecl::kernel::cast;
     use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
+    use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
     use super::FrozenMatmul;
 
     /// `lhs · rhs` with `lhs` cast to `rhs`'s dtype, written in f32 by the matmul kernel itself
     /// (it accumulates in f32 for bf16 inputs: the f32 result is that accumulator, unrounded).
-    fn product_f32<R: CubeRuntime>(lhs: burn_cubecl::tensor::CubeTensor<R>, rhs: burn_cubecl::tensor::CubeTensor<R>) -> burn_cubecl::tensor::CubeTensor<R> {
+    fn product_f32<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> CubeTensor<R> {
         let lhs = cast(lhs, rhs.dtype);
         // Burn's own float matmul unwraps the same call: with autotune it always finds a kernel.
         matmul(lhs, rhs, None, MatmulStrategy::default(), DType::F32).expect("a matmul kernel for a dense 2-D product")

@@ -156,7 +156,7 @@ fn frozen_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k
             let x = x0.clone().detach().require_grad();
             let y = match fused {
                 true => frozen_matmul(x.clone(), w.clone()),
-                false => crate::model::layers::matmul_as(x.clone(), w.clone(), dtype),
+                false => kiln_kernels::frozen::matmul_as(x.clone(), w.clone(), dtype),
             };
             let grads = (y.clone() * c.clone()).sum().backward();
             vec![("y", host(y)), ("dx", x.grad(&grads).map(host).unwrap_or_default())]

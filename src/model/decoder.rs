@@ -637,7 +637,7 @@ impl<B: QuantMatmul> Model<B> {
             Some(head) => head.forward(h),
             // E·hᵀ rather than h·Eᵀ: the embedding stays in its stored layout, so the backend
             // never copies a transposed [e, v] matrix (113 MB for a 49k vocabulary) per call.
-            None => super::layers::matmul_as(
+            None => kiln_kernels::frozen::matmul_as(
                 self.embed_tokens.val().unsqueeze::<3>(), // [v, e] -> [1, v, e]
                 h.swap_dims(1, 2),                        // [b, e, s]
                 self.matmul_dtype,

@@ -192,13 +192,6 @@ impl<B: QuantMatmul> Linear<B> {
     }
 }
 
-/// `lhs · rhs` computed in `dtype`, returned in f32 (kiln's activations are f32 throughout):
-/// the tied LM head's product with a bf16 copy of the embedding. Casts to a tensor's own dtype
-/// are free.
-pub fn matmul_as<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
-    lhs.cast(dtype).matmul(rhs.cast(dtype)).cast(FloatDType::F32)
-}
-
 /// Stores every frozen dense projection weight (attention, MLP, experts, an untied LM head)
 /// in bf16, so that [`Linear::forward`] multiplies in bf16; trainable weights, adapters, norms
 /// and embeddings stay as they are. Returns how many weights were converted.
