@@ -17,7 +17,7 @@ export KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/card.txt
 [ -z "$SKIP_TRAIN" ] && python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
   --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --kiln-dtypes ${DTYPES:-bf16,f32} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
-tar cJf $OUT/kiln-cache.tar.xz .kiln-cache 2>/dev/null; du -sh .kiln-cache 2>/dev/null | sed 's/^/kernel cache: /'
+tar cJf $OUT/kiln-cache.part .kiln-cache 2>/dev/null && mv $OUT/kiln-cache.part $OUT/kiln-cache.tar.xz; du -sh .kiln-cache 2>/dev/null | sed 's/^/kernel cache: /'
 if [ -z "$SKIP_PROFILE" ]; then
   # CubeCL times every launch when its profiling logger is on; run one recipe that way.
   recipe=/tmp/kiln-bench-qwen2.5-0.5b/bench-8x1024-bf16.toml
@@ -35,4 +35,4 @@ if [ -z "$SKIP_DECODE" ]; then
   python3 bench/decode_vs_hf.py --kiln $KILN --shape qwen2.5-0.5b --batch 8 --new-tokens 256 \
     --kiln-timeout ${KILN_TIMEOUT:-180} --out $OUT 2>&1 | tee $OUT/decode_vs_hf.txt | grep -v '^{'
 fi
-tar cJf $OUT/kiln-cache.tar.xz .kiln-cache 2>/dev/null
+tar cJf $OUT/kiln-cache.part .kiln-cache 2>/dev/null && mv $OUT/kiln-cache.part $OUT/kiln-cache.tar.xz

@@ -223,8 +223,17 @@ fn plan_and_bench_train_print_their_json_contract() {
     assert_eq!(code, 0, "{err}");
     let plan = last(&out);
     let parts: u64 = ["weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "backward_bytes", "logits_bytes"].iter().map(|k| plan[*k].as_u64().unwrap()).sum();
+    assert_eq!(plan["live_bytes"].as_u64().unwrap(), parts);
+    // The CPU allocates tensor by tensor: its peak is the tensors themselves.
     assert_eq!(plan["peak_bytes"].as_u64().unwrap(), parts);
     assert_eq!(plan["fits"], serde_json::json!(true));
+
+    // A GPU's peak is what CubeCL's pool reserves for the same tensors.
+    let (code, out, err) = common::kiln(&["plan", recipe, "--device", "wgpu", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let gpu = last(&out);
+    let live = gpu["live_bytes"].as_u64().unwrap();
+    assert_eq!(gpu["peak_bytes"].as_u64().unwrap(), (live as f64 * kiln::train::plan::POOL_FACTOR) as u64);
 
     let (code, out, err) = common::kiln(&["plan", recipe, "--memory-gib", "0.06", "--json"]);
     assert_eq!(code, 0, "{err}");

@@ -51,6 +51,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(false), Some(c)) => format!("does NOT fit in {:.1} GiB", gib(c)),
         _ => "device memory unknown (pass --memory-gib)".to_string(),
     };
+    println!("  tensors      {:>9.2} GiB  at the peak", gib(p.live_bytes));
+    if p.peak_bytes != p.live_bytes {
+        println!("  pool         {:>9.2} GiB  what the GPU allocator reserves for them (× {:.2}, measured)", gib(p.peak_bytes), crate::train::plan::POOL_FACTOR);
+    }
     println!("  peak         {:>9.2} GiB  {verdict}", gib(p.peak_bytes));
     println!("  speed        {} ({:.2} GFLOP per token)", p.tokens_per_s_class, p.flops_per_token / 1e9);
     for s in &p.suggestions {
