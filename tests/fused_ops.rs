@@ -235,10 +235,13 @@ fn check_attention<A: AutodiffBackend + kiln_kernels::FlashAttention>(device: &A
                 (packed_mask::<A>(&segments, &positions, b, window, device), s)
             }
         };
-        let spec = kiln_kernels::AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap: case.softcap };
         let mut random = |shape: [usize; 4], sd: f32| -> Vec<f32> { (0..shape.iter().product::<usize>()).map(|_| sd * rng.normal()).collect() };
         let (qv, kv_, vv, cv) = (random([b, h, s, d], 1.5), random([b, kv, t, d], 1.5), random([b, kv, t, d], 1.0), random([b, h, s, d], 1.0));
-        let run = |fused: bool| {
+        // Every case's mask hides the future, so the kernels run both ways: skipping the key
+        // tiles past each query block (`causal`), and reading the mask everywhere.
+        let spec = |causal| kiln_kernels::AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap: case.softcap, causal };
+        let run = |fused: bool, causal: bool| {
+            let spec = spec(causal);
             let make = |data: &Vec<f32>, heads: usize, rows: usize| Tensor::<A, 4>::from_data(TensorData::new(data.clone(), [b, heads, rows, d]), device).require_grad();
             let (q, k, v) = (make(&qv, h, s), make(&kv_, kv, t), make(&vv, kv, t));
             let c = Tensor::<A, 4>::from_data(TensorData::new(cv.clone(), [b, h, s, d]), device);
@@ -249,12 +252,15 @@ fn check_attention<A: AutodiffBackend + kiln_kernels::FlashAttention>(device: &A
             let grads = (out.clone() * c).sum().backward();
             [host(out), host(q.grad(&grads).unwrap()), host(k.grad(&grads).unwrap()), host(v.grad(&grads).unwrap())]
         };
-        let (fused, plain) = (run(true), run(false));
-        for (what, (x, y)) in ["out", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&plain)) {
-            // The gradients subtract two nearly equal terms (dP − rowsum(dO∘O)), which the
-            // two sides round differently.
-            let err = rel(x, y);
-            assert!(err < if *what == "out" { 2e-5 } else { 1e-4 }, "{name} attention case {n} ({b}×{h}/{kv} heads, s={s} t={t} d={d}): {what} relative error {err}");
+        let plain = run(false, false);
+        for causal in [true, false] {
+            let fused = run(true, causal);
+            for (what, (x, y)) in ["out", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&plain)) {
+                // The gradients subtract two nearly equal terms (dP − rowsum(dO∘O)), which the
+                // two sides round differently.
+                let err = rel(x, y);
+                assert!(err < if *what == "out" { 2e-5 } else { 1e-4 }, "{name} attention case {n} ({b}×{h}/{kv} heads, s={s} t={t} d={d}, causal {causal}): {what} relative error {err}");
+            }
         }
     }
 }

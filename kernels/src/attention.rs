@@ -10,7 +10,8 @@
 //! `hh / (h / kv)`, and the key and value gradients sum over the heads of a group. The mask is
 //! additive, `[b or 1, s, t]` (0 where a query may look, −∞ elsewhere), so the causal,
 //! packed-sequence (block-diagonal) and sliding-window masks kiln builds all pass through one
-//! path; the kernels skip the work of masked pairs (`mask ≤ −1e30`).
+//! path; the kernels skip the work of masked pairs (`mask ≤ −1e30`), and with
+//! [`AttentionSpec::causal`] whole tiles of keys after a cube's last query row.
 //!
 //! Scores: `z = cap(scale · q·k) + mask`, `cap(x) = c · tanh(x / c)` with Gemma's attention
 //! softcap `c` (identity without one). Backward, with `δ = rowsum(dO ∘ O)`:
@@ -41,6 +42,11 @@ pub struct AttentionSpec {
     pub scale: f64,
     /// Gemma 2's attention logit softcap `c` (`c · tanh(x / c)`), if any.
     pub softcap: Option<f64>,
+    /// The mask hides every key after the query's own position (key `j > i + t − s`), as each
+    /// mask kiln builds does (causal, packed, sliding window). The kernels then skip those key
+    /// tiles instead of reading the mask there: half of the work at `t = s`. The composition
+    /// reads the mask alone, so a wrong `true` shows up as a mismatch in the checks.
+    pub causal: bool,
 }
 
 /// Backend extension: attention of `q` `[b, h, s, d]` over `k`, `v` `[b, kv, t, d]` (`h` a
@@ -290,6 +296,24 @@ pub(crate) mod cube {
         }
     }
 
+    /// The end of the keys this cube's query rows may see: all `t`, or under a causal mask
+    /// `(last row + 1) + t − s` (query `i` sees keys up to `i + t − s`).
+    #[cube]
+    fn key_end(s: usize, t: usize, #[comptime] causal: bool) -> usize {
+        let mut end = t;
+        if causal {
+            let hi = (CUBE_POS_X as usize + 1) * ROWS as usize + t;
+            end = 0;
+            if hi > s {
+                end = hi - s;
+            }
+            if end > t {
+                end = t;
+            }
+        }
+        end
+    }
+
     /// Where this thread's query row lives (cube `(query block, b·h)`, one row per thread).
     #[derive(CubeType)]
     struct QueryRow {
@@ -327,7 +351,7 @@ pub(crate) mod cube {
 
     /// One thread per query row; cube `(query block, b·h)`. `params` = [scale, softcap].
     #[cube(launch_unchecked)]
-    fn forward_kernel<F: Float, N: Size>(q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<Vector<F, N>>, lse: &mut Tensor<F>, #[comptime] dv: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+    fn forward_kernel<F: Float, N: Size>(q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<Vector<F, N>>, lse: &mut Tensor<F>, #[comptime] dv: u32, #[comptime] tile: u32, #[comptime] softcap: bool, #[comptime] causal: bool) {
         let lane = UNIT_POS_X as usize;
         let dvv = comptime!(dv as usize);
         let scale = params[0];
@@ -343,8 +367,9 @@ pub(crate) mod cube {
         }
         let mut m = F::new(MASKED);
         let mut l = F::new(0.0);
+        let kend = key_end(s, t, causal);
         let mut j0 = 0;
-        while j0 < t {
+        while j0 < kend {
             stage::<F, N>(k, kbase, j0, t, &mut ks, lane, dv, tile);
             stage::<F, N>(v, kbase, j0, t, &mut vs, lane, dv, tile);
             sync_cube();
@@ -411,7 +436,7 @@ pub(crate) mod cube {
     /// `dQ`: one thread per query row, as the forward. `delta` `[b, h, s]` = rowsum(dO ∘ O).
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    fn dq_kernel<F: Float, N: Size>(dout: &Tensor<Vector<F, N>>, q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<Vector<F, N>>, #[comptime] dv: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+    fn dq_kernel<F: Float, N: Size>(dout: &Tensor<Vector<F, N>>, q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<Vector<F, N>>, #[comptime] dv: u32, #[comptime] tile: u32, #[comptime] softcap: bool, #[comptime] causal: bool) {
         let lane = UNIT_POS_X as usize;
         let dvv = comptime!(dv as usize);
         let scale = params[0];
@@ -431,8 +456,9 @@ pub(crate) mod cube {
         for c in 0..dvv {
             acc[c] = Vector::<F, N>::new(F::new(0.0));
         }
+        let kend = key_end(s, t, causal);
         let mut j0 = 0;
-        while j0 < t {
+        while j0 < kend {
             stage::<F, N>(k, kbase, j0, t, &mut ks, lane, dv, tile);
             stage::<F, N>(v, kbase, j0, t, &mut vs, lane, dv, tile);
             sync_cube();
@@ -479,7 +505,7 @@ pub(crate) mod cube {
     /// leave most of a large GPU idle.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    fn dkv_kernel<F: Float, N: Size>(dout: &Tensor<Vector<F, N>>, q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<Vector<F, N>>, dv: &mut Tensor<Vector<F, N>>, #[comptime] dvec: u32, #[comptime] tile: u32, #[comptime] softcap: bool) {
+    fn dkv_kernel<F: Float, N: Size>(dout: &Tensor<Vector<F, N>>, q: &Tensor<Vector<F, N>>, k: &Tensor<Vector<F, N>>, v: &Tensor<Vector<F, N>>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<Vector<F, N>>, dv: &mut Tensor<Vector<F, N>>, #[comptime] dvec: u32, #[comptime] tile: u32, #[comptime] softcap: bool, #[comptime] causal: bool) {
         let lane = UNIT_POS_X as usize;
         let bkv = CUBE_POS_Y as usize;
         let h = q.shape(1);
@@ -520,7 +546,14 @@ pub(crate) mod cube {
         {
             let bh = bkv * g + head; // == bi·h + (kv head)·g + head
             let qbase = bh * s * dvv;
+            // Under a causal mask no query before `j + s − t` sees key `j`: start at the block's.
             let mut i0 = first;
+            let lo = CUBE_POS_X as usize * ROWS as usize + s;
+            if causal {
+                if lo > t + first {
+                    i0 = lo - t;
+                }
+            }
             while i0 < end {
                 stage::<F, N>(q, qbase, i0, s, &mut qs, lane, dvec, tile);
                 stage::<F, N>(dout, qbase, i0, s, &mut os, lane, dvec, tile);
@@ -632,6 +665,7 @@ pub(crate) mod cube {
                     (d / width) as u32,
                     tile,
                     spec.softcap.is_some(),
+                    spec.causal,
                 );
             }
             (out, lse)
@@ -687,6 +721,7 @@ pub(crate) mod cube {
                     dvec,
                     tile,
                     softcap,
+                    spec.causal,
                 );
                 dkv_kernel::launch_unchecked::<F, R>(
                     &client,
@@ -706,6 +741,7 @@ pub(crate) mod cube {
                     dvec,
                     tile,
                     softcap,
+                    spec.causal,
                 );
             }
             let total = |x: CubeTensor<R>| match splits {

@@ -21,6 +21,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor};
 
 use crate::float;
+use crate::frozen::FrozenMatmul;
 
 /// Where the vocabulary axis of the head weight is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +53,7 @@ pub fn chunk_rows(vocab: usize) -> usize {
 /// Backend extension: the fused head + cross-entropy. The default method is the chunked
 /// forward in Burn tensor ops, which is all a backend without a tape needs; `Autodiff<B>`
 /// adds the chunked backward.
-pub trait LmHeadLoss: Backend {
+pub trait LmHeadLoss: FrozenMatmul {
     fn lm_head_loss(h: FloatTensor<Self>, w: FloatTensor<Self>, targets: IntTensor<Self>, mask: FloatTensor<Self>, spec: HeadLoss) -> FloatTensor<Self> {
         forward::<Self>(h, w, targets, mask, spec).0
     }
@@ -78,15 +79,14 @@ pub fn lm_head_loss_composition<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, ta
 
 
 /// Logits of one chunk before the softcap, `[c, v]`, in f32. The product runs in `w`'s dtype
-/// (bf16 for a bf16 head, accumulating in f32), the softmax that follows in f32.
-fn chunk_logits<B: Backend>(h: Tensor<B, 2>, w: &Tensor<B, 2>, layout: HeadLayout) -> Tensor<B, 2> {
-    let h = h.cast(w.dtype());
-    let z = match layout {
-        HeadLayout::InOut => h.matmul(w.clone()), // [c, e] x [e, v]
-        // (W·hᵀ)ᵀ: the [v, e] weight is used as stored; only the small chunk is transposed.
-        HeadLayout::OutIn => w.clone().matmul(h.transpose()).transpose(), // [v, e] x [e, c] -> [c, v]
+/// (bf16 for a bf16 head) and the matmul writes its f32 accumulator itself
+/// ([`FrozenMatmul`]): casting a `[c, v]` product afterwards took longer than the product.
+fn chunk_logits<B: FrozenMatmul>(h: Tensor<B, 2>, w: &Tensor<B, 2>, layout: HeadLayout) -> Tensor<B, 2> {
+    let w = match layout {
+        HeadLayout::InOut => w.clone(),
+        HeadLayout::OutIn => w.clone().transpose(), // a view: the matmul reads [v, e] in place
     };
-    z.cast(DType::F32)
+    float(B::frozen_matmul(h.into_primitive().tensor(), w.into_primitive().tensor())) // [c, e] x [e, v]
 }
 
 fn softcap<B: Backend>(u: Tensor<B, 2>, cap: Option<f64>) -> Tensor<B, 2> {
@@ -103,7 +103,7 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// The loss `[1]` and each row's log-sum-exp `[n]` (f32), which is all the backward keeps.
-fn forward<B: Backend>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<B>, mask: FloatTensor<B>, spec: HeadLoss) -> (FloatTensor<B>, FloatTensor<B>) {
+fn forward<B: FrozenMatmul>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<B>, mask: FloatTensor<B>, spec: HeadLoss) -> (FloatTensor<B>, FloatTensor<B>) {
     let h = float::<B, 2>(h);
     let w = float::<B, 2>(w);
     let targets = Tensor::<B, 1, Int>::from_primitive(targets);
@@ -127,7 +127,7 @@ fn forward<B: Backend>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<
 /// `dh` `[n, e]` (in `h`'s dtype) and, when asked, `dW` (in `w`'s layout and dtype) for an
 /// upstream gradient `g` `[1]`: per chunk, `dz = (softmax(z) − onehot(target)) · mask · g`,
 /// through the softcap's `1 − tanh²`, then `dh = dz·Wᵀ`, `dW += hᵀ·dz`.
-fn backward<B: Backend>(g: FloatTensor<B>, s: &State<B>, want_w: bool) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+fn backward<B: FrozenMatmul>(g: FloatTensor<B>, s: &State<B>, want_w: bool) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let h = float::<B, 2>(s.h.clone());
     let w = float::<B, 2>(s.w.clone());
     let targets = Tensor::<B, 1, Int>::from_primitive(s.targets.clone());
@@ -150,13 +150,15 @@ fn backward<B: Backend>(g: FloatTensor<B>, s: &State<B>, want_w: bool) -> (Float
             let y = z.div_scalar(c);
             dz = dz * (y.clone() * y).neg().add_scalar(1.0);
         }
-        let dzw = dz.cast(w_dtype);
+        // dh = dz·Wᵀ in the head's layout, multiplied in W's dtype, f32 out.
+        let (dz_p, w_p) = (dz.clone().into_primitive().tensor(), w.clone().into_primitive().tensor());
         let dh = match s.spec.layout {
-            HeadLayout::InOut => w.clone().matmul(dzw.clone().transpose()).transpose(), // ([e, v] x [v, c])ᵀ
-            HeadLayout::OutIn => dzw.clone().matmul(w.clone()),                          // [c, v] x [v, e]
+            HeadLayout::InOut => B::frozen_matmul_dx(dz_p, w_p), // [c, v] x [e, v]ᵀ
+            HeadLayout::OutIn => B::frozen_matmul(dz_p, w_p),    // [c, v] x [v, e]
         };
-        dhs.push(dh.cast(h_dtype));
+        dhs.push(float::<B, 2>(dh).cast(h_dtype));
         if want_w {
+            let dzw = dz.cast(w_dtype);
             let hcw = hc.cast(w_dtype);
             let part = match s.spec.layout {
                 HeadLayout::InOut => hcw.transpose().matmul(dzw), // [e, c] x [c, v]
@@ -185,7 +187,7 @@ struct State<B: Backend> {
 #[derive(Debug)]
 struct LmHeadLossBackward;
 
-impl<B: Backend> Backward<B, 2> for LmHeadLossBackward {
+impl<B: FrozenMatmul> Backward<B, 2> for LmHeadLossBackward {
     type State = State<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {

@@ -85,7 +85,7 @@ fn lm_head_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, 
 #[allow(clippy::too_many_arguments)]
 fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: usize, kv: usize, s: usize, d: usize, window: Option<usize>, softcap: Option<f64>, runs: usize) -> serde_json::Value {
     let mask = causal_mask::<A>(s, 0, 0, window, device);
-    let spec = AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap };
+    let spec = AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap, causal: true };
     let normal = |heads: usize| Tensor::<A, 4>::random([b, heads, s, d], Distribution::Normal(0.0, 1.0), device);
     let (q0, k0, v0, c) = (normal(h), normal(kv), normal(kv), normal(h));
     let run = |fused: bool| {

@@ -181,7 +181,8 @@ impl<B: QuantMatmul> Attention<B> {
             (None, None) => unreachable!("a KV-sharing layer runs after the layer it shares with (checked when the config was read)"),
         };
         let kv_used = (k.clone(), v.clone());
-        let spec = AttentionSpec { scale: self.scale, softcap: (self.logit_softcap > 0.0).then_some(self.logit_softcap) };
+        // Both masks the model builds (`causal_mask`, `packed_mask`) hide the future.
+        let spec = AttentionSpec { scale: self.scale, softcap: (self.logit_softcap > 0.0).then_some(self.logit_softcap), causal: true };
         let (out, kept) = if self.fused && !keep_probs {
             (flash_attention(q, k, v, mask.clone(), spec), None)
         } else {
