@@ -30,7 +30,7 @@ static void CUPTIAPI give_buffer(uint8_t **buffer, size_t *size, size_t *max_rec
 }
 
 // Rows: K start end correlation stream name | C start end correlation bytes kind |
-//       A start end correlation thread cbid | D dropped. Times are CUPTI's ns clock,
+//       A start end correlation thread call | D dropped. Times are CUPTI's ns clock,
 // the same clock for host (A) and GPU (K, C, S) rows.
 static void CUPTIAPI take_buffer(CUcontext ctx, uint32_t stream, uint8_t *buffer, size_t size, size_t valid) {
     (void)ctx; (void)stream; (void)size;
@@ -52,8 +52,10 @@ static void CUPTIAPI take_buffer(CUcontext ctx, uint32_t stream, uint8_t *buffer
         }
         case CUPTI_ACTIVITY_KIND_DRIVER: {
             CUpti_ActivityAPI *a = (CUpti_ActivityAPI *)r;
-            fprintf(out, "A\t%llu\t%llu\t%u\t%u\t%u\n", (unsigned long long)a->start, (unsigned long long)a->end,
-                    a->correlationId, a->threadId, (unsigned)a->cbid);
+            const char *call = NULL;
+            cuptiGetCallbackName(CUPTI_CB_DOMAIN_DRIVER_API, a->cbid, &call);
+            fprintf(out, "A\t%llu\t%llu\t%u\t%u\t%s\n", (unsigned long long)a->start, (unsigned long long)a->end,
+                    a->correlationId, a->threadId, call ? call : "?");
             break;
         }
         default:

@@ -31,7 +31,7 @@ def load(path):
             elif p[0] == "C" and len(p) >= 6:
                 copies.append((int(p[1]), int(p[2]), int(p[4]), int(p[5])))
             elif p[0] == "A" and len(p) >= 6:
-                api[int(p[3])] = (int(p[1]), int(p[2]), int(p[4]), int(p[5]))
+                api[int(p[3])] = (int(p[1]), int(p[2]), int(p[4]), p[5])
             elif p[0] == "D":
                 dropped += int(p[1])
     kernels.sort()
@@ -123,6 +123,20 @@ def main():
         in_call = sum(a[1] - a[0] for a in mine)
         print(f"host: {len(calls) / n:.0f} driver calls/step; launching thread {tid}: {len(mine) / n:.0f} launches/step, "
               f"median {statistics.median(between) / 1e3:.1f} µs between launches, {in_call / n / 1e6:.1f} ms/step inside launch calls")
+    if calls:
+        spent = collections.Counter()
+        for a in calls:
+            spent[a[3]] += a[1] - a[0]
+        print("host time in driver calls, ms/step: " + ", ".join(f"{c} {t / n / 1e6:.1f}" for c, t in spent.most_common(6)))
+    # The long idle gaps of the last step, where they fall and what the host called meanwhile.
+    first = kernels[starts[-2]][0]
+    last_step = kernels[starts[-2]:starts[-1] + 1]  # and the next step's first launch
+    for before, after in zip(last_step, last_step[1:]):
+        if after[0] - before[1] > 5e5:
+            during = collections.Counter(a[3] for a in calls if before[1] <= a[0] < after[0])
+            print(f"gap {(after[0] - before[1]) / 1e6:5.1f} ms at {(before[1] - first) / 1e6:6.1f} ms into the step, "
+                  f"after {short(before[3], 40)}, before {short(after[3], 40)}; driver calls: "
+                  + (", ".join(f"{c} ×{m}" for c, m in during.most_common(4)) or "none"))
     by_name = collections.defaultdict(lambda: [0, 0])
     for s, e, _, name in ks:
         by_name[name][0] += e - s
