@@ -31,9 +31,9 @@ static void CUPTIAPI give_buffer(uint8_t **buffer, size_t *size, size_t *max_rec
 
 // Rows: K start end correlation stream name | C start end correlation bytes kind |
 //       A start end correlation thread call | D dropped. Times are CUPTI's ns clock,
-// the same clock for host (A) and GPU (K, C, S) rows.
+// the same clock for host (A) and GPU (K, C) rows.
 static void CUPTIAPI take_buffer(CUcontext ctx, uint32_t stream, uint8_t *buffer, size_t size, size_t valid) {
-    (void)ctx; (void)stream; (void)size;
+    (void)size;
     CUpti_Activity *r = NULL;
     while (cuptiActivityGetNextRecord(buffer, valid, &r) == CUPTI_SUCCESS) {
         switch (r->kind) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see ../shared/gpu/README.md; carry .devcarry and .whl):
-# kiln vs PyTorch + PEFT LoRA training, a per-kernel profile of one kiln run, the fused-op checks
+# kiln vs PyTorch + PEFT LoRA training, a timeline of one kiln run (bench/gpu_trace.sh), the fused-op checks
 # on CUDA and Vulkan, then batched sampling against transformers' generate.
 #   bash bench/gpu_train.sh "qwen2.5-0.5b" "512,1024,2048"
 # SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; STEPS, KILN_TIMEOUT tune the training runs;
@@ -18,15 +18,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 [ -z "$SKIP_TRAIN" ] && python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
   --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --kiln-dtypes ${DTYPES:-bf16,f32} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
 tar cJf $OUT/kiln-cache.part .kiln-cache 2>/dev/null && mv $OUT/kiln-cache.part $OUT/kiln-cache.tar.xz; du -sh .kiln-cache 2>/dev/null | sed 's/^/kernel cache: /'
-if [ -z "$SKIP_PROFILE" ]; then
-  # CubeCL times every launch when its profiling logger is on; run one recipe that way.
-  recipe=/tmp/kiln-bench-qwen2.5-0.5b/bench-8x1024-bf16.toml
-  [ -f $recipe ] || python3 bench/train_vs_peft.py --prepare $recipe --shapes qwen2.5-0.5b --seqs 1024 --steps 3 2>&1 | grep -v Writing
-  d=$(mktemp -d)
-  printf '[profiling.logger]\nlevel = "basic"\nfile = "%s/profile.log"\nappend = false\n' "$d" > $d/cubecl.toml
-  (cd $d && timeout ${PROFILE_TIMEOUT:-150} $KILN bench train --recipe $recipe --steps 3 --json) > $OUT/profile-run.txt 2>&1
-  python3 bench/profile_summary.py $d/profile.log --top 40 | tee $OUT/profile.txt
-fi
+# A non-blocking timeline of one kiln run (CUPTI; CubeCL's own profiler blocks on every launch).
+[ -z "$SKIP_PROFILE" ] && SIDES=kiln KILN_TIMEOUT=${PROFILE_TIMEOUT:-300} bash bench/gpu_trace.sh qwen2.5-0.5b 1024
 if [ -z "$SKIP_FUSED" ]; then
   timeout ${FUSED_TIMEOUT:-120} $KILN bench fused --device cuda --runs 3 2>&1 | tee $OUT/fused-cuda.txt | tail -25
   timeout ${FUSED_TIMEOUT:-120} $KILN bench fused --device wgpu --runs 3 2>&1 | tee $OUT/fused-vulkan.txt | tail -3

@@ -4,7 +4,9 @@
 CubeCL times every kernel launch when its profiling logger is on (a `cubecl.toml` in the working
 directory with `[profiling.logger] level = "basic"` and a `file`); each launch then becomes a
 line `| 1.234ms    | kernel name`. Launches turn blocking while profiled, so the total is GPU
-time, not the step time of an unprofiled run; the shares are what this is for.
+time, not the step time of an unprofiled run, and the shares are distorted too (each launch
+carries a synchronisation): on CUDA, bench/gpu_trace.sh's CUPTI timeline is the one to trust;
+this remains for wgpu, which CUPTI does not see.
 
     python3 bench/profile_summary.py profile.log [--top 30]
 """

@@ -21,6 +21,7 @@ import collections
 import statistics
 import sys
 
+
 def load(path):
     kernels, copies, api, dropped = [], [], {}, 0
     with open(path, errors="replace") as f:
