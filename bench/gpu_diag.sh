@@ -4,8 +4,7 @@
 # busiest threads' stacks (bench/stack_sample.py; name them here with bench/stack_resolve.py
 # against the same unstripped binary).
 #   bash bench/gpu_diag.sh [DEVICE=cuda] [SECONDS=180] [BATCH=8] [SEQ=1024]
-source .devcarry/prelude.sh >/dev/null
-export PYTHONUNBUFFERED=1 KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+source bench/device_env.sh >/dev/null
 device=${1:-cuda}; secs=${2:-180}; batch=${3:-8}; seq=${4:-1024}
 python3 bench/train_vs_peft.py --prepare /tmp/diag.toml --device $device --shapes qwen2.5-0.5b --seqs $seq \
   --tokens $((batch * seq)) --steps 8 2>&1 | grep -v Writing

@@ -7,10 +7,7 @@
 # DTYPE (bf16) is kiln's run.dtype; STEPS (6) the steps each side runs; KILN_TIMEOUT (300);
 # SIDES ("kiln torch") which programs to trace.
 set -o pipefail
-source .devcarry/prelude.sh >/dev/null
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-export PYTHONUNBUFFERED=1 KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
-[ -f .kiln-cache.tar.xz ] && [ ! -d .kiln-cache ] && tar xJf .kiln-cache.tar.xz
+source bench/device_env.sh >/dev/null
 shape=${1:-qwen2.5-0.5b}; seq=${2:-1024}; steps=${STEPS:-6}
 
 # CUPTI from the pip package PyTorch loads (one copy per process; PyTorch links it), else the
@@ -27,8 +24,13 @@ trace() { KILN_TRACE=$1 CUDA_INJECTION64_PATH=/tmp/libcupti_trace.so "${@:2}"; }
 recipe=/tmp/trace-$shape-$seq.toml
 python3 bench/train_vs_peft.py --prepare $recipe --shapes $shape --seqs $seq --steps $steps --kiln-dtypes ${DTYPE:-bf16} 2>&1 | grep -v Writing
 case " ${SIDES:-kiln torch} " in *" kiln "*)
-trace /tmp/kiln.tsv timeout ${KILN_TIMEOUT:-300} $KILN bench train --recipe $recipe --steps $steps --json > $OUT/kiln-run.txt 2>&1
-echo "kiln rc $? (traced): $(tail -1 $OUT/kiln-run.txt | cut -c1-300)"
+trace /tmp/kiln.tsv timeout ${KILN_TIMEOUT:-300} $KILN bench train --recipe $recipe --steps $steps --json > $OUT/kiln-run.txt 2>&1 &
+run=$!; sleep 1
+# Which host threads are busy during the steps (the last lines are the steady state).
+python3 bench/thread_cpu.py $(pgrep -n -f "bench train --recipe $recipe") --every 2 > $OUT/kiln-threads.txt 2>&1 &
+wait $run; rc=$?; sleep 2
+echo "kiln rc $rc (traced): $(tail -1 $OUT/kiln-run.txt | cut -c1-300)"
+echo "busiest threads, last intervals:"; tail -4 $OUT/kiln-threads.txt
 python3 bench/timeline.py /tmp/kiln.tsv --last 3 --top 40 | tee $OUT/kiln-timeline.txt
 tar cJf $OUT/kiln-cache.part .kiln-cache 2>/dev/null && mv $OUT/kiln-cache.part $OUT/kiln-cache.tar.xz
 # The raw timeline, for questions the summary does not answer.

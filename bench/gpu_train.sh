@@ -3,20 +3,21 @@
 # kiln vs PyTorch + PEFT LoRA training, a timeline of one kiln run (bench/gpu_trace.sh), the fused-op checks
 # on CUDA and Vulkan, then batched sampling against transformers' generate.
 #   bash bench/gpu_train.sh "qwen2.5-0.5b" "512,1024,2048"
-# SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; STEPS, KILN_TIMEOUT tune the training runs;
+# SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; NO_CUBLAS_TOO=1 reruns kiln with
+# Burn's matmul in place of cuBLAS; STEPS, KILN_TIMEOUT tune the training runs;
 # DTYPES (default bf16,f32) are the run.dtype values kiln trains with, each its own run.
 set -o pipefail
-source .devcarry/prelude.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-export PYTHONUNBUFFERED=1
-# Compiled kernels (PTX) and autotune results outlive the call: the directory is git-ignored, and
-# ignored files stay on a warm device machine between calls. A copy goes back in $OUT so the
-# next machine can start warm too (carry it back as .kiln-cache.tar.xz).
-export KILN_CACHE_DIR="$PWD/.kiln-cache" CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
-[ -f .kiln-cache.tar.xz ] && [ ! -d .kiln-cache ] && tar xJf .kiln-cache.tar.xz
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/card.txt
 [ -z "$SKIP_TRAIN" ] && python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
   --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --kiln-dtypes ${DTYPES:-bf16,f32} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
+if [ -n "$NO_CUBLAS_TOO" ]; then
+  # The same kiln recipes with cuBLAS switched off: Burn's matmul, for the before/after in one call.
+  for recipe in /tmp/kiln-bench-*/bench-*-bf16.toml; do
+    echo "KILN_NO_CUBLAS=1 $recipe"
+    KILN_NO_CUBLAS=1 timeout ${KILN_TIMEOUT:-180} $KILN bench train --recipe $recipe --steps ${STEPS:-8} --json 2>&1 | tail -1 | tee -a $OUT/no-cublas.txt
+  done
+fi
 tar cJf $OUT/kiln-cache.part .kiln-cache 2>/dev/null && mv $OUT/kiln-cache.part $OUT/kiln-cache.tar.xz; du -sh .kiln-cache 2>/dev/null | sed 's/^/kernel cache: /'
 # A non-blocking timeline of one kiln run (CUPTI; CubeCL's own profiler blocks on every launch).
 [ -z "$SKIP_PROFILE" ] && SIDES=kiln KILN_TIMEOUT=${PROFILE_TIMEOUT:-300} bash bench/gpu_trace.sh qwen2.5-0.5b 1024

@@ -386,6 +386,51 @@ fn check_frozen<A: AutodiffBackend + kiln_kernels::FrozenMatmul>(device: &A::Dev
     }
 }
 
+/// A frozen product with its LoRA adapter as one operation against the same sum as plain tensor
+/// operations (autodiff's gradients): output, `dx`, `dA`, `dB`; once with an input that needs no
+/// gradient (backward then skips `dx`). 1024 rows split the adapter's gradients into row slices.
+fn check_frozen_lora<A: AutodiffBackend + kiln_kernels::FrozenMatmul>(device: &A::Device, name: &str) {
+    let mut rng = Rng(0x10_4A ^ name.len() as u64);
+    for (n, k, m, r, x_grad) in [(37, 24, 53, 5, true), (5, 130, 7, 3, true), (1024, 40, 24, 4, true), (9, 16, 12, 2, false)] {
+        let mut values = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+        let (xv, wv, av, bv, cv) = (values(n * k), values(k * m), values(k * r), values(r * m), values(n * m));
+        let scale = 0.7;
+        let run = |fused: bool| {
+            let t = |v: &Vec<f32>, shape: [usize; 2]| Tensor::<A, 2>::from_data(TensorData::new(v.clone(), shape), device);
+            let x = if x_grad { t(&xv, [n, k]).require_grad() } else { t(&xv, [n, k]) };
+            let (w, a, b, c) = (t(&wv, [k, m]), t(&av, [k, r]).require_grad(), t(&bv, [r, m]).require_grad(), t(&cv, [n, m]));
+            let y = match fused {
+                true => kiln_kernels::frozen_lora(x.clone(), w, a.clone(), b.clone(), scale),
+                false => x.clone().matmul(w) + x.clone().matmul(a.clone()).mul_scalar(scale).matmul(b.clone()),
+            };
+            let grads = (y.clone() * c).sum().backward();
+            let dx = if x_grad { host(x.grad(&grads).unwrap()) } else { Vec::new() };
+            [host(y), dx, host(a.grad(&grads).unwrap()), host(b.grad(&grads).unwrap())]
+        };
+        let (fused, plain) = (run(true), run(false));
+        for (what, (a, b)) in ["y", "dx", "dA", "dB"].iter().zip(fused.iter().zip(&plain)) {
+            assert_eq!(a.len(), b.len(), "{name} frozen lora {n}×{k}·{k}×{m} r {r}: {what} has {} values, not {}", a.len(), b.len());
+            let err = if a.is_empty() { 0.0 } else { rel(a, b) };
+            assert!(err < 1e-5, "{name} frozen lora {n}×{k}·{k}×{m} r {r}: {what} relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn cpu_frozen_lora_matches_the_plain_composition() {
+    check_frozen_lora::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_frozen_lora_matches_the_plain_composition() {
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu frozen-lora checks");
+        return;
+    }
+    check_frozen_lora::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu");
+}
+
 #[test]
 fn cpu_frozen_matmul_matches_the_plain_product() {
     check_frozen::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu");

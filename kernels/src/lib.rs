@@ -30,6 +30,8 @@ mod autodiff;
 mod cpu;
 #[cfg(feature = "cubecl")]
 mod cube;
+#[cfg(feature = "cuda")]
+mod cublas;
 #[cfg(feature = "cubecl")]
 mod fusion;
 pub mod frozen;
@@ -42,7 +44,7 @@ pub mod rope;
 
 pub use adamw::{adamw, AdamWOp, AdamWStep};
 pub use attention::{flash_attention, AttentionSpec, FlashAttention};
-pub use frozen::{frozen_matmul, FrozenMatmul};
+pub use frozen::{frozen_lora, frozen_matmul, FrozenMatmul};
 pub use gated::{gated_act, GateActivation, GatedActOp};
 pub use loss::{chunk_rows, lm_head_loss, HeadLayout, HeadLoss, LmHeadLoss};
 pub use memory::{DeviceMemory, MemoryStats};
@@ -53,6 +55,15 @@ pub use rope::{rope, RopeOp};
 /// would run as its default composition) can be checked on Vulkan, lavapipe included.
 #[cfg(feature = "wgpu")]
 pub type WgpuDirect = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+
+/// Products cuBLAS ran and products that fell back to Burn's matmul so far (zeros without the
+/// `cuda` feature): see `cublas.rs`.
+pub fn cublas_counts() -> (u64, u64) {
+    #[cfg(feature = "cuda")]
+    return cublas::counts();
+    #[cfg(not(feature = "cuda"))]
+    (0, 0)
+}
 
 /// CUDA without Burn's fusion stream: `CubeBackend` over CubeCL's CUDA runtime. (Burn 0.21's
 /// fusion stream panics with "Ordering is bigger than operations" on kiln's training step.)

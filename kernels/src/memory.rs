@@ -18,7 +18,9 @@ pub struct MemoryStats {
 
 /// Backend extension: the allocator's current figures, `None` where the backend has no device
 /// allocator of its own (the CPU backend uses the process heap; read its resident size instead).
-/// GPU backends queue work: call `B::sync(device)` first for a figure at a point in time.
+/// The figure counts every operation queued so far, without waiting for the device: CubeCL
+/// allocates when work is queued (in queue order), and the fusion backend, which holds
+/// operations back, flushes them first.
 pub trait DeviceMemory: Backend {
     fn memory_stats(_device: &Self::Device) -> Option<MemoryStats> {
         None
@@ -48,6 +50,8 @@ impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::
 #[cfg(feature = "cubecl")]
 impl<B: burn_fusion::FusionBackend + DeviceMemory> DeviceMemory for burn_fusion::Fusion<B> {
     fn memory_stats(device: &Self::Device) -> Option<MemoryStats> {
+        // Operations waiting to be fused have not allocated yet: run them.
+        let _ = <Self as Backend>::sync(device);
         B::memory_stats(device)
     }
 }

@@ -346,6 +346,8 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
         "peak_of": peak_of,
         "peak_in_use_bytes": crate::run::peak_device_in_use_bytes(),
         "peak_host_rss_bytes": crate::run::peak_rss_bytes(),
+        "cublas_products": kiln_kernels::cublas_counts().0,
+        "cublas_fallbacks": kiln_kernels::cublas_counts().1,
     });
     if args.json {
         println!("{out}");

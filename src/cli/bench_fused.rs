@@ -165,6 +165,31 @@ fn frozen_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k
     compare("frozen_matmul", format!("{n} × {k} · {k} × {m} {}", if bf16 { "bf16" } else { "f32" }), runs, &run)
 }
 
+/// A frozen product with its rank-`r` LoRA adapter as one operation (on CUDA: cuBLAS, the
+/// adapter scaled and added in place) against the plain composition (autodiff's gradients).
+fn lora_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k: usize, m: usize, r: usize, runs: usize) -> serde_json::Value {
+    let bf16 = A::supports_dtype(device, burn::tensor::DType::BF16);
+    let dtype = if bf16 { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
+    let x0 = Tensor::<A, 2>::random([n, k], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<A, 2>::random([k, m], Distribution::Normal(0.0, 0.05), device).cast(dtype);
+    let a0 = Tensor::<A, 2>::random([k, r], Distribution::Normal(0.0, 0.05), device);
+    let b0 = Tensor::<A, 2>::random([r, m], Distribution::Normal(0.0, 0.05), device);
+    let c = Tensor::<A, 2>::random([n, m], Distribution::Normal(0.0, 1.0), device);
+    let run = |fused: bool| {
+        timed::<A>(device, || {
+            let (x, a, b) = (x0.clone().detach().require_grad(), a0.clone().detach().require_grad(), b0.clone().detach().require_grad());
+            let y = match fused {
+                true => kiln_kernels::frozen_lora(x.clone(), w.clone(), a.clone(), b.clone(), 2.0),
+                false => kiln_kernels::frozen::matmul_as(x.clone(), w.clone(), dtype) + x.clone().matmul(a.clone()).mul_scalar(2.0).matmul(b.clone()),
+            };
+            let grads = (y.clone() * c.clone()).sum().backward();
+            let grad = |t: &Tensor<A, 2>| t.grad(&grads).map(host).unwrap_or_default();
+            vec![("y", host(y.clone())), ("dx", grad(&x)), ("dA", grad(&a)), ("dB", grad(&b))]
+        })
+    };
+    compare("frozen_lora", format!("{n} × {k} · {k} × {m} r {r} {}", if bf16 { "bf16" } else { "f32" }), runs, &run)
+}
+
 fn rms_norm_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, d: usize, offset: f64, runs: usize) -> serde_json::Value {
     let x0 = Tensor::<A, 2>::random([n, d], Distribution::Normal(0.0, 2.0), device);
     let w0 = Tensor::<A, 1>::random([d], Distribution::Normal(0.0, 1.0), device);
@@ -212,6 +237,7 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
     }
     push(rms_norm_case::<A>(device, 37, 300, 1.0, runs));
     push(frozen_case::<A>(device, 37, 24, 53, runs));
+    push(lora_case::<A>(device, 37, 24, 53, 5, runs));
     for &(n, e, v, chunk) in &[(37, 24, 53, 8), (300, 64, 1001, 128)] {
         for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
             for softcap in [None, Some(30.0)] {
@@ -225,6 +251,8 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
     push(rms_norm_case::<A>(device, 4096, 896, 0.0, runs));
     push(frozen_case::<A>(device, 8192, 896, 4864, runs));
     push(frozen_case::<A>(device, 8192, 4864, 896, runs));
+    push(lora_case::<A>(device, 8192, 896, 4864, 16, runs));
+    push(lora_case::<A>(device, 8192, 4864, 896, 16, runs));
     let v = 151_936;
     push(lm_head_case::<A>(device, 2048, 896, v, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: chunk_rows(v) }, runs));
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::{Distribution, FloatDType};
+use kiln_kernels::frozen::matmul_out;
 use kiln_kernels::host::HostQuant;
 use kiln_kernels::{quant_matmul, Affine, QuantMatmul};
 use serde_json::{json, Value};
@@ -80,7 +81,7 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
             row["lora_db_us"] = json!(us(time::<B, _>(&dev, 10, 4, || h.clone().transpose().matmul(dy.clone()))?));
             // The same two gradients as LoRA's forward makes autodiff form them: per slice of
             // rows, then summed over the slices.
-            let slices = crate::lora::row_slices(ROWS);
+            let slices = kiln_kernels::frozen::row_slices(ROWS);
             let sliced = |t: &Tensor<B, 2>| t.clone().reshape([slices, ROWS / slices, t.dims()[1]]);
             let (xs, hs, dys) = (sliced(&x), sliced(&h), sliced(&dy));
             row["lora_da_sliced_us"] = json!(us(time::<B, _>(&dev, 10, 4, || xs.clone().swap_dims(1, 2).matmul(hs.clone()).sum_dim(0))?));
@@ -90,6 +91,9 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
                 let (x, w, dy) = (bf(&x), bf(&w), bf(&dy));
                 row["bf16_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || x.clone().matmul(w.clone()))?));
                 row["bf16_bwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || dy.clone().matmul(w.clone().transpose()))?));
+                // What kiln's frozen products and custom ops call: cuBLAS on CUDA (an f32 result).
+                row["kiln_fwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || matmul_out(x.clone(), w.clone(), FloatDType::F32))?));
+                row["kiln_bwd"] = json!(tflops(time::<B, _>(&dev, 10, 4, || matmul_out(dy.clone(), w.clone().transpose(), FloatDType::F32))?));
                 // The adapter products again with bf16 operands (as PyTorch's autocast runs them).
                 let (a, b, h) = (bf(&a), bf(&b), bf(&h));
                 let (xs, hs, dys) = (sliced(&x), sliced(&h), sliced(&dy));
@@ -109,9 +113,11 @@ pub fn run_matmul(device: DeviceSpec, json_out: bool) -> anyhow::Result<()> {
     println!("dense matmul on {device}, {ROWS} rows: TFLOP/s (forward x·W, backward dy·Wᵀ)");
     for r in &rows {
         let cell = |key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:7.1}"));
-        println!("  {:>5} -> {:<5}  f32 {} {}   bf16 {} {}", r["k"], r["n"], cell("f32_fwd"), cell("f32_bwd"), cell("bf16_fwd"), cell("bf16_bwd"));
+        println!("  {:>5} -> {:<5}  f32 {} {}   bf16 {} {}   kiln bf16 -> f32 {} {}", r["k"], r["n"], cell("f32_fwd"), cell("f32_bwd"), cell("bf16_fwd"), cell("bf16_bwd"), cell("kiln_fwd"), cell("kiln_bwd"));
     }
-    println!("rank-{LORA_RANK} adapter products (f32), microseconds each: x·A, h·B, dA = xᵀ·g, dB = hᵀ·dy, and dA, dB summed over {} slices of rows", crate::lora::row_slices(ROWS));
+    let (on, off) = kiln_kernels::cublas_counts();
+    println!("(\"kiln\" columns: kiln_kernels::frozen::matmul_out; {on} products ran on cuBLAS, {off} fell back to Burn's matmul)");
+    println!("rank-{LORA_RANK} adapter products (f32), microseconds each: x·A, h·B, dA = xᵀ·g, dB = hᵀ·dy, and dA, dB summed over {} slices of rows", kiln_kernels::frozen::row_slices(ROWS));
     let us = |r: &Value, key: &str| r[key].as_f64().map_or("      -".to_string(), |t| format!("{t:8.1}"));
     for r in &rows {
         let (xa, hb, da, db) = (us(r, "lora_xa_us"), us(r, "lora_hb_us"), us(r, "lora_da_us"), us(r, "lora_db_us"));

@@ -47,6 +47,12 @@ impl<B: Backend> Lora<B> {
         self.a.dims()[1]
     }
 
+    /// Whether [`Lora::forward`] applies dropout to `x` (training, with a dropout rate): the
+    /// adapter then sees other inputs than the base layer.
+    pub fn drops(&self, x: &Tensor<B, 2>) -> bool {
+        self.dropout > 0.0 && B::ad_enabled(&x.device())
+    }
+
     /// `x` `[n, in]` -> `scale · x·A·B` `[n, out]`.
     ///
     /// The rows go through in slices (`[slices, n / slices, in]` against `A` and `B` broadcast),
@@ -57,7 +63,7 @@ impl<B: Backend> Lora<B> {
     /// output.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         // Dropout only while training (autodiff on), as nn.Dropout in train mode.
-        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+        let x = if self.drops(&x) {
             let keep = Tensor::<B, 2>::random(x.shape(), Distribution::Bernoulli(1.0 - self.dropout), &x.device());
             x * keep.div_scalar(1.0 - self.dropout)
         } else {
@@ -65,7 +71,7 @@ impl<B: Backend> Lora<B> {
         };
         let [n, d_in] = x.dims();
         let d_out = self.b.dims()[1];
-        let slices = row_slices(n);
+        let slices = kiln_kernels::frozen::row_slices(n);
         let x = x.reshape([slices, n / slices, d_in]);
         let h = x.matmul(self.a.val().unsqueeze::<3>()).mul_scalar(self.scale); // [slices, n/slices, r]
         h.matmul(self.b.val().unsqueeze::<3>()).reshape([n, d_out])
@@ -75,20 +81,6 @@ impl<B: Backend> Lora<B> {
     pub fn delta(&self) -> Tensor<B, 2> {
         self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
     }
-}
-
-/// Rows per slice of [`Lora::forward`]: enough for each partial product to stay efficient,
-/// few enough slices that together they fill the GPU.
-const SLICE_ROWS: usize = 256;
-
-/// How many equal slices `n` rows split into: a power of two dividing `n`, each of at least
-/// [`SLICE_ROWS`] rows (one slice for a short or odd row count).
-pub fn row_slices(n: usize) -> usize {
-    let mut slices = 1;
-    while n % (2 * slices) == 0 && n / (2 * slices) >= SLICE_ROWS {
-        slices *= 2;
-    }
-    slices
 }
 
 /// What to adapt and how.

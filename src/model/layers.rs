@@ -171,10 +171,15 @@ impl<B: QuantMatmul> Linear<B> {
         // backward would sum each adapter's gradient over the batch (a reduction per matrix).
         let dims = x.dims();
         let x = x.reshape([dims[..D - 1].iter().product::<usize>(), dims[D - 1]]); // [n, in]
+        let mut lora = self.lora.as_ref();
         let y = match &self.weight {
             // A bf16 weight is frozen ([`to_bf16_matmuls`]): multiplied in bf16 with f32
-            // accumulation, as under PyTorch's autocast, the matmul writing the f32 result.
-            LinearWeight::Dense(w) if w.dtype() == burn::tensor::DType::BF16 => kiln_kernels::frozen_matmul(x.clone(), w.val()),
+            // accumulation, as under PyTorch's autocast, the matmul writing the f32 result;
+            // with its adapter in the same operation when both see the same input.
+            LinearWeight::Dense(w) if w.dtype() == burn::tensor::DType::BF16 => match lora.take_if(|l| !l.drops(&x)) {
+                Some(l) => kiln_kernels::frozen_lora(x.clone(), w.val(), l.a.val(), l.b.val(), l.scale),
+                None => kiln_kernels::frozen_matmul(x.clone(), w.val()),
+            },
             LinearWeight::Dense(w) => x.clone().matmul(w.val()),
             LinearWeight::Quant(q) => kiln_kernels::quant_matmul(x.clone(), q.words.clone(), q.scales.clone(), q.biases.clone(), q.format),
         };
@@ -182,7 +187,7 @@ impl<B: QuantMatmul> Linear<B> {
             Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,
         };
-        let y = match &self.lora {
+        let y = match lora {
             Some(lora) => y + lora.forward(x),
             None => y,
         };
@@ -344,21 +349,24 @@ pub fn causal_mask<B: Backend>(s: usize, past: usize, kept: usize, window: Optio
 
 /// Block-diagonal causal mask `[b, s, s]` for packed rows: a query sees earlier keys of its own
 /// segment only, so examples packed into one row never attend to each other.
+///
+/// Built on the device from the `[b, s]` segment ids and positions: a host-built mask is
+/// `b·s²` floats to fill and upload every step (32 MB at 8 × 1024), which held the GPU up
+/// between steps.
 pub fn packed_mask<B: Backend>(segments: &[u32], positions: &[u32], rows: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 3> {
     let s = segments.len() / rows.max(1);
-    let mut data = vec![f32::NEG_INFINITY; rows * s * s];
-    for r in 0..rows {
-        let seg = &segments[r * s..(r + 1) * s];
-        let pos = &positions[r * s..(r + 1) * s];
-        for q in 0..s {
-            for k in 0..=q {
-                if seg[k] == seg[q] && may_attend(pos[q] as usize, pos[k] as usize, window) {
-                    data[(r * s + q) * s + k] = 0.0;
-                }
-            }
-        }
+    let ints = |v: &[u32]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.iter().map(|&x| x as i64).collect::<Vec<_>>(), [rows, s]), device);
+    let queries = |t: Tensor<B, 2, Int>| t.reshape([rows, s, 1]).expand([rows, s, s]); // value of the query's row
+    let keys = |t: Tensor<B, 2, Int>| t.reshape([rows, 1, s]).expand([rows, s, s]); // value of the key's column
+    let (seg, pos) = (ints(segments), ints(positions));
+    let index = Tensor::<B, 1, Int>::arange(0..s as i64, device).reshape([1, s]).expand([rows, s]);
+    let mut visible = queries(seg.clone()).equal(keys(seg)).bool_and(keys(index.clone()).lower_equal(queries(index)));
+    let (pq, pk) = (queries(pos.clone()), keys(pos));
+    visible = visible.bool_and(pk.clone().lower_equal(pq.clone()));
+    if let Some(w) = window {
+        visible = visible.bool_and((pq - pk).lower_elem(w as i64));
     }
-    Tensor::from_data(TensorData::new(data, [rows, s, s]), device)
+    Tensor::<B, 3>::zeros([rows, s, s], device).mask_fill(visible.bool_not(), f32::NEG_INFINITY)
 }
 
 fn may_attend(q: usize, k: usize, window: Option<usize>) -> bool {
@@ -384,6 +392,29 @@ mod tests {
             false, false, true, true,
         ];
         assert_eq!(allowed, expected);
+    }
+
+    #[test]
+    fn packed_mask_matches_its_definition() {
+        // Two rows: three segments, then two segments with a padding run (segment 9).
+        let segments = [0, 0, 0, 1, 1, 2, 2, 2, 0, 0, 0, 0, 0, 1, 1, 9u32];
+        let positions = [0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0u32];
+        let s = 8;
+        for window in [None, Some(2)] {
+            let m = packed_mask::<Cpu>(&segments, &positions, 2, window, &Default::default());
+            assert_eq!(m.dims(), [2, s, s]);
+            let got: Vec<bool> = m.into_data().to_vec::<f32>().unwrap().iter().map(|x| x.is_finite()).collect();
+            let mut want = Vec::new();
+            for r in 0..2 {
+                for q in 0..s {
+                    for k in 0..s {
+                        let (i, j) = (r * s + q, r * s + k);
+                        want.push(k <= q && segments[i] == segments[j] && may_attend(positions[i] as usize, positions[j] as usize, window));
+                    }
+                }
+            }
+            assert_eq!(got, want, "window {window:?}");
+        }
     }
 
     #[test]

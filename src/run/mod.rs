@@ -158,12 +158,12 @@ pub fn peak_rss_bytes() -> u64 {
 static DEVICE_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static DEVICE_IN_USE_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Waits for the device's queued work, reads its allocator and keeps the largest figure seen:
+/// Reads the device allocator (as of the work queued so far; no wait for the GPU, so that a
+/// poll inside a step does not drain its queue) and keeps the largest figure seen:
 /// bytes the allocator holds from the device (its pages are kept for reuse, so this is the
 /// high-water mark of what the process took, as `nvidia-smi` would show less the CUDA
 /// context). `None` on the CPU backend, which has no device allocator.
 pub fn poll_device_memory<B: crate::backend::QuantMatmul>(device: &B::Device) -> Option<u64> {
-    let _ = B::sync(device);
     let stats = B::memory_stats(device)?;
     DEVICE_IN_USE_PEAK.fetch_max(stats.in_use, std::sync::atomic::Ordering::Relaxed);
     let before = DEVICE_PEAK.fetch_max(stats.reserved, std::sync::atomic::Ordering::Relaxed);

@@ -398,10 +398,15 @@ fn run_loop<B: TrainBackend>(
         B::seed(device, seed.wrapping_add(state.step as u64).wrapping_mul(0x9E37_79B9));
 
         let next = state.step + 1;
-        let out = match &mut objective {
+        // SFT's losses stay on the device until the step's gradient norm is queued too: reading
+        // a loss waits for the GPU, and then nothing would be queued behind the backward.
+        let mut pending_losses = Vec::new();
+        let mut out = match &mut objective {
             Objective::Sft => {
                 let micro = next_micro_batches(recipe, &data.train, &mut state, &mut epoch_cache, batches_per_epoch);
-                sft_grads(&model, &micro, device, options.reference_ops)
+                let (out, losses) = sft_grads(&model, &micro, device, options.reference_ops);
+                pending_losses = losses;
+                out
             }
             Objective::Distill(d) => {
                 let on_policy = d.on_policy(state.step);
@@ -433,8 +438,10 @@ fn run_loop<B: TrainBackend>(
             state.step += 1;
             continue;
         };
+        let grad_norm_sq = optim::grad_square_sum(&model, &grads);
+        out.loss += pending_losses.into_iter().map(|l| l.into_scalar().elem::<f64>()).sum::<f64>();
         let loss_value = out.loss;
-        let grad_norm = optim::global_grad_norm(&model, &grads);
+        let grad_norm = grad_norm_sq.map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt());
         if !loss_value.is_finite() || !grad_norm.is_finite() {
             state.bad_in_row += 1;
             sink.emit(&Event::Warning { step: state.step, message: format!("non-finite loss ({loss_value}) or gradient norm ({grad_norm}); step skipped") });
@@ -597,23 +604,24 @@ fn with_precision<B: TrainBackend>(model: Model<B>, recipe: &Recipe, device: &B:
 }
 
 /// Cross-entropy gradients of the micro-batches, each loss divided by the step's target-token
-/// count so that accumulation equals one big batch.
-fn sft_grads<B: TrainBackend>(model: &Model<B>, micro: &[Batch], device: &B::Device, reference_ops: bool) -> StepGrads {
+/// count so that accumulation equals one big batch. The losses come back as device tensors, not
+/// yet in [`StepGrads::loss`]: their sum is the step's loss.
+fn sft_grads<B: TrainBackend>(model: &Model<B>, micro: &[Batch], device: &B::Device, reference_ops: bool) -> (StepGrads, Vec<Tensor<B, 1>>) {
     let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
-    let mut out = StepGrads::default();
+    let (mut out, mut losses) = (StepGrads::default(), Vec::new());
     for batch in micro.iter().filter(|b| b.tokens > 0) {
         let loss = if reference_ops { eval::loss_sum_unfused(model, eval::batch_hidden(model, batch, device), batch, device) } else { eval::loss_sum(model, batch, device) };
         let loss = loss.div_scalar(step_tokens as f64);
-        out.loss += loss.clone().into_scalar().elem::<f64>();
         out.tokens += batch.batch * batch.seq;
         // Device memory peaks at the end of the forward (every activation held) or in the
         // backward (activations and gradients): read it at both ends.
         crate::run::poll_device_memory::<B>(device);
         let grads = loss.backward();
         crate::run::poll_device_memory::<B>(device);
+        losses.push(loss);
         add_grads(model, &mut out.grads, GradientsParams::from_grads(grads, model));
     }
-    out
+    (out, losses)
 }
 
 fn emit_rollout_samples<I: QuantMatmul>(objective: &Objective<I>, state: &LoopState, tokenizer: &Tokenizer, sink: &mut dyn EventSink) {

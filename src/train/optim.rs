@@ -101,6 +101,12 @@ impl<AB: AutodiffBackend<InnerBackend: AdamWOp>> ModuleMapper<AB> for Update<'_,
 
 /// The L2 norm of all gradients together (what `torch.nn.utils.clip_grad_norm_` returns).
 pub fn global_grad_norm<AB: AutodiffBackend, M: Module<AB>>(module: &M, grads: &GradientsParams) -> f64 {
+    grad_square_sum(module, grads).map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt())
+}
+
+/// The sum of every gradient's squares, on the device (queued, not read): `None` without
+/// gradients.
+pub fn grad_square_sum<AB: AutodiffBackend, M: Module<AB>>(module: &M, grads: &GradientsParams) -> Option<Tensor<AB::InnerBackend, 1>> {
     struct Norm<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
         sum: Option<Tensor<B::InnerBackend, 1>>,
@@ -118,7 +124,7 @@ pub fn global_grad_norm<AB: AutodiffBackend, M: Module<AB>>(module: &M, grads: &
     }
     let mut v = Norm::<AB> { grads, sum: None };
     module.visit(&mut v);
-    v.sum.map_or(0.0, |s| (s.into_scalar().elem::<f64>()).sqrt())
+    v.sum
 }
 
 /// Adds `other`'s gradients into `acc` (gradient accumulation across micro-batches).
