@@ -21,8 +21,9 @@
 //! kernel each way), [`RopeOp`] (rope whose backward keeps only the tables), [`GatedActOp`]
 //! (the gated MLP's `act(gate) · up`, keeping only its inputs),
 //! [`FlashAttention`] (attention that keeps no score matrix for backward), [`FrozenMatmul`]
-//! (a product with a frozen bf16 weight whose result the matmul writes in f32) and
-//! [`DeviceMemory`] (the GPU allocator's figures).
+//! (a product with a frozen bf16 weight whose result the matmul writes in f32, with a LoRA
+//! adapter beside it as the same operation; on CUDA these products run on cuBLAS, launched as
+//! host tasks of the vendored `cubecl-cuda`) and [`DeviceMemory`] (the GPU allocator's figures).
 
 pub mod adamw;
 pub mod attention;
