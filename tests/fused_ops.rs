@@ -553,8 +553,8 @@ fn quickstart_loss_curve_is_the_same_fused_and_unfused() {
 }
 
 /// The AdamW kernel on wgpu against the composition on the CPU: two updates in a row (the
-/// moments carry over), weight decay on and off, lengths that are not multiples of the
-/// kernel's 256 threads.
+/// moments carry over), weight decay on and off, clipping active, inactive and off, lengths
+/// that are not multiples of the kernel's 256 threads.
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_adamw_kernel_matches_the_composition() {
@@ -563,22 +563,25 @@ fn wgpu_adamw_kernel_matches_the_composition() {
         eprintln!("no Vulkan driver: skipping the wgpu AdamW kernel check");
         return;
     }
-    fn run<B: kiln_kernels::AdamWOp>(device: &B::Device, p: &[f32], grads: &[Vec<f32>], weight_decay: f64) -> [Vec<f32>; 3] {
+    fn run<B: kiln_kernels::AdamWOp>(device: &B::Device, p: &[f32], grads: &[Vec<f32>], weight_decay: f64, max_grad_norm: f64) -> [Vec<f32>; 3] {
         let n = p.len();
         let make = |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [n]), device);
         let (mut p, mut m, mut v) = (make(p), Tensor::zeros([n], device), Tensor::zeros([n], device));
         for (t, g) in grads.iter().enumerate() {
-            let step = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, grad_scale: 0.5, t: t as i32 + 1 };
-            (p, m, v) = adamw(p, make(g), m, v, &step, step.to_device::<B>(device));
+            let step = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, max_grad_norm, t: t as i32 + 1 };
+            let square_sum = make(g).powi_scalar(2).sum();
+            (p, m, v) = adamw(p, make(g), m, v, &step, step.to_device::<B>(device), square_sum);
         }
         [host(p), host(m), host(v)]
     }
     let mut rng = Rng(0xADA3);
-    for (n, weight_decay) in [(1, 0.0), (1000, 0.01), (70_001, 0.1)] {
+    // Gradients are standard normal, so their norm is about sqrt(n): 0.5·sqrt(n) clips, 10·sqrt(n) does not.
+    for (n, weight_decay, clip) in [(1, 0.0, 0.0), (1000, 0.01, 0.5), (70_001, 0.1, 10.0), (70_001, 0.0, 0.5)] {
+        let max_grad_norm = clip * (n as f64).sqrt();
         let p: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
         let grads: Vec<Vec<f32>> = (0..2).map(|_| (0..n).map(|_| rng.normal()).collect()).collect();
-        let kernel = run::<kiln_kernels::WgpuDirect>(&Default::default(), &p, &grads, weight_decay);
-        let reference = run::<kiln::backend::Cpu>(&Default::default(), &p, &grads, weight_decay);
+        let kernel = run::<kiln_kernels::WgpuDirect>(&Default::default(), &p, &grads, weight_decay, max_grad_norm);
+        let reference = run::<kiln::backend::Cpu>(&Default::default(), &p, &grads, weight_decay, max_grad_norm);
         for (what, (a, b)) in ["p", "m", "v"].iter().zip(kernel.iter().zip(&reference)) {
             let err = rel(a, b);
             assert!(err < 1e-6, "adamw n {n} wd {weight_decay}: {what} relative error {err}");

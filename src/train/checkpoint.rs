@@ -60,10 +60,7 @@ pub fn save<B: Backend>(
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     save_f32(&tmp.join("trainable.safetensors"), &trainable)?;
     let mut moments = Vec::new();
-    let mut names: Vec<&String> = opt.moments.keys().collect();
-    names.sort();
-    for name in names {
-        let (m, v) = &opt.moments[name];
+    for (name, m, v) in opt.moments() {
         let n = m.dims()[0];
         moments.push((format!("{name}.m"), vec![n], m.clone().into_data().convert::<f32>().into_vec().unwrap_or_default()));
         moments.push((format!("{name}.v"), vec![n], v.clone().into_data().convert::<f32>().into_vec().unwrap_or_default()));
@@ -153,6 +150,6 @@ pub fn restore_moments<B: Backend>(opt: &mut AdamW<B>, moments: HashMap<String, 
         let n = m.len();
         let m = Tensor::from_data(TensorData::new(m, [n]), device);
         let v = Tensor::from_data(TensorData::new(v, [n]), device);
-        opt.moments.insert(name, (m, v));
+        opt.restore_moments(name, m, v);
     }
 }

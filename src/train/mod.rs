@@ -438,11 +438,18 @@ fn run_loop<B: TrainBackend>(
             state.step += 1;
             continue;
         };
-        let grad_norm_sq = optim::grad_square_sum(&model, &grads);
+        // The probe reads the gradients that the update consumes.
+        let grad_probe = if probes_due(next) { crate::probe::layer_grad_norms(&model, &grads, next) } else { None };
+        // Queued before anything is read, so the device goes from the backward straight into
+        // the update; a non-finite loss or norm, known only after the read, reverts it.
+        let lr = schedule.at(state.step);
+        let (updated, pending) = opt.update(model, &mut grads, lr, t.max_grad_norm);
+        model = updated;
         out.loss += pending_losses.into_iter().map(|l| l.into_scalar().elem::<f64>()).sum::<f64>();
         let loss_value = out.loss;
-        let grad_norm = grad_norm_sq.map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt());
+        let grad_norm = pending.grad_norm();
         if !loss_value.is_finite() || !grad_norm.is_finite() {
+            model = opt.revert(model, pending);
             state.bad_in_row += 1;
             sink.emit(&Event::Warning { step: state.step, message: format!("non-finite loss ({loss_value}) or gradient norm ({grad_norm}); step skipped") });
             if state.bad_in_row >= t.max_bad_steps.max(1) {
@@ -451,11 +458,8 @@ fn run_loop<B: TrainBackend>(
             state.step += 1;
             continue;
         }
+        drop(pending);
         state.bad_in_row = 0;
-        let grad_probe = if probes_due(next) { crate::probe::layer_grad_norms(&model, &grads, next) } else { None };
-        let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm { t.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
-        let lr = schedule.at(state.step);
-        model = opt.update(model, &mut grads, lr, clip);
         crate::run::poll_device_memory::<B>(device);
         state.adam_step = opt.step;
         state.step += 1;
