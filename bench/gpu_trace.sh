@@ -5,7 +5,9 @@
 # wait, launches per step and the kernels with the most GPU time.
 #   bash bench/gpu_trace.sh [SHAPE=qwen2.5-0.5b] [SEQ=1024]
 # DTYPE (bf16) is kiln's run.dtype; STEPS (6) the steps each side runs; KILN_TIMEOUT (300);
-# SIDES ("kiln torch") which programs to trace.
+# SIDES ("kiln torch") which programs to trace; STACK_SAMPLES=N also samples the host thread of an
+# untraced kiln run N times in its steady state (bench/stack_sample.py, to kiln-stacks.txt; name
+# them with bench/stack_resolve.py against the unstripped binary that was sent).
 set -o pipefail
 source bench/device_env.sh >/dev/null
 shape=${1:-qwen2.5-0.5b}; seq=${2:-1024}; steps=${STEPS:-6}
@@ -34,7 +36,13 @@ echo "busiest threads, last intervals:"; tail -4 $OUT/kiln-threads.txt
 python3 bench/timeline.py /tmp/kiln.tsv --last 3 --top 40 | tee $OUT/kiln-timeline.txt
 tar cJf $OUT/kiln-cache.part .kiln-cache 2>/dev/null && mv $OUT/kiln-cache.part $OUT/kiln-cache.tar.xz
 # The raw timeline, for questions the summary does not answer.
-gzip -1 < /tmp/kiln.tsv > $OUT/kiln-trace.tsv.gz ;;
+gzip -1 < /tmp/kiln.tsv > $OUT/kiln-trace.tsv.gz
+if [ -n "$STACK_SAMPLES" ]; then
+  timeout ${KILN_TIMEOUT:-300} $KILN bench train --recipe $recipe --steps 80 --json > $OUT/kiln-sampled.txt 2>&1 &
+  run=$!; sleep ${STACK_AFTER:-12}
+  python3 bench/stack_sample.py $(pgrep -n -f "bench train --recipe $recipe") --samples $STACK_SAMPLES --threads 1 > $OUT/kiln-stacks.txt 2>&1
+  wait $run; echo "sampled run: $(tail -1 $OUT/kiln-sampled.txt | grep -o '"tokens_per_s":[0-9.]*')"
+fi ;;
 esac
 case " ${SIDES:-kiln torch} " in *" torch "*)
 trace /tmp/torch.tsv python3 bench/train_vs_peft.py --torch-only --shapes $shape --seqs $seq --steps $steps --out /tmp > $OUT/torch-run.txt 2>&1

@@ -3,19 +3,20 @@
 # kiln vs PyTorch + PEFT LoRA training, a timeline of one kiln run (bench/gpu_trace.sh), the fused-op checks
 # on CUDA and Vulkan, then batched sampling against transformers' generate.
 #   bash bench/gpu_train.sh "qwen2.5-0.5b" "512,1024,2048"
-# SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; NO_CUBLAS_TOO=1 reruns kiln with
-# Burn's matmul in place of cuBLAS; STEPS, KILN_TIMEOUT tune the training runs;
+# SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; ALSO_WITH="VAR=value" reruns
+# kiln's bf16 recipes with that environment (KILN_NO_CUBLAS=1: Burn's matmul in place of cuBLAS;
+# KILN_ATTENTION_KERNELS=1: the flash kernels in place of attention on cuBLAS), for a before/after
+# in one call; STEPS, KILN_TIMEOUT tune the training runs;
 # DTYPES (default bf16,f32) are the run.dtype values kiln trains with, each its own run.
 set -o pipefail
 source bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/card.txt
 [ -z "$SKIP_TRAIN" ] && python3 bench/train_vs_peft.py --kiln $KILN --shapes "${1:-qwen2.5-0.5b,llama-3.2-1b}" --seqs "${2:-512,1024,2048}" \
   --steps ${STEPS:-8} --kiln-timeout ${KILN_TIMEOUT:-180} --kiln-dtypes ${DTYPES:-bf16,f32} --out $OUT 2>&1 | tee $OUT/train_vs_peft.txt | grep -v '^{'
-if [ -n "$NO_CUBLAS_TOO" ]; then
-  # The same kiln recipes with cuBLAS switched off: Burn's matmul, for the before/after in one call.
+if [ -n "$ALSO_WITH" ]; then
   for recipe in /tmp/kiln-bench-*/bench-*-bf16.toml; do
-    echo "KILN_NO_CUBLAS=1 $recipe"
-    KILN_NO_CUBLAS=1 timeout ${KILN_TIMEOUT:-180} $KILN bench train --recipe $recipe --steps ${STEPS:-8} --json 2>&1 | tail -1 | tee -a $OUT/no-cublas.txt
+    echo "$ALSO_WITH $recipe"
+    env $ALSO_WITH timeout ${KILN_TIMEOUT:-180} $KILN bench train --recipe $recipe --steps ${STEPS:-8} --json 2>&1 | tail -1 | tee -a $OUT/also-with.txt | cut -c1-400
   done
 fi
 tar cJf $OUT/kiln-cache.part .kiln-cache 2>/dev/null && mv $OUT/kiln-cache.part $OUT/kiln-cache.tar.xz; du -sh .kiln-cache 2>/dev/null | sed 's/^/kernel cache: /'

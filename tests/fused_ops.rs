@@ -270,7 +270,7 @@ fn cpu_attention_matches_the_plain_composition() {
     check_attention::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu", &ATTENTION);
 }
 
-/// On wgpu the CubeCL kernels themselves (forward, dQ, dK·dV).
+/// On wgpu the CubeCL kernels themselves (forward, dQ, dK·dV), then the dense-product path.
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_attention_kernels_match_the_plain_composition() {
@@ -279,6 +279,11 @@ fn wgpu_attention_kernels_match_the_plain_composition() {
         return;
     }
     check_attention::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu", &ATTENTION);
+    // The dense products with the softmax kernels between them (what CUDA runs at training
+    // shapes), one batch row per chunk; only this test runs attention on wgpu in this binary.
+    kiln_kernels::attention::set_attention_path(kiln_kernels::attention::AttentionPath::Products);
+    check_attention::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu products", &ATTENTION);
+    kiln_kernels::attention::set_attention_path(kiln_kernels::attention::AttentionPath::Auto);
 }
 
 /// Rope through the op against the composition: output and `dx`, full and partial rotary

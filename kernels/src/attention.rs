@@ -49,6 +49,28 @@ pub struct AttentionSpec {
     pub causal: bool,
 }
 
+/// Which attention the CubeCL backends run. Training leaves it at `Auto`; the checks and
+/// benchmarks pick one to compare them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AttentionPath {
+    /// Dense products on cuBLAS at training shapes (CUDA with `libcublas`, unless the
+    /// environment sets `KILN_ATTENTION_KERNELS`), the flash kernels otherwise.
+    Auto,
+    /// The flash kernels.
+    Kernels,
+    /// The dense products (Burn's matmul where cuBLAS does not apply), one batch row per
+    /// chunk: how the checks run them on wgpu.
+    Products,
+}
+
+static PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(AttentionPath::Auto as u8);
+
+/// Sets the [`AttentionPath`] for the whole process.
+pub fn set_attention_path(path: AttentionPath) {
+    PATH.store(path as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Backend extension: attention of `q` `[b, h, s, d]` over `k`, `v` `[b, kv, t, d]` (`h` a
 /// multiple of `kv`) with the additive `mask` `[b or 1, s, t]`.
 pub trait FlashAttention: Backend {
@@ -634,6 +656,9 @@ pub(crate) mod cube {
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAttention for CubeBackend<R, F, I, BT> {
         fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            if let Some(limit) = products::chosen::<R>(&q, &k) {
+                return products::forward::<R, F, I, BT>(q, k, v, mask, spec, limit);
+            }
             let (q, k, v, mask) = (contiguous_float::<R, F>(q), contiguous_float::<R, F>(k), contiguous_float::<R, F>(v), contiguous_float::<R, F>(mask));
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             let out = empty::<R, F>(&q, vec![b, h, s, d]);
@@ -682,8 +707,14 @@ pub(crate) mod cube {
             spec: AttentionSpec,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             use burn::tensor::ops::FloatTensorOps;
-            let (dout, q, k, v, mask, lse) = (contiguous_float::<R, F>(dout), contiguous_float::<R, F>(q), contiguous_float::<R, F>(k), contiguous_float::<R, F>(v), contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse));
             let [b, h, s, d] = q.meta.shape().dims::<4>();
+            // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
+            let prod = Self::float_mul(contiguous_float::<R, F>(dout.clone()), contiguous_float::<R, F>(out));
+            let delta = contiguous_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
+            if let Some(limit) = products::chosen::<R>(&q, &k) {
+                return products::backward::<R, F, I, BT>(dout, q, k, v, mask, lse, delta, spec, limit);
+            }
+            let (dout, q, k, v, mask, lse) = (contiguous_float::<R, F>(dout), contiguous_float::<R, F>(q), contiguous_float::<R, F>(k), contiguous_float::<R, F>(v), contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse));
             let [_, kvh, t, _] = k.meta.shape().dims::<4>();
             let dq = empty::<R, F>(&q, vec![b, h, s, d]);
             if b * h * s * t == 0 || d == 0 {
@@ -692,9 +723,6 @@ pub(crate) mod cube {
             let splits = dkv_splits(b, kvh, h / kvh, s, t, d, tile_rows(d as u32) as usize);
             let dk = empty::<R, F>(&q, vec![splits, b, kvh, t, d]);
             let dv = empty::<R, F>(&q, vec![splits, b, kvh, t, d]);
-            // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
-            let prod = Self::float_mul(dout.clone(), contiguous_float::<R, F>(out));
-            let delta = contiguous_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
             let p = params::<R, F, I, BT>(&q, spec);
             let client = q.client.clone();
             let tile = tile_rows(d as u32);
@@ -749,6 +777,334 @@ pub(crate) mod cube {
                 _ => Self::float_reshape(Self::float_sum_dim(x, 0), Shape::new([b, kvh, t, d])),
             };
             (dq, total(dk), total(dv))
+        }
+    }
+
+    /// Attention as dense products (cuBLAS's tensor cores on CUDA) with the softmax and its
+    /// gradient as row kernels between them. The kernels above do each score's arithmetic on
+    /// f32 FMA units; at training shapes (a thousand keys, head size 64) products on tensor cores
+    /// are several times faster, although they also compute the masked half of a causal square.
+    /// The price is the scores of a chunk of batch rows in memory at once ([`SCORE_BUDGET`]),
+    /// recomputed in backward as the kernels recompute theirs.
+    ///
+    /// Grouped heads fold into rows as in the composition: `q` `[b, h, s, d]` is
+    /// `[b·kv, g·s, d]`, so `dK` and `dV` come out summed over each group by the products.
+    pub(crate) mod products {
+        use burn::tensor::ops::FloatTensorOps;
+        use burn::tensor::{DType, Shape};
+        use burn_cubecl::kernel::{cast, into_contiguous};
+        use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+        use burn_cubecl::tensor::CubeTensor;
+        use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+        use cubecl::prelude::*;
+        use cubecl::{cube, CubeDim};
+
+        use super::{empty, params, AttentionSpec, MASKED, UNSEEN};
+        // One cube per score row: `flat_count` of `rows · FLAT_THREADS` threads is `rows` cubes.
+        use crate::cube::{contiguous_float, cublas_ready, flat_count, gemm, FLAT_THREADS};
+
+        /// Score elements per chunk of batch rows: 256 MiB of f32 scores (and as much again
+        /// for `dP` in backward).
+        const SCORE_BUDGET: usize = 64 << 20;
+        /// Threads per score row.
+        const LANES: u32 = 128;
+        const LOG_LANES: u32 = 7;
+
+        /// Where one score row lives: `z` `[c, kv, g·s, t]`, the mask `[c or 1, s, t]`.
+        #[derive(CubeType)]
+        struct ScoreRow {
+            base: usize,
+            mbase: usize,
+            t: usize,
+            valid: bool,
+        }
+
+        /// This cube's row, on [`flat_count`]'s grid.
+        #[cube]
+        fn score_row<F: Float>(z: &Tensor<F>, mask: &Tensor<F>) -> ScoreRow {
+            let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+            let t = z.shape(3);
+            let gs = z.shape(2);
+            let per_batch = z.shape(1) * gs;
+            let s = mask.shape(1);
+            let mut mb = row / per_batch;
+            if mask.shape(0) == 1 {
+                mb = 0;
+            }
+            ScoreRow { base: row * t, mbase: mb * s * t + ((row % gs) % s) * t, t, valid: row < z.shape(0) * per_batch }
+        }
+
+        #[cube]
+        fn capped<F: Float>(x: F, cap: F, #[comptime] softcap: bool) -> F {
+            let mut y = x;
+            if softcap {
+                y = cap * F::tanh(x / cap);
+            }
+            y
+        }
+
+        /// `partial[0]` ← max (or sum) of `partial[0..LANES]`, for every thread of the cube.
+        #[cube]
+        fn reduce<F: Float>(partial: &mut SharedMemory<F>, lane: usize, #[comptime] max: bool) {
+            #[unroll]
+            for step in 0..LOG_LANES {
+                let stride = ((LANES / 2) >> step) as usize;
+                if lane < stride {
+                    let other = partial[lane + stride];
+                    if max {
+                        if other > partial[lane] {
+                            partial[lane] = other;
+                        }
+                    } else {
+                        partial[lane] += other;
+                    }
+                }
+                sync_cube();
+            }
+        }
+
+        /// One cube per row of scores `z = scale·q·k` `[c, kv, g·s, t]`: the row's log-sum-exp
+        /// of `cap(z) + mask` and `p = exp(cap(z) + mask − lse)` (0 where masked; a row with
+        /// every key masked gets [`UNSEEN`], as the flash kernels give it). `params` = [scale, softcap].
+        #[cube(launch_unchecked)]
+        fn softmax_kernel<F: Float, G: Float>(z: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, lse: &mut Tensor<F>, #[comptime] softcap: bool) {
+            let lane = UNIT_POS_X as usize;
+            let ScoreRow { base, mbase, t, valid } = score_row::<F>(z, mask);
+            if !valid {
+                terminate!();
+            }
+            let cap = params[1];
+            let mut partial = SharedMemory::<F>::new(LANES as usize);
+            let mut top = F::new(MASKED);
+            let mut j = lane;
+            while j < t {
+                let mv = mask[mbase + j];
+                if mv > F::new(MASKED) {
+                    let x = capped::<F>(z[base + j], cap, softcap) + mv;
+                    if x > top {
+                        top = x;
+                    }
+                }
+                j += LANES as usize;
+            }
+            partial[lane] = top;
+            sync_cube();
+            reduce::<F>(&mut partial, lane, true);
+            let row_max = partial[0];
+            sync_cube();
+            let mut sum = F::new(0.0);
+            j = lane;
+            while j < t {
+                let mv = mask[mbase + j];
+                if mv > F::new(MASKED) {
+                    sum += F::exp(capped::<F>(z[base + j], cap, softcap) + mv - row_max);
+                }
+                j += LANES as usize;
+            }
+            partial[lane] = sum;
+            sync_cube();
+            reduce::<F>(&mut partial, lane, false);
+            let total = partial[0];
+            let mut row_lse = F::new(UNSEEN);
+            if total > F::new(0.0) {
+                row_lse = row_max + F::ln(total);
+            }
+            j = lane;
+            while j < t {
+                let mv = mask[mbase + j];
+                let mut pv = F::new(0.0);
+                if mv > F::new(MASKED) {
+                    pv = F::exp(capped::<F>(z[base + j], cap, softcap) + mv - row_lse);
+                }
+                p[base + j] = G::cast_from(pv);
+                j += LANES as usize;
+            }
+            if lane == 0 {
+                lse[base / t] = row_lse;
+            }
+        }
+
+        /// One cube per row: `p = exp(cap(z) + mask − lse)` again and
+        /// `dX = p·(dP − δ)·(1 − (cap(z)/c)²)·scale` (without the softcap factor when there is
+        /// none), both 0 where masked. `lse`, `delta` one per row; `params` = [scale, softcap].
+        #[cube(launch_unchecked)]
+        #[allow(clippy::too_many_arguments)]
+        fn grad_kernel<F: Float, G: Float>(z: &Tensor<F>, dp: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, dx: &mut Tensor<G>, #[comptime] softcap: bool) {
+            let lane = UNIT_POS_X as usize;
+            let ScoreRow { base, mbase, t, valid } = score_row::<F>(z, mask);
+            if !valid {
+                terminate!();
+            }
+            let scale = params[0];
+            let cap = params[1];
+            let row_lse = lse[base / t];
+            let row_delta = delta[base / t];
+            let mut j = lane;
+            while j < t {
+                let mv = mask[mbase + j];
+                let mut pv = F::new(0.0);
+                let mut dxv = F::new(0.0);
+                if mv > F::new(MASKED) {
+                    let x = capped::<F>(z[base + j], cap, softcap);
+                    pv = F::exp(x + mv - row_lse);
+                    dxv = pv * (dp[base + j] - row_delta) * scale;
+                    if softcap {
+                        let r = x / cap;
+                        dxv *= F::new(1.0) - r * r;
+                    }
+                }
+                p[base + j] = G::cast_from(pv);
+                dx[base + j] = G::cast_from(dxv);
+                j += LANES as usize;
+            }
+        }
+
+        /// Whether to run the products, and then at most how many batch rows per chunk (see
+        /// [`AttentionPath`](super::super::AttentionPath)).
+        pub(crate) fn chosen<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>) -> Option<usize> {
+            use super::super::{AttentionPath, PATH};
+            if q.meta.shape().num_elements() == 0 || k.meta.shape().num_elements() == 0 {
+                return None;
+            }
+            let [_, h, s, _] = q.meta.shape().dims::<4>();
+            let g = h / k.meta.shape()[1].max(1);
+            match PATH.load(std::sync::atomic::Ordering::Relaxed) {
+                p if p == AttentionPath::Kernels as u8 => None,
+                p if p == AttentionPath::Products as u8 => Some(1),
+                // At a handful of query rows (decoding) the one flash kernel beats five launches.
+                _ => (cublas_ready::<R>() && g * s >= 128 && std::env::var_os("KILN_ATTENTION_KERNELS").is_none()).then_some(usize::MAX),
+            }
+        }
+
+        /// Batch rows per chunk: as many as [`SCORE_BUDGET`] holds, at most `limit`.
+        fn chunk_rows(b: usize, h: usize, s: usize, t: usize, limit: usize) -> usize {
+            (SCORE_BUDGET / (h * s * t).max(1)).clamp(1, b).min(limit)
+        }
+
+        /// `alpha · lhs·rhs` in f32 (cuBLAS where it applies).
+        fn product<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>, alpha: f32) -> CubeTensor<R> {
+            gemm::<R, F, I, BT>(lhs.clone(), rhs.clone(), alpha as f64, None)
+        }
+
+        /// Batch rows `b0..b0 + c` of a contiguous `[b, ..]` tensor, reshaped to `shape`.
+        fn rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: &CubeTensor<R>, b0: usize, c: usize, shape: Vec<usize>) -> CubeTensor<R> {
+            type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+            let dims = x.meta.shape().to_vec();
+            if c == dims[0] {
+                return B::<R, F, I, BT>::float_reshape(x.clone(), Shape::from(shape));
+            }
+            let ranges: Vec<burn::tensor::Slice> = dims.iter().enumerate().map(|(i, &n)| if i == 0 { burn::tensor::Slice::from(b0..b0 + c) } else { burn::tensor::Slice::from(0..n) }).collect();
+            let part = into_contiguous(B::<R, F, I, BT>::float_slice(x.clone(), &ranges));
+            B::<R, F, I, BT>::float_reshape(part, Shape::from(shape))
+        }
+
+        fn transposed<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<R>) -> CubeTensor<R> {
+            CubeBackend::<R, F, I, BT>::float_swap_dims(x, 1, 2)
+        }
+
+        fn cat<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(mut parts: Vec<CubeTensor<R>>) -> CubeTensor<R> {
+            match parts.len() {
+                1 => parts.remove(0),
+                _ => CubeBackend::<R, F, I, BT>::float_cat(parts, 0),
+            }
+        }
+
+        /// The products' operand dtype: the queries' half type, else the backend's float.
+        fn operand_dtype<F: FloatElement>(q: &CubeTensor<impl CubeRuntime>) -> DType {
+            match q.dtype {
+                DType::BF16 | DType::F16 => q.dtype,
+                _ => F::dtype(),
+            }
+        }
+
+        fn as_dtype<R: CubeRuntime>(x: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+            into_contiguous(if x.dtype == dtype { x } else { cast(x, dtype) })
+        }
+
+        /// Launches `$kernel` with `G` the operand dtype `$dt`.
+        macro_rules! launch_typed {
+            ($kernel:ident, $dt:expr, $F:ty, $R:ty, $($arg:expr),* $(,)?) => {
+                // SAFETY (for every call): the score tensors are contiguous `[c, kv, g·s, t]`,
+                // the mask `[c or 1, s, t]` and `lse`, `delta` hold one float per score row;
+                // the grid has one cube per row and spare cubes return at once.
+                unsafe {
+                    match $dt {
+                        DType::BF16 => $kernel::launch_unchecked::<$F, burn::tensor::bf16, $R>($($arg),*),
+                        DType::F16 => $kernel::launch_unchecked::<$F, burn::tensor::f16, $R>($($arg),*),
+                        _ => $kernel::launch_unchecked::<$F, $F, $R>($($arg),*),
+                    }
+                }
+            };
+        }
+
+        /// `(out, lse)` as [`FlashAttention::flash_attention`](super::super::FlashAttention)
+        /// defines them, in chunks of at most `limit` batch rows.
+        pub(crate) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, spec: AttentionSpec, limit: usize) -> (CubeTensor<R>, CubeTensor<R>) {
+            let [b, h, s, d] = q.meta.shape().dims::<4>();
+            let [_, kvh, t, _] = k.meta.shape().dims::<4>();
+            let g = h / kvh;
+            let dt = operand_dtype::<F>(&q);
+            let (q, k, v) = (as_dtype(q, dt), as_dtype(k, dt), as_dtype(v, dt));
+            let mask = contiguous_float::<R, F>(mask);
+            let p = params::<R, F, I, BT>(&q, spec);
+            let chunk = chunk_rows(b, h, s, t, limit);
+            let (mut outs, mut lses) = (Vec::new(), Vec::new());
+            for b0 in (0..b).step_by(chunk) {
+                let c = chunk.min(b - b0);
+                let qc = rows::<R, F, I, BT>(&q, b0, c, vec![c * kvh, g * s, d]);
+                let kc = rows::<R, F, I, BT>(&k, b0, c, vec![c * kvh, t, d]);
+                let vc = rows::<R, F, I, BT>(&v, b0, c, vec![c * kvh, t, d]);
+                let mc = if mask.meta.shape()[0] == 1 { mask.clone() } else { rows::<R, F, I, BT>(&mask, b0, c, vec![c, s, t]) };
+                let z = product::<R, F, I, BT>(&qc, &transposed::<R, F, I, BT>(kc), spec.scale as f32);
+                let z = CubeBackend::<R, F, I, BT>::float_reshape(z, Shape::new([c, kvh, g * s, t]));
+                let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
+                let lse = empty::<R, F>(&q, vec![c, h, s]);
+                let client = q.client.clone();
+                launch_typed!(softmax_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), mc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), lse.clone().into_tensor_arg(), spec.softcap.is_some());
+                let out = product::<R, F, I, BT>(&probs, &vc, 1.0);
+                outs.push(CubeBackend::<R, F, I, BT>::float_reshape(out, Shape::new([c, h, s, d])));
+                lses.push(lse);
+            }
+            (cat::<R, F, I, BT>(outs), cat::<R, F, I, BT>(lses))
+        }
+
+        /// `(dq, dk, dv)` as [`FlashAttention::flash_attention_bwd`](super::super::FlashAttention)
+        /// defines them; `delta` `[b, h, s]` = rowsum(dO ∘ O).
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(dout: CubeTensor<R>, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, lse: CubeTensor<R>, delta: CubeTensor<R>, spec: AttentionSpec, limit: usize) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+            let [b, h, s, d] = q.meta.shape().dims::<4>();
+            let [_, kvh, t, _] = k.meta.shape().dims::<4>();
+            let g = h / kvh;
+            let dt = operand_dtype::<F>(&q);
+            let (dout, q, k, v) = (as_dtype(dout, dt), as_dtype(q, dt), as_dtype(k, dt), as_dtype(v, dt));
+            let (mask, lse, delta) = (contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse), contiguous_float::<R, F>(delta));
+            let p = params::<R, F, I, BT>(&q, spec);
+            let chunk = chunk_rows(b, h, s, t, limit);
+            let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+            for b0 in (0..b).step_by(chunk) {
+                let c = chunk.min(b - b0);
+                let qc = rows::<R, F, I, BT>(&q, b0, c, vec![c * kvh, g * s, d]);
+                let doc = rows::<R, F, I, BT>(&dout, b0, c, vec![c * kvh, g * s, d]);
+                let kc = rows::<R, F, I, BT>(&k, b0, c, vec![c * kvh, t, d]);
+                let vc = rows::<R, F, I, BT>(&v, b0, c, vec![c * kvh, t, d]);
+                let mc = if mask.meta.shape()[0] == 1 { mask.clone() } else { rows::<R, F, I, BT>(&mask, b0, c, vec![c, s, t]) };
+                let lc = rows::<R, F, I, BT>(&lse, b0, c, vec![c * h * s]);
+                let dc = rows::<R, F, I, BT>(&delta, b0, c, vec![c * h * s]);
+                let scores = Shape::new([c, kvh, g * s, t]);
+                let z = CubeBackend::<R, F, I, BT>::float_reshape(product::<R, F, I, BT>(&qc, &transposed::<R, F, I, BT>(kc.clone()), spec.scale as f32), scores.clone());
+                let dp = CubeBackend::<R, F, I, BT>::float_reshape(product::<R, F, I, BT>(&doc, &transposed::<R, F, I, BT>(vc), 1.0), scores);
+                let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
+                let dx = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
+                let client = q.client.clone();
+                launch_typed!(grad_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), dp.into_tensor_arg(), mc.into_tensor_arg(), lc.into_tensor_arg(), dc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), dx.clone().into_tensor_arg(), spec.softcap.is_some());
+                let dv = product::<R, F, I, BT>(&transposed::<R, F, I, BT>(probs), &doc, 1.0);
+                let dq = product::<R, F, I, BT>(&dx, &kc, 1.0);
+                let dk = product::<R, F, I, BT>(&transposed::<R, F, I, BT>(dx), &qc, 1.0);
+                dqs.push(CubeBackend::<R, F, I, BT>::float_reshape(dq, Shape::new([c, h, s, d])));
+                dks.push(CubeBackend::<R, F, I, BT>::float_reshape(dk, Shape::new([c, kvh, t, d])));
+                dvs.push(CubeBackend::<R, F, I, BT>::float_reshape(dv, Shape::new([c, kvh, t, d])));
+            }
+            (cat::<R, F, I, BT>(dqs), cat::<R, F, I, BT>(dks), cat::<R, F, I, BT>(dvs))
         }
     }
 }

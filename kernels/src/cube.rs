@@ -13,8 +13,9 @@
 //!
 //! Rows and columns that are not multiples of the tiles are bounds-checked, never padded.
 
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
 use burn_cubecl::kernel::{cast, into_contiguous};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -274,6 +275,29 @@ pub(crate) fn flat_count(n: usize) -> CubeCount {
 #[cube]
 pub(crate) fn flat_index() -> usize {
     (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * FLAT_THREADS as usize + UNIT_POS_X as usize
+}
+
+/// Whether [`gemm`] reaches cuBLAS: a CUDA runtime and a loaded `libcublas`.
+pub(crate) fn cublas_ready<R: CubeRuntime>() -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::cublas::ready::<R>();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// `acc + alpha · lhs·rhs` in f32 (`acc` absent: zero), `lhs` and `rhs` of one float dtype: cuBLAS where
+/// it applies (adding into `acc` in place), else Burn's matmul and element-wise ops.
+pub(crate) fn gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, alpha: f64, acc: Option<CubeTensor<R>>) -> CubeTensor<R> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cublas::gemm(&lhs, &rhs, DType::F32, alpha as f32, acc.as_ref()) {
+        return y;
+    }
+    let y = matmul(lhs, rhs, None, MatmulStrategy::default(), DType::F32).expect("a matmul kernel for a dense product");
+    let y = if alpha == 1.0 { y } else { CubeBackend::<R, F, I, BT>::float_mul_scalar(y, alpha.into()) };
+    match acc {
+        Some(acc) => CubeBackend::<R, F, I, BT>::float_add(acc, y),
+        None => y,
+    }
 }
 
 /// [`as_float`], laid out contiguously: what the row-wise kernels index directly.

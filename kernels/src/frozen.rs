@@ -248,6 +248,7 @@ pub(crate) mod cube {
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
     use super::{lora_bwd_composition, lora_composition, FrozenMatmul};
+    use crate::cube::{cublas_ready, gemm};
 
     /// `lhs · rhs` with `lhs` cast to `rhs`'s dtype, written in f32 by the matmul kernel itself
     /// (it accumulates in f32 for bf16 inputs: the f32 result is that accumulator, unrounded).
@@ -302,29 +303,6 @@ pub(crate) mod cube {
             let da = gemm::<R, F, I, BT>(t(x), g, 1.0, None); // [k, r]
             let db = gemm::<R, F, I, BT>(t(h), dy, scale, None); // [r, n]
             (dx, da, db)
-        }
-    }
-
-    /// Whether [`gemm`] reaches cuBLAS: a CUDA runtime and a loaded `libcublas`.
-    fn cublas_ready<R: CubeRuntime>() -> bool {
-        #[cfg(feature = "cuda")]
-        return crate::cublas::ready::<R>();
-        #[cfg(not(feature = "cuda"))]
-        false
-    }
-
-    /// `acc + alpha · lhs·rhs` in f32 (`acc` absent: zero), `lhs` and `rhs` f32: cuBLAS where
-    /// it applies (adding into `acc` in place), else Burn's matmul and element-wise ops.
-    fn gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, alpha: f64, acc: Option<CubeTensor<R>>) -> CubeTensor<R> {
-        #[cfg(feature = "cuda")]
-        if let Some(y) = crate::cublas::gemm(&lhs, &rhs, DType::F32, alpha as f32, acc.as_ref()) {
-            return y;
-        }
-        let y = matmul(lhs, rhs, None, MatmulStrategy::default(), DType::F32).expect("a matmul kernel for a dense 2-D product");
-        let y = if alpha == 1.0 { y } else { CubeBackend::<R, F, I, BT>::float_mul_scalar(y, alpha.into()) };
-        match acc {
-            Some(acc) => CubeBackend::<R, F, I, BT>::float_add(acc, y),
-            None => y,
         }
     }
 }

@@ -9,7 +9,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, TensorData};
-use kiln_kernels::attention::attention_composition;
+use kiln_kernels::attention::{attention_composition, set_attention_path, AttentionPath};
 use kiln_kernels::gated::activate;
 use kiln_kernels::loss::lm_head_loss_composition;
 use kiln_kernels::norm::rms_norm_composition;
@@ -83,7 +83,8 @@ fn lm_head_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, 
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: usize, kv: usize, s: usize, d: usize, window: Option<usize>, softcap: Option<f64>, runs: usize) -> serde_json::Value {
+fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: usize, kv: usize, s: usize, d: usize, window: Option<usize>, softcap: Option<f64>, path: AttentionPath, runs: usize) -> serde_json::Value {
+    set_attention_path(path);
     let mask = causal_mask::<A>(s, 0, 0, window, device);
     let spec = AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap, causal: true };
     let normal = |heads: usize| Tensor::<A, 4>::random([b, heads, s, d], Distribution::Normal(0.0, 1.0), device);
@@ -102,7 +103,9 @@ fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize
     };
     let softcap = softcap.map_or("none".to_string(), |c| c.to_string());
     let window = window.map_or("none".to_string(), |w| w.to_string());
-    compare("attention", format!("b {b} heads {h}/{kv} s {s} d {d} causal window {window} softcap {softcap}"), runs, &run)
+    let r = compare("attention", format!("b {b} heads {h}/{kv} s {s} d {d} causal window {window} softcap {softcap} {path:?}"), runs, &run);
+    set_attention_path(AttentionPath::Auto);
+    r
 }
 
 fn rope_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: usize, s: usize, d: usize, runs: usize) -> serde_json::Value {
@@ -229,8 +232,11 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
     };
     // Small shapes that do not fill the kernels' tiles, then the sizes of a Qwen2.5-0.5B
     // training step at 4 × 1024 tokens (14 query heads over 2 key/value heads of 64).
-    push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, runs));
-    push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), runs));
+    // Attention both ways: the flash kernels and the dense products (cuBLAS on CUDA).
+    for path in [AttentionPath::Kernels, AttentionPath::Products] {
+        push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, path, runs));
+        push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), path, runs));
+    }
     push(rope_case::<A>(device, 2, 3, 37, 12, runs));
     for act in [GateActivation::Silu, GateActivation::GeluTanh, GateActivation::Gelu] {
         push(gated_case::<A>(device, 37, 101, act, runs));
@@ -245,7 +251,8 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
             }
         }
     }
-    push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, runs));
+    push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, AttentionPath::Kernels, runs));
+    push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, AttentionPath::Auto, runs));
     push(rope_case::<A>(device, 4, 14, 1024, 64, runs));
     push(gated_case::<A>(device, 4096, 4864, GateActivation::Silu, runs));
     push(rms_norm_case::<A>(device, 4096, 896, 0.0, runs));

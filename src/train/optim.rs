@@ -36,16 +36,18 @@ struct Segment {
 /// alignment), so a parameter cut out of the updated buffer is a view, not a copy.
 const SEGMENT_ALIGN: usize = 128;
 
-/// The moments of the parameters that took part in the last update, end to end.
+/// The moments of the parameters that took part in the last update, end to end, and the
+/// parameters themselves as that update left them (the module's tensors are cuts of `p`).
 struct Flat<B: Backend> {
     segments: Vec<Segment>,
     m: Tensor<B, 1>,
     v: Tensor<B, 1>,
+    p: Option<Tensor<B, 1>>,
 }
 
 impl<B: Backend> Clone for Flat<B> {
     fn clone(&self) -> Self {
-        Self { segments: self.segments.clone(), m: self.m.clone(), v: self.v.clone() }
+        Self { segments: self.segments.clone(), m: self.m.clone(), v: self.v.clone(), p: self.p.clone() }
     }
 }
 
@@ -59,10 +61,15 @@ impl<B: Backend> Flat<B> {
     }
 }
 
-/// AdamW over all trainable parameters at once: every step lays the gradients and parameters
-/// end to end and updates them with one kernel. Per-parameter updates launched about five
-/// kernels for each of a LoRA model's hundreds of small tensors; on a GPU the host's launch
-/// cost, not the arithmetic, set the step time.
+/// AdamW over all trainable parameters at once: every step lays the gradients end to end and
+/// updates parameters kept end to end with one kernel. Per-parameter updates launched about
+/// five kernels for each of a LoRA model's hundreds of small tensors; on a GPU the host's
+/// launch cost, not the arithmetic, set the step time.
+///
+/// [`AdamW::update`] expects the module that the previous `update` (or [`AdamW::revert`])
+/// returned: it reuses the parameters it keeps rather than gathering them again. Anything else
+/// that replaces trainable parameters between updates must start a new optimizer or restore
+/// its moments ([`AdamW::restore_moments`] drops what it keeps). Debug builds check this.
 pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
     /// Updates applied so far (PyTorch's `step`, for bias correction; one count for all
@@ -79,7 +86,8 @@ pub struct AdamW<B: Backend> {
 /// [`AdamW::revert`] undoes it (a non-finite loss or gradient); dropping it keeps it.
 pub struct Pending<B: Backend> {
     square_sum: Option<Tensor<B, 1>>,
-    before: Option<(Tensor<B, 1>, Flat<B>)>,
+    /// The optimizer's buffers before the update, parameters included.
+    before: Option<Flat<B>>,
     step_before: usize,
 }
 
@@ -138,14 +146,24 @@ impl<B: AdamWOp> AdamW<B> {
         let flat = self.layout(&found, &device);
         let total = flat.m.dims()[0];
         let g = gather(found.iter().map(|f| f.grad.clone()), &flat.segments, total, &device);
-        let p = gather(found.iter().map(|f| f.value.clone()), &flat.segments, total, &device);
+        let p = match flat.p.clone() {
+            Some(p) => {
+                if cfg!(debug_assertions) {
+                    let gathered = gather(found.iter().map(|f| f.value.clone()), &flat.segments, total, &device);
+                    let diff = (gathered - p.clone()).abs().max().into_scalar().elem::<f64>();
+                    assert!(diff == 0.0, "AdamW::update got parameters it did not leave (max difference {diff}); see the contract on `AdamW`");
+                }
+                p
+            }
+            None => gather(found.iter().map(|f| f.value.clone()), &flat.segments, total, &device),
+        };
         let square_sum = g.clone().powi_scalar(2).sum();
         let c = self.config;
         let step = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, max_grad_norm, t: self.step as i32 };
         let (p_new, m, v) = kiln_kernels::adamw(p.clone(), g, flat.m.clone(), flat.v.clone(), &step, step.to_device(&device), square_sum.clone());
         let module = assign(module, &p_new, &flat.segments);
-        self.flat = Some(Flat { segments: flat.segments.clone(), m, v });
-        (module, Pending { square_sum: Some(square_sum), before: Some((p, flat)), step_before })
+        self.flat = Some(Flat { segments: flat.segments.clone(), m, v, p: Some(p_new) });
+        (module, Pending { square_sum: Some(square_sum), before: Some(Flat { p: Some(p), ..flat }), step_before })
     }
 
     /// Undoes `pending`'s update: parameters, moments and step count as they were before it.
@@ -155,15 +173,18 @@ impl<B: AdamWOp> AdamW<B> {
         M: Module<AB>,
     {
         self.step = pending.step_before;
-        let Some((p, flat)) = pending.before else { return module };
-        let module = assign(module, &p, &flat.segments);
+        let Some(flat) = pending.before else { return module };
+        let module = match &flat.p {
+            Some(p) => assign(module, p, &flat.segments),
+            None => module,
+        };
         self.flat = Some(flat);
         module
     }
 
-    /// The flat moments for this step's parameters, in `found`'s order: the last step's when
-    /// the same parameters have gradients (every step of a LoRA run), else rebuilt from the
-    /// moments by path (zeros for a parameter seen for the first time).
+    /// The flat buffers for this step's parameters, in `found`'s order: the last step's when
+    /// the same parameters have gradients (every step of a LoRA run), else moments rebuilt from
+    /// those by path (zeros for a parameter seen for the first time) and no parameters kept.
     fn layout(&mut self, found: &[Found<B>], device: &B::Device) -> Flat<B> {
         let mut segments = Vec::with_capacity(found.len());
         let mut offset = 0;
@@ -185,7 +206,7 @@ impl<B: AdamWOp> AdamW<B> {
         }
         let m = gather(ms, &segments, offset, device);
         let v = gather(vs, &segments, offset, device);
-        Flat { segments, m, v }
+        Flat { segments, m, v, p: None }
     }
 }
 
