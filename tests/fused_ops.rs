@@ -36,7 +36,9 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 /// only, a vocabulary larger than the chunk.
 const SHAPES: [(usize, usize, usize, usize); 3] = [(37, 24, 53, 8), (16, 40, 300, 16), (5, 8, 7, 64)];
 
-fn check_head_loss<A: AutodiffBackend + QuantMatmul>(device: &A::Device, name: &str, shapes: &[(usize, usize, usize, usize)]) {
+/// `dh_tol`: the relative error allowed in `dh` (1e-4 but where a backend's matmul is known to
+/// differ more, see the wgpu call).
+fn check_head_loss<A: AutodiffBackend + QuantMatmul>(device: &A::Device, name: &str, shapes: &[(usize, usize, usize, usize)], dh_tol: f64) {
     let mut rng = Rng(0x5EED_C0DE ^ name.len() as u64);
     for &(n, e, v, chunk) in shapes {
         for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
@@ -61,7 +63,7 @@ fn check_head_loss<A: AutodiffBackend + QuantMatmul>(device: &A::Device, name: &
                 let (lr, dhr, dwr) = run(false);
                 let what = format!("{name} n={n} e={e} v={v} chunk={chunk} {layout:?} softcap={softcap:?}");
                 assert!(rel(&lf, &lr) < 1e-5, "{what}: loss {lf:?} vs {lr:?}");
-                assert!(rel(&dhf, &dhr) < 1e-4, "{what}: dh relative error {}", rel(&dhf, &dhr));
+                assert!(rel(&dhf, &dhr) < dh_tol, "{what}: dh relative error {}", rel(&dhf, &dhr));
                 assert!(rel(&dwf, &dwr) < 1e-4, "{what}: dW relative error {}", rel(&dwf, &dwr));
             }
         }
@@ -239,7 +241,7 @@ fn check_attention<A: AutodiffBackend + kiln_kernels::FlashAttention>(device: &A
         let (qv, kv_, vv, cv) = (random([b, h, s, d], 1.5), random([b, kv, t, d], 1.5), random([b, kv, t, d], 1.0), random([b, h, s, d], 1.0));
         // Every case's mask hides the future, so the kernels run both ways: skipping the key
         // tiles past each query block (`causal`), and reading the mask everywhere.
-        let spec = |causal| kiln_kernels::AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap: case.softcap, causal };
+        let spec = |causal| kiln_kernels::AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap: case.softcap, causal, bf16_products: false };
         let run = |fused: bool, causal: bool| {
             let spec = spec(causal);
             let make = |data: &Vec<f32>, heads: usize, rows: usize| Tensor::<A, 4>::from_data(TensorData::new(data.clone(), [b, heads, rows, d]), device).require_grad();
@@ -501,7 +503,7 @@ fn wgpu_rms_norm_kernels_match_the_plain_composition() {
 
 #[test]
 fn cpu_chunked_head_loss_matches_the_plain_composition() {
-    check_head_loss::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu", &SHAPES);
+    check_head_loss::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu", &SHAPES, 1e-4);
     check_model_loss::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu", &["llama", "qwen3", "gemma3"]);
 }
 
@@ -513,8 +515,16 @@ fn wgpu_chunked_head_loss_matches_the_plain_composition() {
         return;
     }
     // Fewer cases than on the CPU: lavapipe compiles every new shape's kernels on 2 cores.
-    check_head_loss::<Autodiff<kiln::backend::Wgpu>>(&Default::default(), "wgpu", &SHAPES[..1]);
+    check_head_loss::<Autodiff<kiln::backend::Wgpu>>(&Default::default(), "wgpu", &SHAPES[..1], 1e-4);
     check_model_loss::<Autodiff<kiln::backend::Wgpu>>(&Default::default(), "wgpu", &["qwen3"]);
+    // Without Burn's fusion stream the chunks' row kernels run (as on CUDA): a vocabulary past
+    // one pass of the kernel's unrolled loads (4 × 512), and one that is not a multiple of it.
+    check_head_loss::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu direct", &SHAPES[..1], 1e-4);
+    // At a vocabulary of 5000, `dh` of the `[e, v]` head layout differs by up to 3e-4 between
+    // the two sides on lavapipe while `dW`, from the same `dz`, agrees to 1e-7 and so does `dh`
+    // of the `[v, e]` layout: the difference is Burn's wgpu matmul of a transposed
+    // `[5000, e]` view (per chunk here, over all rows there), not the row kernels.
+    check_head_loss::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu direct", &[(6, 8, 5000, 4)], 1e-3);
 }
 
 /// The quickstart recipe (full fine-tuning of a Llama-style model from scratch) for 40 steps,

@@ -47,6 +47,12 @@ pub struct AttentionSpec {
     /// tiles instead of reading the mask there: half of the work at `t = s`. The composition
     /// reads the mask alone, so a wrong `true` shows up as a mismatch in the checks.
     pub causal: bool,
+    /// Where attention runs as dense products (training shapes on CUDA), multiply in bf16 even
+    /// when the inputs are f32, as PyTorch's autocast does: the scores and `dP` still come out
+    /// in f32 and the softmax runs in f32, the probabilities and `dS` are rounded to bf16 for
+    /// the products that take them. kiln sets it when training in bf16; the flash kernels and
+    /// the composition ignore it.
+    pub bf16_products: bool,
 }
 
 /// Which attention the CubeCL backends run. Training leaves it at `Auto`; the checks and
@@ -792,7 +798,7 @@ pub(crate) mod cube {
     pub(crate) mod products {
         use burn::tensor::ops::FloatTensorOps;
         use burn::tensor::{DType, Shape};
-        use burn_cubecl::kernel::{cast, into_contiguous};
+        use burn_cubecl::kernel::into_contiguous;
         use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
         use burn_cubecl::tensor::CubeTensor;
         use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -810,18 +816,21 @@ pub(crate) mod cube {
         const LANES: u32 = 128;
         const LOG_LANES: u32 = 7;
 
-        /// Where one score row lives: `z` `[c, kv, g·s, t]`, the mask `[c or 1, s, t]`.
+        /// Where one score row lives: `z` `[c, kv, g·s, t]`, the mask `[c or 1, s, t]`. Keys
+        /// from `end` on are masked without reading the mask: the causal part (`t` when the
+        /// spec is not causal).
         #[derive(CubeType)]
         struct ScoreRow {
             base: usize,
             mbase: usize,
             t: usize,
+            end: usize,
             valid: bool,
         }
 
         /// This cube's row, on [`flat_count`]'s grid.
         #[cube]
-        fn score_row<F: Float>(z: &Tensor<F>, mask: &Tensor<F>) -> ScoreRow {
+        fn score_row<F: Float>(z: &Tensor<F>, mask: &Tensor<F>, #[comptime] causal: bool) -> ScoreRow {
             let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
             let t = z.shape(3);
             let gs = z.shape(2);
@@ -831,7 +840,16 @@ pub(crate) mod cube {
             if mask.shape(0) == 1 {
                 mb = 0;
             }
-            ScoreRow { base: row * t, mbase: mb * s * t + ((row % gs) % s) * t, t, valid: row < z.shape(0) * per_batch }
+            let query = (row % gs) % s;
+            let mut end = t;
+            if causal {
+                // Query `i` of the last `s` positions sees keys up to `i + t − s`.
+                let last = query + (t - s) + 1;
+                if last < t {
+                    end = last;
+                }
+            }
+            ScoreRow { base: row * t, mbase: mb * s * t + query * t, t, end, valid: row < z.shape(0) * per_batch }
         }
 
         #[cube]
@@ -867,9 +885,9 @@ pub(crate) mod cube {
         /// of `cap(z) + mask` and `p = exp(cap(z) + mask − lse)` (0 where masked; a row with
         /// every key masked gets [`UNSEEN`], as the flash kernels give it). `params` = [scale, softcap].
         #[cube(launch_unchecked)]
-        fn softmax_kernel<F: Float, G: Float>(z: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, lse: &mut Tensor<F>, #[comptime] softcap: bool) {
+        fn softmax_kernel<F: Float, G: Float>(z: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, lse: &mut Tensor<F>, #[comptime] softcap: bool, #[comptime] causal: bool) {
             let lane = UNIT_POS_X as usize;
-            let ScoreRow { base, mbase, t, valid } = score_row::<F>(z, mask);
+            let ScoreRow { base, mbase, t, end, valid } = score_row::<F>(z, mask, causal);
             if !valid {
                 terminate!();
             }
@@ -877,7 +895,7 @@ pub(crate) mod cube {
             let mut partial = SharedMemory::<F>::new(LANES as usize);
             let mut top = F::new(MASKED);
             let mut j = lane;
-            while j < t {
+            while j < end {
                 let mv = mask[mbase + j];
                 if mv > F::new(MASKED) {
                     let x = capped::<F>(z[base + j], cap, softcap) + mv;
@@ -894,7 +912,7 @@ pub(crate) mod cube {
             sync_cube();
             let mut sum = F::new(0.0);
             j = lane;
-            while j < t {
+            while j < end {
                 let mv = mask[mbase + j];
                 if mv > F::new(MASKED) {
                     sum += F::exp(capped::<F>(z[base + j], cap, softcap) + mv - row_max);
@@ -910,13 +928,17 @@ pub(crate) mod cube {
                 row_lse = row_max + F::ln(total);
             }
             j = lane;
-            while j < t {
+            while j < end {
                 let mv = mask[mbase + j];
                 let mut pv = F::new(0.0);
                 if mv > F::new(MASKED) {
                     pv = F::exp(capped::<F>(z[base + j], cap, softcap) + mv - row_lse);
                 }
                 p[base + j] = G::cast_from(pv);
+                j += LANES as usize;
+            }
+            while j < t {
+                p[base + j] = G::new(0.0);
                 j += LANES as usize;
             }
             if lane == 0 {
@@ -929,9 +951,9 @@ pub(crate) mod cube {
         /// none), both 0 where masked. `lse`, `delta` one per row; `params` = [scale, softcap].
         #[cube(launch_unchecked)]
         #[allow(clippy::too_many_arguments)]
-        fn grad_kernel<F: Float, G: Float>(z: &Tensor<F>, dp: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, dx: &mut Tensor<G>, #[comptime] softcap: bool) {
+        fn grad_kernel<F: Float, G: Float>(z: &Tensor<F>, dp: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, dx: &mut Tensor<G>, #[comptime] softcap: bool, #[comptime] causal: bool) {
             let lane = UNIT_POS_X as usize;
-            let ScoreRow { base, mbase, t, valid } = score_row::<F>(z, mask);
+            let ScoreRow { base, mbase, t, end, valid } = score_row::<F>(z, mask, causal);
             if !valid {
                 terminate!();
             }
@@ -940,7 +962,7 @@ pub(crate) mod cube {
             let row_lse = lse[base / t];
             let row_delta = delta[base / t];
             let mut j = lane;
-            while j < t {
+            while j < end {
                 let mv = mask[mbase + j];
                 let mut pv = F::new(0.0);
                 let mut dxv = F::new(0.0);
@@ -955,6 +977,11 @@ pub(crate) mod cube {
                 }
                 p[base + j] = G::cast_from(pv);
                 dx[base + j] = G::cast_from(dxv);
+                j += LANES as usize;
+            }
+            while j < t {
+                p[base + j] = G::new(0.0);
+                dx[base + j] = G::new(0.0);
                 j += LANES as usize;
             }
         }
@@ -1009,16 +1036,18 @@ pub(crate) mod cube {
             }
         }
 
-        /// The products' operand dtype: the queries' half type, else the backend's float.
-        fn operand_dtype<F: FloatElement>(q: &CubeTensor<impl CubeRuntime>) -> DType {
+        /// The products' operand dtype: bf16 when the spec asks for it, else the queries' half
+        /// type, else the backend's float.
+        fn operand_dtype<F: FloatElement>(q: &CubeTensor<impl CubeRuntime>, spec: AttentionSpec) -> DType {
             match q.dtype {
+                _ if spec.bf16_products => DType::BF16,
                 DType::BF16 | DType::F16 => q.dtype,
                 _ => F::dtype(),
             }
         }
 
         fn as_dtype<R: CubeRuntime>(x: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
-            into_contiguous(if x.dtype == dtype { x } else { cast(x, dtype) })
+            into_contiguous(crate::cube::as_dtype(x, dtype))
         }
 
         /// Launches `$kernel` with `G` the operand dtype `$dt`.
@@ -1043,7 +1072,7 @@ pub(crate) mod cube {
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             let [_, kvh, t, _] = k.meta.shape().dims::<4>();
             let g = h / kvh;
-            let dt = operand_dtype::<F>(&q);
+            let dt = operand_dtype::<F>(&q, spec);
             let (q, k, v) = (as_dtype(q, dt), as_dtype(k, dt), as_dtype(v, dt));
             let mask = contiguous_float::<R, F>(mask);
             let p = params::<R, F, I, BT>(&q, spec);
@@ -1060,7 +1089,7 @@ pub(crate) mod cube {
                 let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
                 let lse = empty::<R, F>(&q, vec![c, h, s]);
                 let client = q.client.clone();
-                launch_typed!(softmax_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), mc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), lse.clone().into_tensor_arg(), spec.softcap.is_some());
+                launch_typed!(softmax_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), mc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), lse.clone().into_tensor_arg(), spec.softcap.is_some(), spec.causal);
                 let out = product::<R, F, I, BT>(&probs, &vc, 1.0);
                 outs.push(CubeBackend::<R, F, I, BT>::float_reshape(out, Shape::new([c, h, s, d])));
                 lses.push(lse);
@@ -1075,7 +1104,7 @@ pub(crate) mod cube {
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             let [_, kvh, t, _] = k.meta.shape().dims::<4>();
             let g = h / kvh;
-            let dt = operand_dtype::<F>(&q);
+            let dt = operand_dtype::<F>(&q, spec);
             let (dout, q, k, v) = (as_dtype(dout, dt), as_dtype(q, dt), as_dtype(k, dt), as_dtype(v, dt));
             let (mask, lse, delta) = (contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse), contiguous_float::<R, F>(delta));
             let p = params::<R, F, I, BT>(&q, spec);
@@ -1096,7 +1125,7 @@ pub(crate) mod cube {
                 let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
                 let dx = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
                 let client = q.client.clone();
-                launch_typed!(grad_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), dp.into_tensor_arg(), mc.into_tensor_arg(), lc.into_tensor_arg(), dc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), dx.clone().into_tensor_arg(), spec.softcap.is_some());
+                launch_typed!(grad_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), dp.into_tensor_arg(), mc.into_tensor_arg(), lc.into_tensor_arg(), dc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), dx.clone().into_tensor_arg(), spec.softcap.is_some(), spec.causal);
                 let dv = product::<R, F, I, BT>(&transposed::<R, F, I, BT>(probs), &doc, 1.0);
                 let dq = product::<R, F, I, BT>(&dx, &kc, 1.0);
                 let dk = product::<R, F, I, BT>(&transposed::<R, F, I, BT>(dx), &qc, 1.0);

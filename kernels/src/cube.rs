@@ -288,16 +288,26 @@ pub(crate) fn cublas_ready<R: CubeRuntime>() -> bool {
 /// `acc + alpha · lhs·rhs` in f32 (`acc` absent: zero), `lhs` and `rhs` of one float dtype: cuBLAS where
 /// it applies (adding into `acc` in place), else Burn's matmul and element-wise ops.
 pub(crate) fn gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, alpha: f64, acc: Option<CubeTensor<R>>) -> CubeTensor<R> {
+    gemm_as::<R, F, I, BT>(lhs, rhs, alpha, acc, DType::F32)
+}
+
+/// [`gemm`] written in `out`: f32, or the operands' own dtype (then `acc` is in it too).
+pub(crate) fn gemm_as<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, alpha: f64, acc: Option<CubeTensor<R>>, out: DType) -> CubeTensor<R> {
     #[cfg(feature = "cuda")]
-    if let Some(y) = crate::cublas::gemm(&lhs, &rhs, DType::F32, alpha as f32, acc.as_ref()) {
+    if let Some(y) = crate::cublas::gemm(&lhs, &rhs, out, alpha as f32, acc.as_ref()) {
         return y;
     }
-    let y = matmul(lhs, rhs, None, MatmulStrategy::default(), DType::F32).expect("a matmul kernel for a dense product");
+    let y = matmul(lhs, rhs, None, MatmulStrategy::default(), out).expect("a matmul kernel for a dense product");
     let y = if alpha == 1.0 { y } else { CubeBackend::<R, F, I, BT>::float_mul_scalar(y, alpha.into()) };
     match acc {
         Some(acc) => CubeBackend::<R, F, I, BT>::float_add(acc, y),
         None => y,
     }
+}
+
+/// `t` in `dtype` (itself when it already is).
+pub(crate) fn as_dtype<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    if t.dtype == dtype { t } else { cast(t, dtype) }
 }
 
 /// [`as_float`], laid out contiguously: what the row-wise kernels index directly.

@@ -36,16 +36,18 @@ pub trait FrozenMatmul: Backend {
     }
 
     /// A LoRA adapter beside the frozen product, as one operation: `(y, h)` with `h = x·A`
-    /// `[m, r]` and `y = x·W + scale · h·B` `[m, n]`, in f32 (`x·W` as
+    /// `[m, r]` in f32 and `y = x·W + scale · h·B` `[m, n]` written in `out` (`x·W` as
     /// [`FrozenMatmul::frozen_matmul`] multiplies it). `A` `[k, r]` and `B` `[r, n]` are the
-    /// adapter's f32 matrices; `h` is what backward keeps besides the inputs.
-    fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        lora_composition::<Self>(x, w, a, b, scale)
+    /// adapter's f32 matrices; `h` is what backward keeps besides the inputs. `x` may be f32 or
+    /// in `W`'s half type.
+    fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, h) = lora_composition::<Self>(x, w, a, b, scale);
+        (float::<Self, 2>(y).cast(out).into_primitive().tensor(), h)
     }
 
     /// `(dx, dA, dB)` of [`FrozenMatmul::frozen_lora`] for the upstream gradient `dy` `[m, n]`
     /// (`dx` only if `need_dx`): with `g = scale · dy·Bᵀ`, `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`,
-    /// `dB = scale · hᵀ·dy`.
+    /// `dB = scale · hᵀ·dy`, all in f32 (`dy` may be in `W`'s half type, as `y` was written).
     #[allow(clippy::too_many_arguments)]
     fn frozen_lora_bwd(
         dy: FloatTensor<Self>,
@@ -63,6 +65,7 @@ pub trait FrozenMatmul: Backend {
 
 /// [`FrozenMatmul::frozen_lora`] as tensor operations (its default, and its reference).
 pub(crate) fn lora_composition<B: FrozenMatmul>(x: FloatTensor<B>, w: FloatTensor<B>, a: FloatTensor<B>, b: FloatTensor<B>, scale: f64) -> (FloatTensor<B>, FloatTensor<B>) {
+    let x = float::<B, 2>(x).cast(FloatDType::F32).into_primitive().tensor();
     let y = float::<B, 2>(B::frozen_matmul(x.clone(), w));
     let h = float::<B, 2>(x).matmul(float(a));
     let y = y + h.clone().mul_scalar(scale).matmul(float(b));
@@ -81,6 +84,8 @@ pub(crate) fn lora_bwd_composition<B: FrozenMatmul>(
     scale: f64,
     need_dx: bool,
 ) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+    let f32 = |t: FloatTensor<B>| float::<B, 2>(t).cast(FloatDType::F32);
+    let (dy, x) = (f32(dy).into_primitive().tensor(), f32(x).into_primitive().tensor());
     let dy_t = float::<B, 2>(dy.clone());
     let g = dy_t.clone().matmul(float::<B, 2>(b).transpose()).mul_scalar(scale); // [m, r]
     let dx = need_dx.then(|| (float::<B, 2>(B::frozen_matmul_dx(dy, w)) + g.clone().matmul(float::<B, 2>(a).transpose())).into_primitive().tensor());
@@ -152,11 +157,18 @@ pub fn frozen_matmul<B: FrozenMatmul, const D: usize>(x: Tensor<B, D>, w: Tensor
 /// `x [.., k] · W + scale · (x·A)·B -> [.., n]` in f32 through [`FrozenMatmul::frozen_lora`]:
 /// `W` `[k, n]` frozen, `A` `[k, r]` and `B` `[r, n]` the adapter's.
 pub fn frozen_lora<B: FrozenMatmul, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64) -> Tensor<B, D> {
+    frozen_lora_as(x, w, a, b, scale, FloatDType::F32)
+}
+
+/// [`frozen_lora`] with the result written in `out` (W's half type or f32): the projections
+/// whose outputs only feed an element-wise operation that reads them in bf16 (the gated MLP's
+/// gate and up) skip the f32 round trip, forward and backward.
+pub fn frozen_lora_as<B: FrozenMatmul, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, out: FloatDType) -> Tensor<B, D> {
     let dims = x.dims();
     let [k, n] = w.dims();
     let m = dims[..D - 1].iter().product::<usize>();
     let prim = |t: Tensor<B, 2>| t.into_primitive().tensor();
-    let (y, _) = B::frozen_lora(prim(x.reshape([m, k])), prim(w), prim(a), prim(b), scale);
+    let (y, _) = B::frozen_lora(prim(x.reshape([m, k])), prim(w), prim(a), prim(b), scale, out);
     let mut out = dims;
     out[D - 1] = n;
     float::<B, 2>(y).reshape(out)
@@ -191,9 +203,9 @@ impl<B: FrozenMatmul, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
         }
     }
 
-    fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let w = w.primitive;
-        let (y, h) = B::frozen_lora(x.primitive.clone(), w.clone(), a.primitive.clone(), b.primitive.clone(), scale);
+        let (y, h) = B::frozen_lora(x.primitive.clone(), w.clone(), a.primitive.clone(), b.primitive.clone(), scale, out);
         // `h` leaves as a constant; `x`, `A` and `B` are the parents (the weight is frozen).
         let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(h.clone());
         let y = match FrozenLoraBackward.prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()]).compute_bound().stateful() {
@@ -241,25 +253,29 @@ impl<B: burn_fusion::FusionBackend> FrozenMatmul for burn_fusion::Fusion<B> {}
 #[cfg(feature = "cubecl")]
 pub(crate) mod cube {
     use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-    use burn::tensor::DType;
-    use burn_cubecl::kernel::cast;
+    use burn::tensor::{DType, FloatDType};
     use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
     use super::{lora_bwd_composition, lora_composition, FrozenMatmul};
-    use crate::cube::{cublas_ready, gemm};
+    use crate::cube::{as_dtype, cublas_ready, gemm, gemm_as};
 
-    /// `lhs · rhs` with `lhs` cast to `rhs`'s dtype, written in f32 by the matmul kernel itself
-    /// (it accumulates in f32 for bf16 inputs: the f32 result is that accumulator, unrounded).
-    fn product_f32<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> CubeTensor<R> {
-        let lhs = cast(lhs, rhs.dtype);
+    /// `lhs · rhs` with `lhs` cast to `rhs`'s dtype, written in `out` (f32 or `rhs`'s dtype) by
+    /// the matmul kernel itself (it accumulates in f32 for bf16 inputs: an f32 result is that
+    /// accumulator, unrounded).
+    fn product_as<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, out: DType) -> CubeTensor<R> {
+        let lhs = as_dtype(lhs, rhs.dtype);
         #[cfg(feature = "cuda")]
-        if let Some(y) = crate::cublas::matmul(&lhs, &rhs, DType::F32) {
+        if let Some(y) = crate::cublas::matmul(&lhs, &rhs, out) {
             return y;
         }
         // Burn's own float matmul unwraps the same call: with autotune it always finds a kernel.
-        matmul(lhs, rhs, None, MatmulStrategy::default(), DType::F32).expect("a matmul kernel for a dense 2-D product")
+        matmul(lhs, rhs, None, MatmulStrategy::default(), out).expect("a matmul kernel for a dense 2-D product")
+    }
+
+    fn product_f32<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> CubeTensor<R> {
+        product_as(lhs, rhs, DType::F32)
     }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FrozenMatmul for CubeBackend<R, F, I, BT> {
@@ -273,15 +289,21 @@ pub(crate) mod cube {
         }
 
         // On CUDA the adapter's products go to cuBLAS, which scales and adds into the frozen
-        // product's output in place: no separate scale, add or reduction passes. Elsewhere the
-        // composition (its reductions over rows sliced for Burn's matmul).
-        fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            if !cublas_ready::<R>() {
-                return lora_composition::<Self>(x, w, a, b, scale);
+        // product's output in place: no separate scale, add or reduction passes. A half `x` or
+        // output takes the adapter's small matrices (and `h`) into that half type, since both
+        // operands of a product share one dtype. Elsewhere the composition (its reductions over
+        // rows sliced for Burn's matmul).
+        fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let out = DType::from(out);
+            if !cublas_ready::<R>() || !(out == DType::F32 || out == w.dtype) {
+                let (y, h) = lora_composition::<Self>(x, w, a, b, scale);
+                return (as_dtype(y, out), h);
             }
-            let y = product_f32(x.clone(), w);
+            let y = product_as(x.clone(), w, out);
+            let a = as_dtype(a, x.dtype);
             let h = gemm::<R, F, I, BT>(x, a, 1.0, None); // [m, r]
-            (gemm::<R, F, I, BT>(h.clone(), b, scale, Some(y)), h)
+            let y = gemm_as::<R, F, I, BT>(as_dtype(h.clone(), out), as_dtype(b, out), scale, Some(y), out);
+            (y, h)
         }
 
         fn frozen_lora_bwd(
@@ -298,10 +320,11 @@ pub(crate) mod cube {
                 return lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
             }
             let t = Self::float_transpose;
-            let g = gemm::<R, F, I, BT>(dy.clone(), t(b), scale, None); // [m, r]
+            let (dt, xt) = (dy.dtype, x.dtype);
+            let g = gemm::<R, F, I, BT>(dy.clone(), t(as_dtype(b, dt)), scale, None); // [m, r]
             let dx = need_dx.then(|| gemm::<R, F, I, BT>(g.clone(), t(a), 1.0, Some(product_f32(dy.clone(), t(w)))));
-            let da = gemm::<R, F, I, BT>(t(x), g, 1.0, None); // [k, r]
-            let db = gemm::<R, F, I, BT>(t(h), dy, scale, None); // [r, n]
+            let da = gemm::<R, F, I, BT>(t(x), as_dtype(g, xt), 1.0, None); // [k, r]
+            let db = gemm::<R, F, I, BT>(t(as_dtype(h, dt)), dy, scale, None); // [r, n]
             (dx, da, db)
         }
     }

@@ -13,7 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::activation;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, FloatDType, Tensor};
 
 use crate::float;
 
@@ -46,12 +46,14 @@ const GELU_K: f64 = 0.044715;
 /// plain composition (the reference).
 pub trait GatedActOp: Backend {
     fn gated_act(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> FloatTensor<Self> {
-        (activate(float::<Self, 1>(gate), act) * float::<Self, 1>(up)).into_primitive().tensor()
+        let f32 = |t: FloatTensor<Self>| float::<Self, 1>(t).cast(FloatDType::F32);
+        (activate(f32(gate), act) * f32(up)).into_primitive().tensor()
     }
 
     /// `(d_gate, d_up)` for the upstream gradient `dy`.
     fn gated_act_bwd(dy: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (dy, g) = (float::<Self, 1>(dy), float::<Self, 1>(gate));
+        let f32 = |t: FloatTensor<Self>| float::<Self, 1>(t).cast(FloatDType::F32);
+        let (dy, g, up) = (f32(dy), f32(gate), f32(up));
         let a = activate(g.clone(), act);
         let slope = match act {
             GateActivation::Silu => {
@@ -69,7 +71,7 @@ pub trait GatedActOp: Backend {
                 cdf + g * pdf
             }
         };
-        let dgate = dy.clone() * float::<Self, 1>(up) * slope;
+        let dgate = dy.clone() * up * slope;
         (dgate.into_primitive().tensor(), (dy * a).into_primitive().tensor())
     }
 }
@@ -142,6 +144,8 @@ impl<B: burn_fusion::FusionBackend> GatedActOp for burn_fusion::Fusion<B> {}
 #[allow(unused_assignments)]
 pub(crate) mod cube {
     use burn::tensor::ops::FloatTensor;
+    use burn::tensor::DType;
+    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -191,58 +195,77 @@ pub(crate) mod cube {
         d
     }
 
+    /// `gate`, `up` and `y` in `G` (f32, or the half type the projections wrote), computed in `F`.
     #[cube(launch_unchecked)]
-    fn forward_kernel<F: Float>(gate: &Tensor<F>, up: &Tensor<F>, y: &mut Tensor<F>, #[comptime] act: u32) {
+    fn forward_kernel<F: Float, G: Float>(gate: &Tensor<G>, up: &Tensor<G>, y: &mut Tensor<G>, #[comptime] act: u32) {
         let i = flat_index();
         if i < y.len() {
-            y[i] = value::<F>(gate[i], act) * up[i];
+            y[i] = G::cast_from(value::<F>(F::cast_from(gate[i]), act) * F::cast_from(up[i]));
         }
     }
 
+    /// `dy` in `F`; `gate`, `up` and both gradients in `G`, as in the forward.
     #[cube(launch_unchecked)]
-    fn backward_kernel<F: Float>(dy: &Tensor<F>, gate: &Tensor<F>, up: &Tensor<F>, dgate: &mut Tensor<F>, dup: &mut Tensor<F>, #[comptime] act: u32) {
+    fn backward_kernel<F: Float, G: Float>(dy: &Tensor<F>, gate: &Tensor<G>, up: &Tensor<G>, dgate: &mut Tensor<G>, dup: &mut Tensor<G>, #[comptime] act: u32) {
         let i = flat_index();
         if i < dy.len() {
-            let g = gate[i];
-            dgate[i] = dy[i] * up[i] * slope::<F>(g, act);
-            dup[i] = dy[i] * value::<F>(g, act);
+            let g = F::cast_from(gate[i]);
+            dgate[i] = G::cast_from(dy[i] * F::cast_from(up[i]) * slope::<F>(g, act));
+            dup[i] = G::cast_from(dy[i] * value::<F>(g, act));
         }
     }
 
+    fn like<R: CubeRuntime>(t: &CubeTensor<R>) -> CubeTensor<R> {
+        empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), t.meta.shape().clone(), t.dtype)
+    }
 
-    fn like<R: CubeRuntime, F: FloatElement>(t: &CubeTensor<R>) -> CubeTensor<R> {
-        empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), t.meta.shape().clone(), F::dtype())
+    /// `gate` and `up` contiguous in one dtype: a half type both share (bf16 projections wrote
+    /// them, and they stay so), else the backend's float.
+    fn operands<R: CubeRuntime, F: FloatElement>(gate: CubeTensor<R>, up: CubeTensor<R>) -> (CubeTensor<R>, CubeTensor<R>) {
+        match gate.dtype {
+            DType::BF16 | DType::F16 if up.dtype == gate.dtype => (into_contiguous(gate), into_contiguous(up)),
+            _ => (contiguous_float::<R, F>(gate), contiguous_float::<R, F>(up)),
+        }
+    }
+
+    /// Launches `$kernel` with `G` the dtype `$dt`.
+    macro_rules! launch_typed {
+        ($kernel:ident, $dt:expr, $F:ty, $R:ty, $($arg:expr),* $(,)?) => {
+            // SAFETY (for every call): the tensors are contiguous with one shape; the kernel
+            // checks the flat index against the length.
+            unsafe {
+                match $dt {
+                    DType::BF16 => $kernel::launch_unchecked::<$F, burn::tensor::bf16, $R>($($arg),*),
+                    DType::F16 => $kernel::launch_unchecked::<$F, burn::tensor::f16, $R>($($arg),*),
+                    _ => $kernel::launch_unchecked::<$F, $F, $R>($($arg),*),
+                }
+            }
+        };
     }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> GatedActOp for CubeBackend<R, F, I, BT> {
         fn gated_act(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> FloatTensor<Self> {
-            let (gate, up) = (contiguous_float::<R, F>(gate), contiguous_float::<R, F>(up));
-            let y = like::<R, F>(&gate);
+            let (gate, up) = operands::<R, F>(gate, up);
+            let y = like(&gate);
             let n = gate.meta.shape().num_elements();
             if n == 0 {
                 return y;
             }
-            let client = gate.client.clone();
-            // SAFETY: `gate`, `up` and `y` are contiguous with one shape; the kernel checks the
-            // flat index against the length.
-            unsafe {
-                forward_kernel::launch_unchecked::<F, R>(&client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, gate.into_tensor_arg(), up.into_tensor_arg(), y.clone().into_tensor_arg(), act.code());
-            }
+            let (client, dt) = (gate.client.clone(), gate.dtype);
+            launch_typed!(forward_kernel, dt, F, R, &client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, gate.into_tensor_arg(), up.into_tensor_arg(), y.clone().into_tensor_arg(), act.code());
             y
         }
 
         fn gated_act_bwd(dy: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let (dy, gate, up) = (contiguous_float::<R, F>(dy), contiguous_float::<R, F>(gate), contiguous_float::<R, F>(up));
-            let (dgate, dup) = (like::<R, F>(&gate), like::<R, F>(&gate));
+            let dy = contiguous_float::<R, F>(dy);
+            let (gate, up) = operands::<R, F>(gate, up);
+            let (dgate, dup) = (like(&gate), like(&gate));
             let n = gate.meta.shape().num_elements();
             if n == 0 {
                 return (dgate, dup);
             }
-            let client = gate.client.clone();
-            // SAFETY: as in the forward; `dy` has the shape of `gate`.
-            unsafe {
-                backward_kernel::launch_unchecked::<F, R>(&client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, dy.into_tensor_arg(), gate.into_tensor_arg(), up.into_tensor_arg(), dgate.clone().into_tensor_arg(), dup.clone().into_tensor_arg(), act.code());
-            }
+            let (client, dt) = (gate.client.clone(), gate.dtype);
+            launch_typed!(backward_kernel, dt, F, R, &client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, dy.into_tensor_arg(), gate.into_tensor_arg(), up.into_tensor_arg(), dgate.clone().into_tensor_arg(), dup.clone().into_tensor_arg(), act.code());
             (dgate, dup)
         }
     }

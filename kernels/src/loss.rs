@@ -57,6 +57,45 @@ pub trait LmHeadLoss: FrozenMatmul {
     fn lm_head_loss(h: FloatTensor<Self>, w: FloatTensor<Self>, targets: IntTensor<Self>, mask: FloatTensor<Self>, spec: HeadLoss) -> FloatTensor<Self> {
         forward::<Self>(h, w, targets, mask, spec).0
     }
+
+    /// Per row of one chunk's logits `u` `[c, v]` (f32, before the softcap): the log-sum-exp
+    /// of `z = cap(u)` and `z[target]`, each `[c]` in f32. The default is tensor operations; the
+    /// CubeCL backends read each row once in one kernel.
+    fn chunk_lse(u: FloatTensor<Self>, targets: IntTensor<Self>, softcap: Option<f64>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        chunk_lse_composition::<Self>(u, targets, softcap)
+    }
+
+    /// `dz = (exp(z − lse) − onehot(target)) · coef`, times `1 − (z/c)²` under a softcap `c`,
+    /// with `z = cap(u)`, for one chunk: `u` `[c, v]` f32, `lse`, `coef` `[c]` f32, `targets`
+    /// `[c]`; written in `out` (the dtype the next product multiplies in).
+    fn chunk_grad(u: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, coef: FloatTensor<Self>, softcap: Option<f64>, out: DType) -> FloatTensor<Self> {
+        chunk_grad_composition::<Self>(u, lse, targets, coef, softcap, out)
+    }
+}
+
+/// [`LmHeadLoss::chunk_lse`] as tensor operations.
+fn chunk_lse_composition<B: Backend>(u: FloatTensor<B>, targets: IntTensor<B>, cap: Option<f64>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let z = softcap(float::<B, 2>(u), cap); // [c, v]
+    let c = z.dims()[0];
+    let max = z.clone().max_dim(1).detach(); // [c, 1]
+    let lse = (z.clone() - max.clone()).exp().sum_dim(1).log() + max; // [c, 1]
+    let picked = z.gather(1, Tensor::<B, 1, Int>::from_primitive(targets).reshape([c, 1])); // [c, 1]
+    (lse.reshape([c]).into_primitive().tensor(), picked.reshape([c]).into_primitive().tensor())
+}
+
+/// [`LmHeadLoss::chunk_grad`] as tensor operations.
+fn chunk_grad_composition<B: Backend>(u: FloatTensor<B>, lse: FloatTensor<B>, targets: IntTensor<B>, coef: FloatTensor<B>, cap: Option<f64>, out: DType) -> FloatTensor<B> {
+    let z = softcap(float::<B, 2>(u), cap); // [c, v]
+    let c = z.dims()[0];
+    let coef = float::<B, 1>(coef).reshape([c, 1]);
+    let p = (z.clone() - float::<B, 1>(lse).reshape([c, 1])).exp();
+    let t = Tensor::<B, 1, Int>::from_primitive(targets).reshape([c, 1]);
+    let mut dz = (p * coef.clone()).scatter(1, t, coef.neg(), IndexingUpdateOp::Add); // [c, v]
+    if let Some(cap) = cap {
+        let y = z.div_scalar(cap);
+        dz = dz * (y.clone() * y).neg().add_scalar(1.0);
+    }
+    dz.cast(out).into_primitive().tensor()
 }
 
 /// `Σ mask · nll` of `h` `[n, e]` through the head `w`: the typed entry point.
@@ -103,7 +142,7 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// The loss `[1]` and each row's log-sum-exp `[n]` (f32), which is all the backward keeps.
-fn forward<B: FrozenMatmul>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<B>, mask: FloatTensor<B>, spec: HeadLoss) -> (FloatTensor<B>, FloatTensor<B>) {
+fn forward<B: LmHeadLoss>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<B>, mask: FloatTensor<B>, spec: HeadLoss) -> (FloatTensor<B>, FloatTensor<B>) {
     let h = float::<B, 2>(h);
     let w = float::<B, 2>(w);
     let targets = Tensor::<B, 1, Int>::from_primitive(targets);
@@ -112,13 +151,13 @@ fn forward<B: FrozenMatmul>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTe
     let mut loss = Tensor::<B, 1>::zeros([1], (&h.device(), DType::F32));
     let mut lses = Vec::new();
     for (start, len) in chunks(n, spec.chunk) {
-        let z = softcap(chunk_logits(h.clone().narrow(0, start, len), &w, spec.layout), spec.softcap); // [c, v]
-        let max = z.clone().max_dim(1).detach(); // [c, 1]
-        let lse = (z.clone() - max.clone()).exp().sum_dim(1).log() + max; // [c, 1]
-        let picked = z.gather(1, targets.clone().narrow(0, start, len).reshape([len, 1])); // [c, 1]
-        let nll = (lse.clone() - picked).reshape([len]) * mask.clone().narrow(0, start, len);
+        let u = chunk_logits(h.clone().narrow(0, start, len), &w, spec.layout); // [c, v]
+        let t = targets.clone().narrow(0, start, len).into_primitive();
+        let (lse, picked) = B::chunk_lse(u.into_primitive().tensor(), t, spec.softcap);
+        let lse = float::<B, 1>(lse); // [c]
+        let nll = (lse.clone() - float::<B, 1>(picked)) * mask.clone().narrow(0, start, len);
         loss = loss + nll.sum();
-        lses.push(lse.reshape([len]));
+        lses.push(lse);
     }
     let lse = Tensor::cat(lses, 0);
     (loss.into_primitive().tensor(), lse.into_primitive().tensor())
@@ -127,7 +166,7 @@ fn forward<B: FrozenMatmul>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTe
 /// `dh` `[n, e]` (in `h`'s dtype) and, when asked, `dW` (in `w`'s layout and dtype) for an
 /// upstream gradient `g` `[1]`: per chunk, `dz = (softmax(z) − onehot(target)) · mask · g`,
 /// through the softcap's `1 − tanh²`, then `dh = dz·Wᵀ`, `dW += hᵀ·dz`.
-fn backward<B: FrozenMatmul>(g: FloatTensor<B>, s: &State<B>, want_w: bool) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+fn backward<B: LmHeadLoss>(g: FloatTensor<B>, s: &State<B>, want_w: bool) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let h = float::<B, 2>(s.h.clone());
     let w = float::<B, 2>(s.w.clone());
     let targets = Tensor::<B, 1, Int>::from_primitive(s.targets.clone());
@@ -141,15 +180,12 @@ fn backward<B: FrozenMatmul>(g: FloatTensor<B>, s: &State<B>, want_w: bool) -> (
     for (start, len) in chunks(n, s.spec.chunk) {
         let hc = h.clone().narrow(0, start, len);
         let u = chunk_logits(hc.clone(), &w, s.spec.layout); // [c, v]
-        let z = softcap(u, s.spec.softcap);
-        let coef = (mask.clone().narrow(0, start, len) * g.clone()).reshape([len, 1]); // [c, 1]
-        let p = (z.clone() - lse.clone().narrow(0, start, len).reshape([len, 1])).exp();
-        let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
-        let mut dz = (p * coef.clone()).scatter(1, t, coef.neg(), IndexingUpdateOp::Add); // [c, v]
-        if let Some(c) = s.spec.softcap {
-            let y = z.div_scalar(c);
-            dz = dz * (y.clone() * y).neg().add_scalar(1.0);
-        }
+        let coef = mask.clone().narrow(0, start, len) * g.clone(); // [c]
+        let t = targets.clone().narrow(0, start, len).into_primitive();
+        let prim = |x: Tensor<B, 1>| x.into_primitive().tensor();
+        // In W's dtype: the products below multiply in it.
+        let dz = B::chunk_grad(u.into_primitive().tensor(), prim(lse.clone().narrow(0, start, len)), t, prim(coef), s.spec.softcap, w_dtype);
+        let dz = float::<B, 2>(dz); // [c, v]
         // dh = dz·Wᵀ in the head's layout, multiplied in W's dtype, f32 out.
         let (dz_p, w_p) = (dz.clone().into_primitive().tensor(), w.clone().into_primitive().tensor());
         let dh = match s.spec.layout {
@@ -187,7 +223,7 @@ struct State<B: Backend> {
 #[derive(Debug)]
 struct LmHeadLossBackward;
 
-impl<B: FrozenMatmul> Backward<B, 2> for LmHeadLossBackward {
+impl<B: LmHeadLoss> Backward<B, 2> for LmHeadLossBackward {
     type State = State<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
@@ -219,7 +255,187 @@ impl<B: LmHeadLoss, C: CheckpointStrategy> LmHeadLoss for Autodiff<B, C> {
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> LmHeadLoss for NdArray<E, I, Q> where NdArrayTensor: From<SharedArray<E>> + From<SharedArray<I>> {}
 
 #[cfg(feature = "cubecl")]
-impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> LmHeadLoss for burn_cubecl::CubeBackend<R, F, I, BT> {}
+mod cube {
+    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn::tensor::{DType, Shape, TensorData};
+    use burn_cubecl::kernel::{cast, into_contiguous};
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+    use cubecl::prelude::*;
+    use cubecl::{cube, CubeCount, CubeDim};
+
+    use super::LmHeadLoss;
+    use crate::cube::contiguous_float;
+
+    /// Threads per row. A chunk holds a few hundred rows of the whole vocabulary (see
+    /// [`super::chunk_rows`]): 512 threads each keep an H100 full in one wave.
+    const LANES: u32 = 512;
+    const LOG_LANES: u32 = 9;
+    /// Loads each thread has in flight per pass (independent, `LANES` apart: still coalesced).
+    const UNROLL: usize = 4;
+    /// Below any logit: the running maximum starts here, so that a lane with no element adds 0.
+    const FLOOR: f32 = -1.0e30;
+
+    #[cube]
+    fn capped<F: Float>(x: F, cap: F, #[comptime] softcap: bool) -> F {
+        let mut y = x;
+        if softcap {
+            y = cap * F::tanh(x / cap);
+        }
+        y
+    }
+
+    /// Folds `x` into a running `(max, Σ exp(· − max))`.
+    #[cube]
+    fn fold<F: Float>(m: &mut F, sum: &mut F, x: F) {
+        if x > *m {
+            *sum = *sum * F::exp(*m - x) + F::new(1.0);
+            *m = x;
+        } else {
+            *sum += F::exp(x - *m);
+        }
+    }
+
+    /// One cube per row of `u` `[c, v]`: `lse[row]` = logsumexp(cap(u)) in one pass over the
+    /// row (a running maximum, the sum rescaled when it grows) and `picked[row]` = cap(u)[target].
+    /// `params` = [softcap].
+    #[cube(launch_unchecked)]
+    fn lse_kernel<F: Float, I: Int>(u: &Tensor<F>, targets: &Tensor<I>, params: &Tensor<F>, lse: &mut Tensor<F>, picked: &mut Tensor<F>, #[comptime] softcap: bool) {
+        let row = CUBE_POS_X as usize;
+        let lane = UNIT_POS_X as usize;
+        let v = u.shape(1);
+        let base = row * v;
+        let cap = params[0];
+        let stride = LANES as usize;
+        let mut m = F::new(FLOOR);
+        let mut sum = F::new(0.0);
+        let mut j = lane;
+        while j + (UNROLL - 1) * stride < v {
+            let x0 = u[base + j];
+            let x1 = u[base + j + stride];
+            let x2 = u[base + j + 2 * stride];
+            let x3 = u[base + j + 3 * stride];
+            fold::<F>(&mut m, &mut sum, capped::<F>(x0, cap, softcap));
+            fold::<F>(&mut m, &mut sum, capped::<F>(x1, cap, softcap));
+            fold::<F>(&mut m, &mut sum, capped::<F>(x2, cap, softcap));
+            fold::<F>(&mut m, &mut sum, capped::<F>(x3, cap, softcap));
+            j += UNROLL * stride;
+        }
+        while j < v {
+            fold::<F>(&mut m, &mut sum, capped::<F>(u[base + j], cap, softcap));
+            j += stride;
+        }
+        let mut maxes = SharedMemory::<F>::new(LANES as usize);
+        let mut sums = SharedMemory::<F>::new(LANES as usize);
+        maxes[lane] = m;
+        sums[lane] = sum;
+        sync_cube();
+        #[unroll]
+        for step in 0..LOG_LANES {
+            let half = ((LANES / 2) >> step) as usize;
+            if lane < half {
+                let (m1, m2) = (maxes[lane], maxes[lane + half]);
+                let top = F::max(m1, m2);
+                sums[lane] = sums[lane] * F::exp(m1 - top) + sums[lane + half] * F::exp(m2 - top);
+                maxes[lane] = top;
+            }
+            sync_cube();
+        }
+        if lane == 0 {
+            lse[row] = maxes[0] + F::ln(sums[0]);
+            let t = usize::cast_from(targets[row]);
+            let mut p = F::new(0.0);
+            if t < v {
+                p = capped::<F>(u[base + t], cap, softcap);
+            }
+            picked[row] = p;
+        }
+    }
+
+    /// One cube per row: `dz = (exp(z − lse) − [j = target]) · coef · (1 − (z/c)²)` with
+    /// `z = cap(u)` (no last factor without a softcap), written as `G`. `params` = [softcap].
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    fn grad_kernel<F: Float, I: Int, G: Float>(u: &Tensor<F>, lse: &Tensor<F>, targets: &Tensor<I>, coef: &Tensor<F>, params: &Tensor<F>, dz: &mut Tensor<G>, #[comptime] softcap: bool) {
+        let row = CUBE_POS_X as usize;
+        let lane = UNIT_POS_X as usize;
+        let v = u.shape(1);
+        let base = row * v;
+        let cap = params[0];
+        let l = lse[row];
+        let c = coef[row];
+        let t = usize::cast_from(targets[row]);
+        let mut j = lane;
+        while j < v {
+            let z = capped::<F>(u[base + j], cap, softcap);
+            let mut g = F::exp(z - l) * c;
+            if j == t {
+                g -= c;
+            }
+            if softcap {
+                let y = z / cap;
+                g *= F::new(1.0) - y * y;
+            }
+            dz[base + j] = G::cast_from(g);
+            j += LANES as usize;
+        }
+    }
+
+    fn params<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(like: &CubeTensor<R>, softcap: Option<f64>) -> CubeTensor<R> {
+        let data = TensorData::new(vec![softcap.unwrap_or(1.0) as f32], [1]).convert::<F>();
+        contiguous_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
+    }
+
+    fn ints<R: CubeRuntime, I: IntElement>(t: CubeTensor<R>) -> CubeTensor<R> {
+        into_contiguous(if t.dtype == I::dtype() { t } else { cast(t, I::dtype()) })
+    }
+
+    fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
+        empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), dtype)
+    }
+
+    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LmHeadLoss for CubeBackend<R, F, I, BT> {
+        fn chunk_lse(u: FloatTensor<Self>, targets: IntTensor<Self>, softcap: Option<f64>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let (u, targets) = (contiguous_float::<R, F>(u), ints::<R, I>(targets));
+            let [c, v] = u.meta.shape().dims::<2>();
+            let (lse, picked) = (empty(&u, vec![c], F::dtype()), empty(&u, vec![c], F::dtype()));
+            if c == 0 || v == 0 {
+                return (lse, picked);
+            }
+            let p = params::<R, F, I, BT>(&u, softcap);
+            let client = u.client.clone();
+            // SAFETY: row `CUBE_POS_X` < c by the launch count, columns below `v`, one target,
+            // lse and picked per row (contiguous above); a target outside the row reads nothing.
+            unsafe {
+                lse_kernel::launch_unchecked::<F, I, R>(&client, CubeCount::Static(c as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, u.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some());
+            }
+            (lse, picked)
+        }
+
+        fn chunk_grad(u: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, coef: FloatTensor<Self>, softcap: Option<f64>, out: DType) -> FloatTensor<Self> {
+            let (u, lse, coef, targets) = (contiguous_float::<R, F>(u), contiguous_float::<R, F>(lse), contiguous_float::<R, F>(coef), ints::<R, I>(targets));
+            let [c, v] = u.meta.shape().dims::<2>();
+            let dz = empty(&u, vec![c, v], out);
+            if c == 0 || v == 0 {
+                return dz;
+            }
+            let p = params::<R, F, I, BT>(&u, softcap);
+            let client = u.client.clone();
+            let (count, dim) = (CubeCount::Static(c as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 });
+            // SAFETY: as in `chunk_lse`; `dz` has the shape of `u`.
+            unsafe {
+                match out {
+                    DType::BF16 => grad_kernel::launch_unchecked::<F, I, burn::tensor::bf16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    DType::F16 => grad_kernel::launch_unchecked::<F, I, burn::tensor::f16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    _ if out == F::dtype() => grad_kernel::launch_unchecked::<F, I, F, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    _ => return super::chunk_grad_composition::<Self>(u, lse, targets, coef, softcap, out),
+                }
+            }
+            dz
+        }
+    }
+}
 
 #[cfg(feature = "cubecl")]
 impl<B: burn_fusion::FusionBackend> LmHeadLoss for burn_fusion::Fusion<B> {}

@@ -52,6 +52,10 @@ pub struct Args {
     /// The recipe to time (train).
     #[arg(long)]
     recipe: Option<PathBuf>,
+    /// fused: only the cases of this operation (attention, lm_head_loss, rope, gated_act,
+    /// rms_norm, frozen_matmul, frozen_lora).
+    #[arg(long)]
+    only: Option<String>,
     /// Training steps to time (train); the first two are warm-up and not counted.
     #[arg(long, default_value_t = 12)]
     steps: usize,
@@ -110,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return super::bench_kernels::run_matmul(device, args.json);
     }
     if args.what == What::Fused {
-        return super::bench_fused::run(device, args.runs, args.json);
+        return super::bench_fused::run(device, args.runs, args.json, args.only.as_deref());
     }
     if args.what == What::Export {
         return super::export::bench(args.model.as_deref(), &args.types, args.json);

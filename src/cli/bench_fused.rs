@@ -8,7 +8,7 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Distribution, TensorData};
+use burn::tensor::{Distribution, FloatDType, TensorData};
 use kiln_kernels::attention::{attention_composition, set_attention_path, AttentionPath};
 use kiln_kernels::gated::activate;
 use kiln_kernels::loss::lm_head_loss_composition;
@@ -83,10 +83,10 @@ fn lm_head_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, 
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: usize, kv: usize, s: usize, d: usize, window: Option<usize>, softcap: Option<f64>, path: AttentionPath, runs: usize) -> serde_json::Value {
+fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: usize, kv: usize, s: usize, d: usize, window: Option<usize>, softcap: Option<f64>, (path, bf16_products): (AttentionPath, bool), runs: usize) -> serde_json::Value {
     set_attention_path(path);
     let mask = causal_mask::<A>(s, 0, 0, window, device);
-    let spec = AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap, causal: true };
+    let spec = AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap, causal: true, bf16_products };
     let normal = |heads: usize| Tensor::<A, 4>::random([b, heads, s, d], Distribution::Normal(0.0, 1.0), device);
     let (q0, k0, v0, c) = (normal(h), normal(kv), normal(kv), normal(h));
     let run = |fused: bool| {
@@ -103,7 +103,7 @@ fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize
     };
     let softcap = softcap.map_or("none".to_string(), |c| c.to_string());
     let window = window.map_or("none".to_string(), |w| w.to_string());
-    let r = compare("attention", format!("b {b} heads {h}/{kv} s {s} d {d} causal window {window} softcap {softcap} {path:?}"), runs, &run);
+    let r = compare("attention", format!("b {b} heads {h}/{kv} s {s} d {d} causal window {window} softcap {softcap} {path:?}{}", if bf16_products { " bf16" } else { "" }), runs, &run);
     set_attention_path(AttentionPath::Auto);
     r
 }
@@ -128,14 +128,17 @@ fn rope_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: 
     compare("rope", format!("b {b} heads {h} s {s} d {d}"), runs, &run)
 }
 
-fn gated_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, rows: usize, f: usize, act: GateActivation, runs: usize) -> serde_json::Value {
+/// `half`: the fused operation gets `gate` and `up` in bf16 (as bf16 projections write them)
+/// and writes bf16, against the f32 composition.
+fn gated_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, rows: usize, f: usize, act: GateActivation, half: bool, runs: usize) -> serde_json::Value {
     let normal = || Tensor::<A, 2>::random([rows, f], Distribution::Normal(0.0, 2.0), device);
     let (g0, u0, c) = (normal(), normal(), normal());
+    let operand = if half { FloatDType::BF16 } else { FloatDType::F32 };
     let run = |fused: bool| {
         timed::<A>(device, || {
             let (g, u) = (g0.clone().detach().require_grad(), u0.clone().detach().require_grad());
             let y = match fused {
-                true => gated_act(g.clone(), u.clone(), act),
+                true => gated_act(g.clone().cast(operand), u.clone().cast(operand), act).cast(FloatDType::F32),
                 false => activate(g.clone(), act) * u.clone(),
             };
             let grads = (y.clone() * c.clone()).sum().backward();
@@ -143,14 +146,14 @@ fn gated_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, rows: usize,
             vec![("y", host(y)), ("d_gate", grad(&g)), ("d_up", grad(&u))]
         })
     };
-    compare("gated_act", format!("{rows} × {f} {act:?}"), runs, &run)
+    compare("gated_act", format!("{rows} × {f} {act:?}{}", if half { " bf16" } else { "" }), runs, &run)
 }
 
 /// A product with a frozen weight: in bf16 where the device has it (the matmul writing f32)
 /// against casting the input to bf16, multiplying, and casting the result back.
 fn frozen_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k: usize, m: usize, runs: usize) -> serde_json::Value {
     let bf16 = A::supports_dtype(device, burn::tensor::DType::BF16);
-    let dtype = if bf16 { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
+    let dtype = if bf16 { FloatDType::BF16 } else { FloatDType::F32 };
     let x0 = Tensor::<A, 2>::random([n, k], Distribution::Normal(0.0, 1.0), device);
     let w = Tensor::<A, 2>::random([k, m], Distribution::Normal(0.0, 0.05), device).cast(dtype);
     let c = Tensor::<A, 2>::random([n, m], Distribution::Normal(0.0, 1.0), device);
@@ -170,9 +173,11 @@ fn frozen_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k
 
 /// A frozen product with its rank-`r` LoRA adapter as one operation (on CUDA: cuBLAS, the
 /// adapter scaled and added in place) against the plain composition (autodiff's gradients).
-fn lora_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k: usize, m: usize, r: usize, runs: usize) -> serde_json::Value {
+/// `out`: the dtype the operation writes `y` in (bf16 as the gated MLP's gate and up, whose
+/// gradients then arrive in bf16 too), against the f32 composition.
+fn lora_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k: usize, m: usize, r: usize, out: FloatDType, runs: usize) -> serde_json::Value {
     let bf16 = A::supports_dtype(device, burn::tensor::DType::BF16);
-    let dtype = if bf16 { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
+    let dtype = if bf16 { FloatDType::BF16 } else { FloatDType::F32 };
     let x0 = Tensor::<A, 2>::random([n, k], Distribution::Normal(0.0, 1.0), device);
     let w = Tensor::<A, 2>::random([k, m], Distribution::Normal(0.0, 0.05), device).cast(dtype);
     let a0 = Tensor::<A, 2>::random([k, r], Distribution::Normal(0.0, 0.05), device);
@@ -182,7 +187,8 @@ fn lora_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k: 
         timed::<A>(device, || {
             let (x, a, b) = (x0.clone().detach().require_grad(), a0.clone().detach().require_grad(), b0.clone().detach().require_grad());
             let y = match fused {
-                true => kiln_kernels::frozen_lora(x.clone(), w.clone(), a.clone(), b.clone(), 2.0),
+                // Read back in f32: the cast's backward hands the product its gradient in `out`.
+                true => kiln_kernels::frozen::frozen_lora_as(x.clone(), w.clone(), a.clone(), b.clone(), 2.0, out).cast(FloatDType::F32),
                 false => kiln_kernels::frozen::matmul_as(x.clone(), w.clone(), dtype) + x.clone().matmul(a.clone()).mul_scalar(2.0).matmul(b.clone()),
             };
             let grads = (y.clone() * c.clone()).sum().backward();
@@ -190,7 +196,7 @@ fn lora_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k: 
             vec![("y", host(y.clone())), ("dx", grad(&x)), ("dA", grad(&a)), ("dB", grad(&b))]
         })
     };
-    compare("frozen_lora", format!("{n} × {k} · {k} × {m} r {r} {}", if bf16 { "bf16" } else { "f32" }), runs, &run)
+    compare("frozen_lora", format!("{n} × {k} · {k} × {m} r {r} {} -> {out:?}", if bf16 { "bf16" } else { "f32" }), runs, &run)
 }
 
 fn rms_norm_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, d: usize, offset: f64, runs: usize) -> serde_json::Value {
@@ -211,11 +217,12 @@ fn rms_norm_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize,
     compare("rms_norm", format!("{n} × {d} offset {offset}"), runs, &run)
 }
 
-pub fn run(device: DeviceSpec, runs: usize, json_out: bool) -> anyhow::Result<()> {
-    crate::with_backend!(device, |B, dev| run_on::<Autodiff<B>>(&dev, device, runs.max(1), json_out))
+/// `only`: the one operation to check (its name as the rows print it), or all of them.
+pub fn run(device: DeviceSpec, runs: usize, json_out: bool, only: Option<&str>) -> anyhow::Result<()> {
+    crate::with_backend!(device, |B, dev| run_on::<Autodiff<B>>(&dev, device, runs.max(1), json_out, only))
 }
 
-fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec, runs: usize, json_out: bool) -> anyhow::Result<()> {
+fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec, runs: usize, json_out: bool, only: Option<&str>) -> anyhow::Result<()> {
     // Each row prints as soon as it is measured: on a GPU the first run of a shape waits for its
     // kernels to compile, and a cut-short run should still show what it checked.
     let mut rows = Vec::new();
@@ -230,36 +237,79 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
         }
         rows.push(r);
     };
+    let want = |op: &str| only.is_none_or(|o| o == op);
     // Small shapes that do not fill the kernels' tiles, then the sizes of a Qwen2.5-0.5B
     // training step at 4 × 1024 tokens (14 query heads over 2 key/value heads of 64).
-    // Attention both ways: the flash kernels and the dense products (cuBLAS on CUDA).
-    for path in [AttentionPath::Kernels, AttentionPath::Products] {
-        push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, path, runs));
-        push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), path, runs));
+    // Attention both ways: the flash kernels and the dense products (cuBLAS on CUDA), these
+    // also in bf16 (as bf16 training runs them) where the device has it; the gated MLP and the
+    // LoRA product likewise with bf16 operands or output.
+    let bf16 = A::supports_dtype(device, burn::tensor::DType::BF16);
+    let paths = [(AttentionPath::Kernels, false), (AttentionPath::Products, false), (AttentionPath::Products, true)];
+    let paths: Vec<_> = paths.into_iter().filter(|&(_, half)| bf16 || !half).collect();
+    let halves: &[bool] = if bf16 { &[false, true] } else { &[false] };
+    let outs: &[FloatDType] = if bf16 { &[FloatDType::F32, FloatDType::BF16] } else { &[FloatDType::F32] };
+    if want("attention") {
+        for &path in &paths {
+            push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, path, runs));
+            push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), path, runs));
+        }
     }
-    push(rope_case::<A>(device, 2, 3, 37, 12, runs));
-    for act in [GateActivation::Silu, GateActivation::GeluTanh, GateActivation::Gelu] {
-        push(gated_case::<A>(device, 37, 101, act, runs));
-    }
-    push(rms_norm_case::<A>(device, 37, 300, 1.0, runs));
-    push(frozen_case::<A>(device, 37, 24, 53, runs));
-    push(lora_case::<A>(device, 37, 24, 53, 5, runs));
-    for &(n, e, v, chunk) in &[(37, 24, 53, 8), (300, 64, 1001, 128)] {
-        for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
-            for softcap in [None, Some(30.0)] {
-                push(lm_head_case::<A>(device, n, e, v, HeadLoss { layout, softcap, chunk }, runs));
+    if want("lm_head_loss") {
+        for &(n, e, v, chunk) in &[(37, 24, 53, 8), (300, 64, 1001, 128)] {
+            for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
+                for softcap in [None, Some(30.0)] {
+                    push(lm_head_case::<A>(device, n, e, v, HeadLoss { layout, softcap, chunk }, runs));
+                }
             }
         }
     }
-    push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, AttentionPath::Kernels, runs));
-    push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, AttentionPath::Auto, runs));
-    push(rope_case::<A>(device, 4, 14, 1024, 64, runs));
-    push(gated_case::<A>(device, 4096, 4864, GateActivation::Silu, runs));
-    push(rms_norm_case::<A>(device, 4096, 896, 0.0, runs));
-    push(frozen_case::<A>(device, 8192, 896, 4864, runs));
-    push(frozen_case::<A>(device, 8192, 4864, 896, runs));
-    push(lora_case::<A>(device, 8192, 896, 4864, 16, runs));
-    push(lora_case::<A>(device, 8192, 4864, 896, 16, runs));
+    if want("rope") {
+        push(rope_case::<A>(device, 2, 3, 37, 12, runs));
+    }
+    if want("gated_act") {
+        for act in [GateActivation::Silu, GateActivation::GeluTanh, GateActivation::Gelu] {
+            for &half in halves {
+                push(gated_case::<A>(device, 37, 101, act, half, runs));
+            }
+        }
+    }
+    if want("rms_norm") {
+        push(rms_norm_case::<A>(device, 37, 300, 1.0, runs));
+    }
+    if want("frozen_matmul") {
+        push(frozen_case::<A>(device, 37, 24, 53, runs));
+    }
+    if want("frozen_lora") {
+        for &out in outs {
+            push(lora_case::<A>(device, 37, 24, 53, 5, out, runs));
+        }
+    }
+    if want("attention") {
+        for &path in &paths {
+            push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, path, runs));
+        }
+    }
+    if want("rope") {
+        push(rope_case::<A>(device, 4, 14, 1024, 64, runs));
+    }
+    if want("gated_act") {
+        for &half in halves {
+            push(gated_case::<A>(device, 4096, 4864, GateActivation::Silu, half, runs));
+        }
+    }
+    if want("rms_norm") {
+        push(rms_norm_case::<A>(device, 4096, 896, 0.0, runs));
+    }
+    if want("frozen_matmul") {
+        push(frozen_case::<A>(device, 8192, 896, 4864, runs));
+        push(frozen_case::<A>(device, 8192, 4864, 896, runs));
+    }
+    if want("frozen_lora") {
+        for &out in outs {
+            push(lora_case::<A>(device, 8192, 896, 4864, 16, out, runs));
+        }
+        push(lora_case::<A>(device, 8192, 4864, 896, 16, FloatDType::F32, runs));
+    }
     let v = 151_936;
     push(lm_head_case::<A>(device, 2048, 896, v, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: chunk_rows(v) }, runs));
 

@@ -80,6 +80,9 @@ pub struct Attention<B: Backend> {
     /// Attention as one operation that keeps no score matrix for backward
     /// ([`kiln_kernels::flash_attention`]); false: the plain composition (the reference).
     pub fused: bool,
+    /// Multiply the fused attention's dense products in bf16 ([`AttentionSpec::bf16_products`]):
+    /// set with the bf16 frozen weights ([`Model::to_bf16_matmuls`]).
+    pub bf16_products: bool,
 }
 
 impl<B: QuantMatmul> Attention<B> {
@@ -112,6 +115,7 @@ impl<B: QuantMatmul> Attention<B> {
             logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
             cache_keep: spec.cache_keep(),
             fused: true,
+            bf16_products: false,
         })
     }
 
@@ -182,7 +186,7 @@ impl<B: QuantMatmul> Attention<B> {
         };
         let kv_used = (k.clone(), v.clone());
         // Both masks the model builds (`causal_mask`, `packed_mask`) hide the future.
-        let spec = AttentionSpec { scale: self.scale, softcap: (self.logit_softcap > 0.0).then_some(self.logit_softcap), causal: true };
+        let spec = AttentionSpec { scale: self.scale, softcap: (self.logit_softcap > 0.0).then_some(self.logit_softcap), causal: true, bf16_products: self.bf16_products };
         let (out, kept) = if self.fused && !keep_probs {
             (flash_attention(q, k, v, mask.clone(), spec), None)
         } else {
@@ -216,8 +220,13 @@ impl<B: QuantMatmul> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        // act(gate) · up as one operation: backward keeps only the two projections.
-        let hidden = gated_act(self.gate_proj.forward(x.clone()), self.up_proj.forward(x), self.activation); // [.., f]
+        // act(gate) · up as one operation: backward keeps only the two projections. With bf16
+        // weights and adapters throughout, gate, up and their product stay in bf16 (as under
+        // PyTorch's autocast): the down projection multiplies in bf16 anyway.
+        let hidden = match [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|l| l.writes_bf16()) {
+            true => gated_act(self.gate_proj.forward_bf16(x.clone()), self.up_proj.forward_bf16(x), self.activation),
+            false => gated_act(self.gate_proj.forward(x.clone()), self.up_proj.forward(x), self.activation),
+        }; // [.., f]
         self.down_proj.forward(hidden)
     }
 }
@@ -496,12 +505,16 @@ impl<B: QuantMatmul> Model<B> {
         Ok(Self { embed_tokens: Param::from_tensor(embed_tokens), per_layer, layers, norm, lm_head, config, matmul_dtype: FloatDType::F32 })
     }
 
-    /// Frozen projection weights in bf16, multiplied in bf16 ([`super::layers::to_bf16_matmuls`]);
+    /// Frozen projection weights in bf16, multiplied in bf16 ([`super::layers::to_bf16_matmuls`]),
+    /// and attention's dense products in bf16 ([`Attention::bf16_products`]);
     /// a tied head keeps its f32 embedding for lookups and multiplies through a bf16 copy.
     /// Returns the model and how many weights were converted.
     pub fn to_bf16_matmuls(self) -> (Self, usize) {
         let (mut model, n) = super::layers::to_bf16_matmuls(self);
         model.matmul_dtype = FloatDType::BF16;
+        for layer in &mut model.layers {
+            layer.self_attn.bf16_products = true;
+        }
         (model, n)
     }
 

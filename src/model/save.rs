@@ -206,6 +206,7 @@ impl<B: Backend> Model<B> {
                 logit_softcap: cfg.attn_logit_softcap.unwrap_or(0.0),
                 cache_keep: spec.cache_keep(),
                 fused: true,
+                bf16_products: false,
             };
             let f = spec.mlp_width.unwrap_or(cfg.intermediate_size);
             let mlp = Mlp {

@@ -9,10 +9,12 @@
 //! - the activations the autodiff tape holds for backward, counted per token and layer from the
 //!   decoder's operations (see `Step::layer_elems`): attention (fused) keeps its inputs, output
 //!   and one log-sum-exp per head, never a `[heads, seq]` row per token; the gated MLP (fused)
-//!   three `[intermediate]` rows; the (fused) norms a few `[hidden]` rows; (fused) rope none;
+//!   three `[intermediate]` rows (bf16 where its projections write bf16); the (fused) norms a
+//!   few `[hidden]` rows; (fused) rope none;
 //! - one layer's worth of gradients in flight during backward (plus, where attention runs as
 //!   the composition rather than kiln's kernels, that layer's `[b, h, s, t]` scores);
-//! - one chunk of the LM-head loss (the full logits are never formed).
+//! - one chunk of the LM-head loss (the full logits are never formed): its logits and their
+//!   gradient where row kernels compute the softmax (CUDA), four such tensors elsewhere.
 //!
 //! The activation counts are read off the code, not fitted to measurements: their sum is
 //! `live_bytes`. On a GPU the peak that matters is what the allocator reserves: CubeCL's pool
@@ -113,12 +115,13 @@ pub struct Plan {
 const F32: u64 = 4;
 
 /// CubeCL's pool high-water mark over `live_bytes`, as measured by `kiln bench train` on an H100
-/// (bench/RESULTS.md, LoRA r16 on all projections, 8192 tokens per step): Qwen2.5-0.5B shape in
-/// f32 24.7 / 19.26 GiB = 1.28 (seq 512, 1024, 2048 alike), in bf16 25.6 / 18.84 GiB = 1.36
-/// (the same three), Llama-3.2-1B shape in bf16 33.2 / 25.4 GiB = 1.31. A measurement of the
-/// allocator, not a model of it: measured on CUDA only; ROCm and wgpu run the same CubeCL
-/// memory management and are given the same factor, unmeasured.
-pub const POOL_FACTOR: f64 = 1.32;
+/// (bench/RESULTS.md, LoRA r16 on all projections, bf16, 8 × 1024 tokens per step, with the MLP's
+/// intermediates in bf16 and the LM head's row kernels): Qwen2.5-0.5B shape 19.72 / 12.65 GiB =
+/// 1.56, Llama-3.2-1B shape 24.47 / 18.45 GiB = 1.33 (the allocator reported 11.9 and 17.1 GiB
+/// in use at those peaks). Earlier builds, whose steps held f32 intermediates, measured 1.28–1.36.
+/// A measurement of the allocator, not a model of it: measured on CUDA only; ROCm and wgpu run
+/// the same CubeCL memory management and are given the same factor, unmeasured.
+pub const POOL_FACTOR: f64 = 1.44;
 
 /// What one training step of `recipe` holds, for a model of `geom`.
 struct Step<'a> {
@@ -179,14 +182,23 @@ impl Step<'_> {
         }
     }
 
-    /// f32 values the tape keeps per token for one layer (see the module docs).
-    fn layer_elems(&self, l: &LayerGeometry) -> u64 {
+    /// Whether layer `i`'s gated MLP keeps gate, up and their product in bf16 (`Mlp::forward`:
+    /// bf16 frozen weights with an adapter on all three projections and no adapter dropout).
+    fn half_mlp(&self, device: DeviceSpec, i: usize) -> bool {
+        self.bf16(device) && self.recipe.lora.dropout == 0.0 && ["gate_proj", "up_proj", "down_proj"].iter().all(|p| self.adapted(p, i))
+    }
+
+    /// f32 values (or their size in bytes over 4) the tape keeps per token for layer `i` (see
+    /// the module docs).
+    fn layer_elems(&self, l: &LayerGeometry, half_mlp: bool) -> u64 {
         let (e, q, kv, f) = (self.geom.hidden, l.heads * l.head_dim, l.kv_heads * l.head_dim, l.mlp);
         // Norms (fused: input and output, two norms). Fused attention: its inputs (queries and
         // keys after rope, which keeps nothing of its own; values), its output, one
         // log-sum-exp per head, and the output laid out for o_proj. MLP (fused gate): gate, up,
-        // and their product (down_proj's input, kept when down_proj trains).
-        let mut n = 4 * e + q + 2 * kv + 2 * q + l.heads + 3 * f;
+        // and their product (down_proj's input, kept when down_proj trains), in bf16 where the
+        // projections write bf16.
+        let mlp = if half_mlp { 3 * f / 2 } else { 3 * f };
+        let mut n = 4 * e + q + 2 * kv + 2 * q + l.heads + mlp;
         if self.geom.qk_norm {
             // The per-head norms' inputs.
             n += q + kv;
@@ -205,9 +217,10 @@ impl Step<'_> {
         let accum = self.recipe.train.grad_accum.max(1);
         let gradients = trainable * F32 * if accum > 1 { 2 } else { 1 };
         let optimizer = trainable * F32 * 2;
-        let per_token: u64 = g.layers.iter().map(|l| self.layer_elems(l)).sum::<u64>() + 4 * g.hidden as u64;
+        let elems: Vec<u64> = g.layers.iter().enumerate().map(|(i, l)| self.layer_elems(l, self.half_mlp(device, i))).collect();
+        let per_token: u64 = elems.iter().sum::<u64>() + 4 * g.hidden as u64;
         let activations = per_token * tokens * F32;
-        let widest = g.layers.iter().map(|l| self.layer_elems(l)).max().unwrap_or(0);
+        let widest = elems.iter().copied().max().unwrap_or(0);
         // Where attention runs as the composition (no kernels of kiln's own on that backend),
         // its backward forms a few `[b, h, s, t]` score matrices for a moment: scores, their
         // softcap, probabilities, their gradient.
@@ -217,8 +230,13 @@ impl Step<'_> {
         };
         let backward = widest * tokens * F32 + scores * F32;
         let chunk = kiln_kernels::chunk_rows(g.vocab).min(self.batch * self.seq) as u64;
-        // Logits, exponentials, their gradient, and the gradient's copy in the weight's layout.
-        let logits = 4 * chunk * g.vocab as u64 * F32;
+        // CUDA runs each chunk's softmax as row kernels: the logits and their gradient, written
+        // in the head's dtype. Elsewhere (tensor operations): logits, exponentials, their
+        // gradient, and the gradient's copy in the weight's layout.
+        let logits = match device {
+            DeviceSpec::Cuda(_) => chunk * g.vocab as u64 * (F32 + if self.bf16(device) { 2 } else { F32 }),
+            _ => 4 * chunk * g.vocab as u64 * F32,
+        };
         let weights = self.weight_bytes(device);
         let live = weights + gradients + optimizer + activations + backward + logits;
         let peak = match device {

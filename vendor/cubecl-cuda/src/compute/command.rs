@@ -359,6 +359,15 @@ impl<'a> Command<'a> {
 
         let resource = self.resource(handle)?;
 
+        // kiln patch: a small contiguous write is staged in the stream's upload ring, so that
+        // its pinned buffer returns to the pool at once instead of staying live in the drop
+        // queue (see `upload_ring`).
+        let contiguous = shape.iter().product::<usize>() * elem_size == data.len()
+            && (0..shape.len()).all(|i| shape[i] <= 1 || strides[i] == shape[i + 1..].iter().product::<usize>());
+        if contiguous && data.len() <= super::upload_ring::MAX_UPLOAD && !matches!(data.property(), AllocationProperty::File) {
+            return self.streams.current().upload_ring.upload(&data, resource.ptr);
+        }
+
         let size = data.len();
         let data = match data.property() {
             AllocationProperty::File => {
@@ -400,6 +409,13 @@ impl<'a> Command<'a> {
     /// * `Ok(Handle)` - A handle to the newly allocated and populated GPU memory.
     /// * `Err(IoError)` - If the allocation or data copy fails.
     pub fn create_with_data(&mut self, data: &[u8]) -> Result<Handle, IoError> {
+        // kiln patch: launches' metadata goes through the stream's upload ring.
+        if data.len() <= super::upload_ring::MAX_UPLOAD {
+            let handle = self.empty(data.len() as u64)?;
+            let resource = self.resource(handle.clone().binding())?;
+            self.streams.current().upload_ring.upload(data, resource.ptr)?;
+            return Ok(handle);
+        }
         let mut staging =
             self.reserve_pinned(data.len(), None)
                 .ok_or_else(|| IoError::Unknown {

@@ -4,6 +4,7 @@ use crate::compute::{
         gpu::GpuStorage,
     },
     sync::Fence,
+    upload_ring::UploadRing,
 };
 use cubecl_core::{
     MemoryConfiguration,
@@ -26,6 +27,8 @@ pub struct Stream {
     pub memory_management_cpu: MemoryManagement<PinnedMemoryStorage>,
     pub errors: Vec<ServerError>,
     pub drop_queue: drop_queue::PendingDropQueue<Fence>,
+    /// kiln patch: where launches' metadata is staged ([`UploadRing`]).
+    pub upload_ring: UploadRing,
 }
 
 impl drop_queue::Fence for Fence {
@@ -78,15 +81,8 @@ impl EventStreamBackend for CudaStreamBackend {
             memory_management_gpu,
             memory_management_cpu,
             errors: Vec::new(),
-            // kiln patch: the default policy flushes every 64 staged uploads, and each flush
-            // waits for the fence of the flush before. A launch stages its shapes and strides
-            // (a few hundred bytes): a training step queues ~2,000 such uploads, and waiting
-            // every 64 of them kept the host from running ahead of the GPU (34 waits, 28 ms a
-            // step on an H100). Flushing by size alone, the fence waited on is steps old.
-            drop_queue: drop_queue::PendingDropQueue::new(drop_queue::FlushingPolicy {
-                max_bytes_count: 16 * 1024,
-                max_bytes_size: 64 * 1024 * 1024,
-            }),
+            drop_queue: drop_queue::PendingDropQueue::default(),
+            upload_ring: UploadRing::new(stream),
         }
     }
 
