@@ -807,7 +807,7 @@ pub(crate) mod cube {
 
         use super::{empty, params, AttentionSpec, MASKED, UNSEEN};
         // One cube per score row: `flat_count` of `rows · FLAT_THREADS` threads is `rows` cubes.
-        use crate::cube::{contiguous_float, cublas_ready, flat_count, gemm, FLAT_THREADS};
+        use crate::cube::{capped, contiguous_float, cublas_ready, flat_count, gemm, launch_typed, FLAT_THREADS};
 
         /// Score elements per chunk of batch rows: 256 MiB of f32 scores (and as much again
         /// for `dP` in backward).
@@ -850,15 +850,6 @@ pub(crate) mod cube {
                 }
             }
             ScoreRow { base: row * t, mbase: mb * s * t + query * t, t, end, valid: row < z.shape(0) * per_batch }
-        }
-
-        #[cube]
-        fn capped<F: Float>(x: F, cap: F, #[comptime] softcap: bool) -> F {
-            let mut y = x;
-            if softcap {
-                y = cap * F::tanh(x / cap);
-            }
-            y
         }
 
         /// `partial[0]` ← max (or sum) of `partial[0..LANES]`, for every thread of the cube.
@@ -1050,21 +1041,6 @@ pub(crate) mod cube {
             into_contiguous(crate::cube::as_dtype(x, dtype))
         }
 
-        /// Launches `$kernel` with `G` the operand dtype `$dt`.
-        macro_rules! launch_typed {
-            ($kernel:ident, $dt:expr, $F:ty, $R:ty, $($arg:expr),* $(,)?) => {
-                // SAFETY (for every call): the score tensors are contiguous `[c, kv, g·s, t]`,
-                // the mask `[c or 1, s, t]` and `lse`, `delta` hold one float per score row;
-                // the grid has one cube per row and spare cubes return at once.
-                unsafe {
-                    match $dt {
-                        DType::BF16 => $kernel::launch_unchecked::<$F, burn::tensor::bf16, $R>($($arg),*),
-                        DType::F16 => $kernel::launch_unchecked::<$F, burn::tensor::f16, $R>($($arg),*),
-                        _ => $kernel::launch_unchecked::<$F, $F, $R>($($arg),*),
-                    }
-                }
-            };
-        }
 
         /// `(out, lse)` as [`FlashAttention::flash_attention`](super::super::FlashAttention)
         /// defines them, in chunks of at most `limit` batch rows.
@@ -1089,6 +1065,8 @@ pub(crate) mod cube {
                 let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
                 let lse = empty::<R, F>(&q, vec![c, h, s]);
                 let client = q.client.clone();
+                // SAFETY: the score tensors are contiguous `[c, kv, g·s, t]`, the mask `[c or 1,
+                // s, t]` and `lse` one float per score row; one cube per row, spare cubes return.
                 launch_typed!(softmax_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), mc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), lse.clone().into_tensor_arg(), spec.softcap.is_some(), spec.causal);
                 let out = product::<R, F, I, BT>(&probs, &vc, 1.0);
                 outs.push(CubeBackend::<R, F, I, BT>::float_reshape(out, Shape::new([c, h, s, d])));
@@ -1125,6 +1103,7 @@ pub(crate) mod cube {
                 let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
                 let dx = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
                 let client = q.client.clone();
+                // SAFETY: as in the forward; `dp` has the scores' shape, `delta` one float a row.
                 launch_typed!(grad_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), dp.into_tensor_arg(), mc.into_tensor_arg(), lc.into_tensor_arg(), dc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), dx.clone().into_tensor_arg(), spec.softcap.is_some(), spec.causal);
                 let dv = product::<R, F, I, BT>(&transposed::<R, F, I, BT>(probs), &doc, 1.0);
                 let dq = product::<R, F, I, BT>(&dx, &kc, 1.0);

@@ -277,6 +277,32 @@ pub(crate) fn flat_index() -> usize {
     (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * FLAT_THREADS as usize + UNIT_POS_X as usize
 }
 
+/// `c · tanh(x / c)` where `softcap` (Gemma's logit softcap `c`), `x` otherwise.
+#[cube]
+pub(crate) fn capped<F: Float>(x: F, cap: F, #[comptime] softcap: bool) -> F {
+    let mut y = x;
+    if softcap {
+        y = cap * F::tanh(x / cap);
+    }
+    y
+}
+
+/// Launches the kernel `$kernel` with its type parameters `<$F, G, $R>`, `G` the dtype `$dt`:
+/// bf16, f16, else the backend's float `$F`. The caller states, above the call, why the launch
+/// is sound.
+macro_rules! launch_typed {
+    ($kernel:ident, $dt:expr, $F:ty, $R:ty, $($arg:expr),* $(,)?) => {
+        unsafe {
+            match $dt {
+                burn::tensor::DType::BF16 => $kernel::launch_unchecked::<$F, burn::tensor::bf16, $R>($($arg),*),
+                burn::tensor::DType::F16 => $kernel::launch_unchecked::<$F, burn::tensor::f16, $R>($($arg),*),
+                _ => $kernel::launch_unchecked::<$F, $F, $R>($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use launch_typed;
+
 /// Whether [`gemm`] reaches cuBLAS: a CUDA runtime and a loaded `libcublas`.
 pub(crate) fn cublas_ready<R: CubeRuntime>() -> bool {
     #[cfg(feature = "cuda")]

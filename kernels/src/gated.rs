@@ -154,7 +154,7 @@ pub(crate) mod cube {
     use cubecl::{cube, CubeDim};
 
     use super::{GateActivation, GatedActOp, GELU_C, GELU_K};
-    use crate::cube::{flat_count, flat_index, FLAT_THREADS};
+    use crate::cube::{flat_count, flat_index, launch_typed, FLAT_THREADS};
 
     const C: f32 = GELU_C as f32;
     const K: f32 = GELU_K as f32;
@@ -228,20 +228,6 @@ pub(crate) mod cube {
         }
     }
 
-    /// Launches `$kernel` with `G` the dtype `$dt`.
-    macro_rules! launch_typed {
-        ($kernel:ident, $dt:expr, $F:ty, $R:ty, $($arg:expr),* $(,)?) => {
-            // SAFETY (for every call): the tensors are contiguous with one shape; the kernel
-            // checks the flat index against the length.
-            unsafe {
-                match $dt {
-                    DType::BF16 => $kernel::launch_unchecked::<$F, burn::tensor::bf16, $R>($($arg),*),
-                    DType::F16 => $kernel::launch_unchecked::<$F, burn::tensor::f16, $R>($($arg),*),
-                    _ => $kernel::launch_unchecked::<$F, $F, $R>($($arg),*),
-                }
-            }
-        };
-    }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> GatedActOp for CubeBackend<R, F, I, BT> {
         fn gated_act(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> FloatTensor<Self> {
@@ -252,6 +238,8 @@ pub(crate) mod cube {
                 return y;
             }
             let (client, dt) = (gate.client.clone(), gate.dtype);
+            // SAFETY: the tensors are contiguous with one shape; the kernel checks the flat
+            // index against the length.
             launch_typed!(forward_kernel, dt, F, R, &client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, gate.into_tensor_arg(), up.into_tensor_arg(), y.clone().into_tensor_arg(), act.code());
             y
         }
@@ -265,6 +253,7 @@ pub(crate) mod cube {
                 return (dgate, dup);
             }
             let (client, dt) = (gate.client.clone(), gate.dtype);
+            // SAFETY: as in the forward; `dy` has the shape of `gate`.
             launch_typed!(backward_kernel, dt, F, R, &client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, dy.into_tensor_arg(), gate.into_tensor_arg(), up.into_tensor_arg(), dgate.clone().into_tensor_arg(), dup.clone().into_tensor_arg(), act.code());
             (dgate, dup)
         }

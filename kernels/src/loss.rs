@@ -266,7 +266,7 @@ mod cube {
     use cubecl::{cube, CubeCount, CubeDim};
 
     use super::LmHeadLoss;
-    use crate::cube::contiguous_float;
+    use crate::cube::{capped, contiguous_float};
 
     /// Threads per row. A chunk holds a few hundred rows of the whole vocabulary (see
     /// [`super::chunk_rows`]): 512 threads each keep an H100 full in one wave.
@@ -276,15 +276,6 @@ mod cube {
     const UNROLL: usize = 4;
     /// Below any logit: the running maximum starts here, so that a lane with no element adds 0.
     const FLOOR: f32 = -1.0e30;
-
-    #[cube]
-    fn capped<F: Float>(x: F, cap: F, #[comptime] softcap: bool) -> F {
-        let mut y = x;
-        if softcap {
-            y = cap * F::tanh(x / cap);
-        }
-        y
-    }
 
     /// Folds `x` into a running `(max, Σ exp(· − max))`.
     #[cube]
