@@ -228,7 +228,6 @@ pub(crate) mod cube {
         }
     }
 
-
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> GatedActOp for CubeBackend<R, F, I, BT> {
         fn gated_act(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> FloatTensor<Self> {
             let (gate, up) = operands::<R, F>(gate, up);

@@ -258,7 +258,7 @@ impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> LmHeadLoss f
 mod cube {
     use burn::tensor::ops::{FloatTensor, IntTensor};
     use burn::tensor::{DType, Shape, TensorData};
-    use burn_cubecl::kernel::{cast, into_contiguous};
+    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -266,13 +266,14 @@ mod cube {
     use cubecl::{cube, CubeCount, CubeDim};
 
     use super::LmHeadLoss;
-    use crate::cube::{capped, contiguous_float};
+    use crate::cube::{as_dtype, capped, contiguous_float};
 
     /// Threads per row. A chunk holds a few hundred rows of the whole vocabulary (see
     /// [`super::chunk_rows`]): 512 threads each keep an H100 full in one wave.
     const LANES: u32 = 512;
     const LOG_LANES: u32 = 9;
-    /// Loads each thread has in flight per pass (independent, `LANES` apart: still coalesced).
+    /// Loads each thread has in flight per pass (independent, `LANES` apart: still coalesced);
+    /// `lse_kernel`'s loop spells out that many.
     const UNROLL: usize = 4;
     /// Below any logit: the running maximum starts here, so that a lane with no element adds 0.
     const FLOOR: f32 = -1.0e30;
@@ -379,7 +380,7 @@ mod cube {
     }
 
     fn ints<R: CubeRuntime, I: IntElement>(t: CubeTensor<R>) -> CubeTensor<R> {
-        into_contiguous(if t.dtype == I::dtype() { t } else { cast(t, I::dtype()) })
+        into_contiguous(as_dtype(t, I::dtype()))
     }
 
     fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {

@@ -223,6 +223,10 @@ pub fn run(device: DeviceSpec, runs: usize, json_out: bool, only: Option<&str>) 
 }
 
 fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec, runs: usize, json_out: bool, only: Option<&str>) -> anyhow::Result<()> {
+    const OPS: [&str; 7] = ["attention", "lm_head_loss", "rope", "gated_act", "rms_norm", "frozen_matmul", "frozen_lora"];
+    if let Some(op) = only.filter(|op| !OPS.contains(op)) {
+        anyhow::bail!("--only {op}: not one of kiln's fused operations (expected one of {})", OPS.join(", "));
+    }
     // Each row prints as soon as it is measured: on a GPU the first run of a shape waits for its
     // kernels to compile, and a cut-short run should still show what it checked.
     let mut rows = Vec::new();
