@@ -233,7 +233,7 @@ fn plan_and_bench_train_print_their_json_contract() {
     assert_eq!(code, 0, "{err}");
     let gpu = last(&out);
     let live = gpu["live_bytes"].as_u64().unwrap();
-    assert_eq!(gpu["peak_bytes"].as_u64().unwrap(), (live as f64 * kiln::train::plan::POOL_FACTOR) as u64);
+    assert_eq!(gpu["peak_bytes"].as_u64().unwrap(), (live as f64 * kiln::train::plan::pool_factor(kiln::backend::DeviceSpec::Wgpu(kiln::backend::WgpuPick::Default))) as u64);
 
     let (code, out, err) = common::kiln(&["plan", recipe, "--memory-gib", "0.06", "--json"]);
     assert_eq!(code, 0, "{err}");

@@ -5,7 +5,7 @@
 //! and without Gemma's logit softcap, chunk sizes that do not divide the rows, masked rows);
 //! attention (GQA groups, causal, packed and sliding-window masks, softcap, a decode-like cache)
 //! against repeated keys and a full softmax; the product with a frozen weight against the
-//! plain matmul; and the model's loss through the fused ops against
+//! plain matmul, with its adapter, and under the gated activation (recomputed in backward); and the model's loss through the fused ops against
 //! the full-logits loss and plain attention on real fixture models (every parameter's
 //! gradient). On the CPU always, and on wgpu when a Vulkan driver is present (lavapipe in CI).
 
@@ -161,22 +161,55 @@ fn check_rms_norm<A: AutodiffBackend + kiln_kernels::RmsNormOp>(device: &A::Devi
             // The op against the formulas in f64, tighter: the composition's own gradient goes
             // through Burn's CPU `recip` (an approximate reciprocal, 4e-5 off on SIMD lanes),
             // which the op once used for `1/rms` too (1.8e-5 off here at 70 rows).
-            let (mut y64, mut dx64, mut dw64) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f64; d]);
-            for r in 0..n {
-                let (x, c) = (&xv[r * d..][..d], &cv[r * d..][..d]);
-                let rms = (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64 + 1e-6).sqrt();
-                let wp: Vec<f64> = wv.iter().map(|&w| w as f64 + offset).collect();
-                let gx: f64 = (0..d).map(|j| c[j] as f64 * wp[j] * x[j] as f64).sum();
-                for j in 0..d {
-                    y64[r * d + j] = (x[j] as f64 / rms * wp[j]) as f32;
-                    dx64[r * d + j] = (c[j] as f64 * wp[j] / rms - x[j] as f64 * gx / (d as f64 * rms.powi(3))) as f32;
-                    dw64[j] += c[j] as f64 * x[j] as f64 / rms;
+            // `(y, dx, dw)` for the upstream gradient `cv`.
+            let formulas = |cv: &[f32]| {
+                let (mut y64, mut dx64, mut dw64) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f64; d]);
+                for r in 0..n {
+                    let (x, c) = (&xv[r * d..][..d], &cv[r * d..][..d]);
+                    let rms = (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64 + 1e-6).sqrt();
+                    let wp: Vec<f64> = wv.iter().map(|&w| w as f64 + offset).collect();
+                    let gx: f64 = (0..d).map(|j| c[j] as f64 * wp[j] * x[j] as f64).sum();
+                    for j in 0..d {
+                        y64[r * d + j] = (x[j] as f64 / rms * wp[j]) as f32;
+                        dx64[r * d + j] = (c[j] as f64 * wp[j] / rms - x[j] as f64 * gx / (d as f64 * rms.powi(3))) as f32;
+                        dw64[j] += c[j] as f64 * x[j] as f64 / rms;
+                    }
                 }
-            }
-            let dw64: Vec<f32> = dw64.iter().map(|&v| v as f32).collect();
+                (y64, dx64, dw64.iter().map(|&v| v as f32).collect::<Vec<f32>>())
+            };
+            let (y64, dx64, dw64) = formulas(&cv);
             for (out, got, want) in [("y", &yf, &y64), ("dx", &dxf, &dx64), ("dw", &dwf, &dw64)] {
                 let err = rel(got, want);
                 assert!(err < 1e-6, "{what}: {out} relative error {err} against the f64 formulas");
+            }
+            // Written in a half type where the device has one (the norms before bf16 products):
+            // the f32 result rounded once, and the f32 op's gradients for the upstream gradient
+            // as it arrives through the half output (the cast's backward rounds it to the half
+            // type).
+            for dtype in [FloatDType::BF16, FloatDType::F16] {
+                if !A::supports_dtype(device, dtype.into()) || (n, d) != (5, 896) {
+                    continue;
+                }
+                let x = Tensor::<A, 2>::from_data(TensorData::new(xv.clone(), [n, d]), device).require_grad();
+                let w = Tensor::<A, 1>::from_data(TensorData::new(wv.clone(), [d]), device).require_grad();
+                let c = Tensor::<A, 2>::from_data(TensorData::new(cv.clone(), [n, d]), device);
+                let y = kiln_kernels::rms_norm_as(x.clone(), w.clone(), 1e-6, offset, dtype);
+                assert_eq!(y.dtype(), dtype.into(), "{what}: the output's dtype");
+                let grads = (y.clone().cast(FloatDType::F32) * c).sum().backward();
+                let round = |v: f32| match dtype {
+                    FloatDType::BF16 => burn::tensor::bf16::from_f32(v).to_f32(),
+                    _ => burn::tensor::f16::from_f32(v).to_f32(),
+                };
+                let want: Vec<f32> = y64.iter().map(|&v| round(v)).collect();
+                let got = host(y.cast(FloatDType::F32));
+                let err = rel(&got, &want);
+                assert!(err < 1e-3, "{what}: {dtype:?} y relative error {err} against the f64 formula rounded once");
+                let rounded: Vec<f32> = cv.iter().map(|&v| round(v)).collect();
+                let (_, dx64, dw64) = formulas(&rounded);
+                for (out, got, want) in [("dx", host(x.grad(&grads).unwrap()), &dx64), ("dw", host(w.grad(&grads).unwrap()), &dw64)] {
+                    let err = rel(&got, want);
+                    assert!(err < 1e-5, "{what}: {dtype:?} output, {out} relative error {err}");
+                }
             }
         }
     }
@@ -421,6 +454,55 @@ fn check_frozen_lora<A: AutodiffBackend + kiln_kernels::FrozenMatmul>(device: &A
             assert!(err < 1e-5, "{name} frozen lora {n}×{k}·{k}×{m} r {r}: {what} relative error {err}");
         }
     }
+}
+
+/// The gated MLP's down projection over `act(gate) · up` as one operation that recomputes its
+/// input in backward, against the gated activation and the adapter's sum as plain tensor
+/// operations: output, `d_gate`, `d_up`, `dA`, `dB`.
+fn check_gated_down<A: AutodiffBackend + kiln_kernels::GatedDown>(device: &A::Device, name: &str) {
+    use kiln_kernels::gated::activate;
+    use kiln_kernels::GateActivation;
+    let mut rng = Rng(0xD0_3E ^ name.len() as u64);
+    for (n, f, m, r, act) in [(37, 24, 53, 5, GateActivation::Silu), (5, 130, 7, 3, GateActivation::GeluTanh), (1024, 40, 24, 4, GateActivation::Silu)] {
+        let mut values = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+        let (gv, uv, wv, av, bv, cv) = (values(n * f), values(n * f), values(f * m), values(f * r), values(r * m), values(n * m));
+        let scale = 0.7;
+        let run = |fused: bool| {
+            let t = |v: &Vec<f32>, shape: [usize; 2]| Tensor::<A, 2>::from_data(TensorData::new(v.clone(), shape), device);
+            let (g, u) = (t(&gv, [n, f]).require_grad(), t(&uv, [n, f]).require_grad());
+            let (w, a, b, c) = (t(&wv, [f, m]), t(&av, [f, r]).require_grad(), t(&bv, [r, m]).require_grad(), t(&cv, [n, m]));
+            let y = match fused {
+                true => kiln_kernels::gated_down(g.clone(), u.clone(), act, w, a.clone(), b.clone(), scale),
+                false => {
+                    let x = activate(g.clone(), act) * u.clone();
+                    x.clone().matmul(w) + x.matmul(a.clone()).mul_scalar(scale).matmul(b.clone())
+                }
+            };
+            let grads = (y.clone() * c).sum().backward();
+            let gs = [g.grad(&grads).unwrap(), u.grad(&grads).unwrap(), a.grad(&grads).unwrap(), b.grad(&grads).unwrap()].map(host);
+            [vec![host(y)], gs.to_vec()].concat()
+        };
+        let (fused, plain) = (run(true), run(false));
+        for (what, (a, b)) in ["y", "d_gate", "d_up", "dA", "dB"].iter().zip(fused.iter().zip(&plain)) {
+            let err = rel(a, b);
+            assert!(err < 1e-5, "{name} gated down {act:?} {n}×{f}·{f}×{m} r {r}: {what} relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn cpu_gated_down_matches_the_plain_composition() {
+    check_gated_down::<Autodiff<kiln::backend::Cpu>>(&Default::default(), "cpu");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_gated_down_matches_the_plain_composition() {
+    if !common::wgpu_available() {
+        eprintln!("no Vulkan driver: skipping the wgpu gated-down checks");
+        return;
+    }
+    check_gated_down::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu");
 }
 
 #[test]

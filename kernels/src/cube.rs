@@ -270,6 +270,16 @@ pub(crate) fn flat_count(n: usize) -> CubeCount {
     CubeCount::Static(cubes.min(65_535) as u32, cubes.div_ceil(65_535) as u32, 1)
 }
 
+/// Elements per vector for an element-wise kernel over `n` elements of `tensors` (contiguous,
+/// one length), whose widest values take `size` bytes: the widest load the device does at once
+/// that divides `n` and every tensor's start, else 1. One vector load per thread moves 8 bf16
+/// values where a scalar load moves one.
+pub(crate) fn flat_width<R: CubeRuntime>(n: usize, size: usize, tensors: &[&CubeTensor<R>]) -> usize {
+    let Some(first) = tensors.first() else { return 1 };
+    let aligned = |w: usize| tensors.iter().all(|t| t.handle.offset_start.unwrap_or(0) % (w * t.dtype.size()) as u64 == 0);
+    first.client.io_optimized_vector_sizes(size).find(|&w| n.is_multiple_of(w) && aligned(w)).unwrap_or(1)
+}
+
 /// This thread's element under [`flat_count`] (check it against the length: the last cubes
 /// run past it).
 #[cube]

@@ -7,6 +7,11 @@
 //! asks them for an f32 result directly: forward and backward each cast only what enters the
 //! tensor cores. The weight is frozen: the backward gives `dx = dy · Wᵀ` and nothing else, and
 //! keeps only the weight (which the model holds anyway).
+//!
+//! With an adapter beside it ([`FrozenMatmul::frozen_lora`]), the autodiff op casts `x` to a
+//! half weight's dtype once for both products and keeps that copy for backward (half the bytes),
+//! and casts the upstream gradient once for backward's three products: the adapter multiplies in
+//! bf16 with f32 results, as PEFT's does under PyTorch's autocast.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
@@ -14,7 +19,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, FloatDType, Tensor};
+use burn::tensor::{backend::Backend, DType, FloatDType, Tensor, TensorMetadata};
 
 use crate::float;
 
@@ -205,14 +210,25 @@ impl<B: FrozenMatmul, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
 
     fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let w = w.primitive;
-        let (y, h) = B::frozen_lora(x.primitive.clone(), w.clone(), a.primitive.clone(), b.primitive.clone(), scale, out);
+        // Cast once for the frozen product and the adapter's (and kept in the half type).
+        let x_in = in_half_of::<B>(x.primitive, &w);
+        let (y, h) = B::frozen_lora(x_in.clone(), w.clone(), a.primitive.clone(), b.primitive.clone(), scale, out);
         // `h` leaves as a constant; `x`, `A` and `B` are the parents (the weight is frozen).
         let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(h.clone());
         let y = match FrozenLoraBackward.prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(LoraState { x: x.primitive, w, a: a.primitive, b: b.primitive, h, scale }, y),
+            OpsKind::Tracked(prep) => prep.finish(LoraState { x: x_in, w, a: a.primitive, b: b.primitive, h, scale }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, h_out)
+    }
+}
+
+/// `t` in `w`'s dtype where that is a half type (what the products read `t` in, done once for
+/// all of them, as PyTorch's autocast does), else `t` as it is.
+pub(crate) fn in_half_of<B: Backend>(t: FloatTensor<B>, w: &FloatTensor<B>) -> FloatTensor<B> {
+    match w.dtype() {
+        DType::BF16 | DType::F16 if t.dtype() != w.dtype() => B::float_cast(t, w.dtype().into()),
+        _ => t,
     }
 }
 
@@ -234,8 +250,8 @@ impl<B: FrozenMatmul> Backward<B, 3> for FrozenLoraBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_x, node_a, node_b] = ops.parents;
-        let dy = grads.consume::<B>(&ops.node);
         let s = ops.state;
+        let dy = in_half_of::<B>(grads.consume::<B>(&ops.node), &s.w);
         let (dx, da, db) = B::frozen_lora_bwd(dy, s.x, s.w, s.a, s.b, s.h, s.scale, node_x.is_some());
         for (node, grad) in [(node_x, dx), (node_a, Some(da)), (node_b, Some(db))] {
             if let (Some(node), Some(grad)) = (node, grad) {

@@ -13,9 +13,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::activation;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, FloatDType, Tensor};
+use burn::tensor::{backend::Backend, FloatDType, Shape, Tensor, TensorMetadata};
 
 use crate::float;
+use crate::frozen::{in_half_of, FrozenMatmul};
 
 /// The gate's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +140,106 @@ impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> GatedActOp f
 #[cfg(feature = "cubecl")]
 impl<B: burn_fusion::FusionBackend> GatedActOp for burn_fusion::Fusion<B> {}
 
+/// Backend extension: the gated MLP's down projection with its adapter over `act(gate) · up`,
+/// `y = frozen_lora(act(gate) · up, W, A, B)` (see [`FrozenMatmul::frozen_lora`]), as one
+/// operation whose backward recomputes `act(gate) · up` from `gate` and `up` (which the tape
+/// keeps anyway) instead of keeping it: one `[tokens, intermediate]` tensor less per layer, for
+/// one element-wise pass more in backward. `gate`, `up` `[m, f]`; `W` `[f, n]`; `y` `[m, n]` f32.
+pub trait GatedDown: GatedActOp + FrozenMatmul {
+    /// `(y, h)` as [`FrozenMatmul::frozen_lora`] returns them.
+    fn gated_down(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let hidden = flat_gated_act::<Self>(gate, up, act);
+        Self::frozen_lora(hidden, w, a, b, scale, FloatDType::F32)
+    }
+}
+
+/// `act(gate) · up` of two `[m, f]` tensors, `[m, f]`.
+fn flat_gated_act<B: GatedActOp>(gate: FloatTensor<B>, up: FloatTensor<B>, act: GateActivation) -> FloatTensor<B> {
+    let shape = gate.shape();
+    let flat = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([shape.num_elements()]));
+    B::float_reshape(B::gated_act(flat(gate), flat(up), act), shape)
+}
+
+/// `down(act(gate) · up)` through [`GatedDown`], `gate` and `up` `[.., f]`, `W` `[f, n]` frozen,
+/// `A` `[f, r]` and `B` `[r, n]` the adapter's.
+pub fn gated_down<B: GatedDown, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>, act: GateActivation, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64) -> Tensor<B, D> {
+    let dims = gate.dims();
+    let [f, n] = w.dims();
+    let m = dims[..D - 1].iter().product::<usize>();
+    let prim = |t: Tensor<B, D>| t.reshape([m, f]).into_primitive().tensor();
+    let (y, _) = B::gated_down(prim(gate), prim(up), act, w.into_primitive().tensor(), a.into_primitive().tensor(), b.into_primitive().tensor(), scale);
+    let mut out = dims;
+    out[D - 1] = n;
+    float::<B, 2>(y).reshape(out)
+}
+
+#[derive(Debug, Clone)]
+struct DownState<B: Backend> {
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    act: GateActivation,
+    w: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    h: FloatTensor<B>,
+    scale: f64,
+}
+
+#[derive(Debug)]
+struct GatedDownBackward;
+
+impl<B: GatedDown> Backward<B, 4> for GatedDownBackward {
+    type State = DownState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_gate, node_up, node_a, node_b] = ops.parents;
+        let s = ops.state;
+        let dy = in_half_of::<B>(grads.consume::<B>(&ops.node), &s.w);
+        let hidden = flat_gated_act::<B>(s.gate.clone(), s.up.clone(), s.act);
+        let need_dx = node_gate.is_some() || node_up.is_some();
+        let (dhidden, da, db) = B::frozen_lora_bwd(dy, hidden, s.w, s.a, s.b, s.h, s.scale, need_dx);
+        if let Some(dhidden) = dhidden {
+            let shape = s.gate.shape();
+            let flat = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([shape.num_elements()]));
+            let (dgate, dup) = B::gated_act_bwd(flat(dhidden), flat(s.gate), flat(s.up), s.act);
+            for (node, grad) in [(node_gate, dgate), (node_up, dup)] {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, B::float_reshape(grad, shape.clone()));
+                }
+            }
+        }
+        for (node, grad) in [(node_a, da), (node_b, db)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: GatedDown, C: CheckpointStrategy> GatedDown for Autodiff<B, C> {
+    fn gated_down(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let w = w.primitive;
+        let hidden = in_half_of::<B>(flat_gated_act::<B>(gate.primitive.clone(), up.primitive.clone(), act), &w);
+        let (y, h) = B::frozen_lora(hidden, w.clone(), a.primitive.clone(), b.primitive.clone(), scale, FloatDType::F32);
+        // `h` leaves as a constant; the weight is frozen, `act(gate) · up` is dropped here.
+        let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(h.clone());
+        let parents = [gate.node.clone(), up.node.clone(), a.node.clone(), b.node.clone()];
+        let y = match GatedDownBackward.prepare::<C>(parents).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(DownState { gate: gate.primitive, up: up.primitive, act, w, a: a.primitive, b: b.primitive, h, scale }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, h_out)
+    }
+}
+
+impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> GatedDown for NdArray<E, I, Q> where NdArrayTensor: From<SharedArray<E>> + From<SharedArray<I>> {}
+
+#[cfg(feature = "cubecl")]
+impl<B: burn_fusion::FusionBackend> GatedDown for burn_fusion::Fusion<B> {}
+
+#[cfg(feature = "cubecl")]
+impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> GatedDown for burn_cubecl::CubeBackend<R, F, I, BT> {}
+
 #[cfg(feature = "cubecl")]
 // Kernel code assigns a placeholder before a branch sets the value (CubeCL expands both arms).
 #[allow(unused_assignments)]
@@ -154,7 +255,7 @@ pub(crate) mod cube {
     use cubecl::{cube, CubeDim};
 
     use super::{GateActivation, GatedActOp, GELU_C, GELU_K};
-    use crate::cube::{flat_count, flat_index, launch_typed, FLAT_THREADS};
+    use crate::cube::{flat_count, flat_index, flat_width, launch_typed, FLAT_THREADS};
 
     const C: f32 = GELU_C as f32;
     const K: f32 = GELU_K as f32;
@@ -195,23 +296,37 @@ pub(crate) mod cube {
         d
     }
 
-    /// `gate`, `up` and `y` in `G` (f32, or the half type the projections wrote), computed in `F`.
+    /// `gate`, `up` and `y` in `G` (f32, or the half type the projections wrote), computed in `F`;
+    /// a vector of `N` elements per thread (indices and lengths count vectors).
     #[cube(launch_unchecked)]
-    fn forward_kernel<F: Float, G: Float>(gate: &Tensor<G>, up: &Tensor<G>, y: &mut Tensor<G>, #[comptime] act: u32) {
+    fn forward_kernel<F: Float, G: Float, N: Size>(gate: &Tensor<Vector<G, N>>, up: &Tensor<Vector<G, N>>, y: &mut Tensor<Vector<G, N>>, #[comptime] act: u32) {
         let i = flat_index();
         if i < y.len() {
-            y[i] = G::cast_from(value::<F>(F::cast_from(gate[i]), act) * F::cast_from(up[i]));
+            let (g, u) = (gate[i], up[i]);
+            let mut out = Vector::<G, N>::new(G::new(0.0));
+            #[unroll]
+            for l in 0..g.vector_size() {
+                out[l] = G::cast_from(value::<F>(F::cast_from(g[l]), act) * F::cast_from(u[l]));
+            }
+            y[i] = out;
         }
     }
 
     /// `dy` in `F`; `gate`, `up` and both gradients in `G`, as in the forward.
     #[cube(launch_unchecked)]
-    fn backward_kernel<F: Float, G: Float>(dy: &Tensor<F>, gate: &Tensor<G>, up: &Tensor<G>, dgate: &mut Tensor<G>, dup: &mut Tensor<G>, #[comptime] act: u32) {
+    fn backward_kernel<F: Float, G: Float, N: Size>(dy: &Tensor<Vector<F, N>>, gate: &Tensor<Vector<G, N>>, up: &Tensor<Vector<G, N>>, dgate: &mut Tensor<Vector<G, N>>, dup: &mut Tensor<Vector<G, N>>, #[comptime] act: u32) {
         let i = flat_index();
         if i < dy.len() {
-            let g = F::cast_from(gate[i]);
-            dgate[i] = G::cast_from(dy[i] * F::cast_from(up[i]) * slope::<F>(g, act));
-            dup[i] = G::cast_from(dy[i] * value::<F>(g, act));
+            let (d, g, u) = (dy[i], gate[i], up[i]);
+            let (mut dg, mut du) = (Vector::<G, N>::new(G::new(0.0)), Vector::<G, N>::new(G::new(0.0)));
+            #[unroll]
+            for l in 0..g.vector_size() {
+                let x = F::cast_from(g[l]);
+                dg[l] = G::cast_from(d[l] * F::cast_from(u[l]) * slope::<F>(x, act));
+                du[l] = G::cast_from(d[l] * value::<F>(x, act));
+            }
+            dgate[i] = dg;
+            dup[i] = du;
         }
     }
 
@@ -237,9 +352,10 @@ pub(crate) mod cube {
                 return y;
             }
             let (client, dt) = (gate.client.clone(), gate.dtype);
-            // SAFETY: the tensors are contiguous with one shape; the kernel checks the flat
-            // index against the length.
-            launch_typed!(forward_kernel, dt, F, R, &client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, gate.into_tensor_arg(), up.into_tensor_arg(), y.clone().into_tensor_arg(), act.code());
+            let width = flat_width(n, dt.size(), &[&gate, &up, &y]);
+            // SAFETY: the tensors are contiguous with one shape, their starts and length
+            // multiples of `width`; the kernel checks the flat index against the length.
+            launch_typed!(forward_kernel, dt, F, R, &client, flat_count(n / width), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, width, gate.into_tensor_arg(), up.into_tensor_arg(), y.clone().into_tensor_arg(), act.code());
             y
         }
 
@@ -252,8 +368,10 @@ pub(crate) mod cube {
                 return (dgate, dup);
             }
             let (client, dt) = (gate.client.clone(), gate.dtype);
+            // One width for all five: the one that suits `dy`'s wider values.
+            let width = flat_width(n, dy.dtype.size(), &[&dy, &gate, &up, &dgate, &dup]);
             // SAFETY: as in the forward; `dy` has the shape of `gate`.
-            launch_typed!(backward_kernel, dt, F, R, &client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, dy.into_tensor_arg(), gate.into_tensor_arg(), up.into_tensor_arg(), dgate.clone().into_tensor_arg(), dup.clone().into_tensor_arg(), act.code());
+            launch_typed!(backward_kernel, dt, F, R, &client, flat_count(n / width), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, width, dy.into_tensor_arg(), gate.into_tensor_arg(), up.into_tensor_arg(), dgate.clone().into_tensor_arg(), dup.clone().into_tensor_arg(), act.code());
             (dgate, dup)
         }
     }

@@ -46,10 +46,10 @@ pub mod rope;
 pub use adamw::{adamw, AdamWOp, AdamWStep};
 pub use attention::{flash_attention, AttentionSpec, FlashAttention};
 pub use frozen::{frozen_lora, frozen_matmul, FrozenMatmul};
-pub use gated::{gated_act, GateActivation, GatedActOp};
+pub use gated::{gated_act, gated_down, GateActivation, GatedActOp, GatedDown};
 pub use loss::{chunk_rows, lm_head_loss, HeadLayout, HeadLoss, LmHeadLoss};
 pub use memory::{DeviceMemory, MemoryStats};
-pub use norm::{rms_norm, RmsNormOp};
+pub use norm::{rms_norm, rms_norm_as, RmsNormOp};
 pub use rope::{rope, RopeOp};
 
 /// wgpu without Burn's fusion stream, so that kiln's own CubeCL kernels (which a fusion stream
@@ -131,7 +131,7 @@ impl Affine {
 
 /// Backend extension for products with an affine-quantised weight. Shapes: `x` `[m, k]`,
 /// `words` `[n, k·bits/32]`, `scales`/`biases` `[n, k/group]`, `dy` `[m, n]`.
-pub trait QuantMatmul: Backend + FrozenMatmul + LmHeadLoss + RmsNormOp + RopeOp + GatedActOp + FlashAttention + AdamWOp + DeviceMemory {
+pub trait QuantMatmul: Backend + FrozenMatmul + LmHeadLoss + RmsNormOp + RopeOp + GatedActOp + GatedDown + FlashAttention + AdamWOp + DeviceMemory {
     /// `y[m, n] = x[m, k] · dequant(W)ᵀ`.
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, format: Affine) -> FloatTensor<Self> {
         let w = dequantize::<Self>(Tensor::from_primitive(words), float(scales), float(biases), format);

@@ -14,15 +14,16 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, FloatDType, Tensor};
 
 use crate::float;
 
 /// Backend extension: RMSNorm over the last dimension of `x` `[n, d]` with weight `w` `[d]`.
 /// The default methods are the plain tensor composition (the reference).
 pub trait RmsNormOp: Backend {
-    /// `(y [n, d], rstd [n])`.
-    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    /// `(y [n, d], rstd [n])`, `y` written in `out` (f32, or a half type where every reader of
+    /// `y` multiplies in it).
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let x = float::<Self, 2>(x);
         let [n, _] = x.dims();
         let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt(); // [n, 1]
@@ -33,7 +34,7 @@ pub trait RmsNormOp: Backend {
         // to 4e-5 relative, on whichever elements the buffer's alignment puts in SIMD lanes), which
         // made `dx` inexact and training on the CPU differ from run to run.
         let rstd = rms.ones_like() / rms;
-        (y.into_primitive().tensor(), rstd.reshape([n]).into_primitive().tensor())
+        (y.cast(out).into_primitive().tensor(), rstd.reshape([n]).into_primitive().tensor())
     }
 
     /// `dx [n, d]` for the upstream gradient `dy` `[n, d]`.
@@ -56,10 +57,17 @@ pub fn rms_norm_composition<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f
 
 /// RMSNorm of `x` `[.., d]` with weight `w` `[d]`: the typed entry point.
 pub fn rms_norm<B: RmsNormOp, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64, offset: f64) -> Tensor<B, D> {
+    rms_norm_as(x, w, eps, offset, FloatDType::F32)
+}
+
+/// [`rms_norm`] written in `out`: bf16 where only bf16 products read the result (the
+/// projections after a norm, under bf16 training), which then need no cast of their own, and
+/// the tape keeps half the bytes.
+pub fn rms_norm_as<B: RmsNormOp, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64, offset: f64, out: FloatDType) -> Tensor<B, D> {
     let dims = x.dims();
     let d = dims[D - 1];
     let n = dims[..D - 1].iter().product::<usize>();
-    let (y, _) = B::rms_norm(x.reshape([n, d]).into_primitive().tensor(), w.into_primitive().tensor(), eps, offset);
+    let (y, _) = B::rms_norm(x.reshape([n, d]).into_primitive().tensor(), w.into_primitive().tensor(), eps, offset, out);
     float::<B, 2>(y).reshape(dims)
 }
 
@@ -80,7 +88,8 @@ impl<B: RmsNormOp> Backward<B, 2> for RmsNormBackward {
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_x, node_w] = ops.parents;
-        let dy = grads.consume::<B>(&ops.node);
+        // The readers of a bf16 output hand back f32 gradients; f32 in any case.
+        let dy = float::<B, 2>(grads.consume::<B>(&ops.node)).cast(FloatDType::F32).into_primitive().tensor();
         let s = ops.state;
         if let Some(node) = node_w {
             let [n, d] = float::<B, 2>(s.x.clone()).dims();
@@ -95,8 +104,8 @@ impl<B: RmsNormOp> Backward<B, 2> for RmsNormBackward {
 }
 
 impl<B: RmsNormOp, C: CheckpointStrategy> RmsNormOp for Autodiff<B, C> {
-    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, rstd) = B::rms_norm(x.primitive.clone(), w.primitive.clone(), eps, offset);
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, rstd) = B::rms_norm(x.primitive.clone(), w.primitive.clone(), eps, offset, out);
         // `rstd` leaves as a constant: only `y` is differentiable.
         let rstd_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(rstd.clone());
         let y = match RmsNormBackward.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
@@ -115,12 +124,12 @@ impl<B: burn_fusion::FusionBackend> RmsNormOp for burn_fusion::Fusion<B> {}
 #[cfg(feature = "cubecl")]
 pub(crate) mod cube {
     use burn::tensor::ops::FloatTensor;
-    use burn::tensor::{Shape, TensorData};
+    use burn::tensor::{DType, FloatDType, Shape, TensorData};
     use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
-    use crate::cube::contiguous_float;
+    use crate::cube::{contiguous_float, launch_typed};
     use cubecl::{cube, CubeCount, CubeDim};
 
     use super::RmsNormOp;
@@ -145,7 +154,7 @@ pub(crate) mod cube {
 
     /// One cube per row. `params` = [eps, offset].
     #[cube(launch_unchecked)]
-    fn rms_norm_kernel<F: Float>(x: &Tensor<F>, w: &Tensor<F>, params: &Tensor<F>, y: &mut Tensor<F>, rstd: &mut Tensor<F>) {
+    fn rms_norm_kernel<F: Float, G: Float>(x: &Tensor<F>, w: &Tensor<F>, params: &Tensor<F>, y: &mut Tensor<G>, rstd: &mut Tensor<F>) {
         let row = CUBE_POS_X as usize;
         let lane = UNIT_POS_X as usize;
         let d = x.shape(1);
@@ -166,7 +175,7 @@ pub(crate) mod cube {
         j = lane;
         while j < d {
             // Divided, not multiplied by 1 / rms: the composition's rounding.
-            y[base + j] = x[base + j] / rms * (w[j] + offset);
+            y[base + j] = G::cast_from(x[base + j] / rms * (w[j] + offset));
             j += LANES as usize;
         }
         if lane == 0 {
@@ -208,21 +217,23 @@ pub(crate) mod cube {
     }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RmsNormOp for CubeBackend<R, F, I, BT> {
-        fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
             let (x, w) = (contiguous_float::<R, F>(x), contiguous_float::<R, F>(w));
             let p = params::<R, F, I, BT>(&x, eps, offset);
             let [n, d] = x.meta.shape().dims::<2>();
-            let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, d]), F::dtype());
+            let out = match DType::from(out) {
+                dt @ (DType::BF16 | DType::F16) => dt,
+                _ => F::dtype(),
+            };
+            let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, d]), out);
             let rstd = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n]), F::dtype());
             if n == 0 || d == 0 {
                 return (y, rstd);
             }
             let client = x.client.clone();
             // SAFETY: row `CUBE_POS_X` < n by the launch count; columns below `d`; `w` has `d`
-            // values and `params` two (all contiguous above).
-            unsafe {
-                rms_norm_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(n as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, x.into_tensor_arg(), w.into_tensor_arg(), p.into_tensor_arg(), y.clone().into_tensor_arg(), rstd.clone().into_tensor_arg());
-            }
+            // values and `params` two (all contiguous above); `y` is written in `out`.
+            launch_typed!(rms_norm_kernel, out, F, R, &client, CubeCount::Static(n as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, x.into_tensor_arg(), w.into_tensor_arg(), p.into_tensor_arg(), y.clone().into_tensor_arg(), rstd.clone().into_tensor_arg());
             (y, rstd)
         }
 

@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(long)]
     recipe: Option<PathBuf>,
     /// fused: only the cases of this operation (attention, lm_head_loss, rope, gated_act,
-    /// rms_norm, frozen_matmul, frozen_lora).
+    /// gated_down, rms_norm, frozen_matmul, frozen_lora).
     #[arg(long)]
     only: Option<String>,
     /// Training steps to time (train); the first two are warm-up and not counted.

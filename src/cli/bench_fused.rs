@@ -14,7 +14,7 @@ use kiln_kernels::gated::activate;
 use kiln_kernels::loss::lm_head_loss_composition;
 use kiln_kernels::norm::rms_norm_composition;
 use kiln_kernels::rope::rope_composition;
-use kiln_kernels::{chunk_rows, flash_attention, frozen_matmul, gated_act, lm_head_loss, rms_norm, rope, AttentionSpec, GateActivation, HeadLayout, HeadLoss};
+use kiln_kernels::{chunk_rows, flash_attention, frozen_matmul, gated_act, gated_down, lm_head_loss, rms_norm_as, rope, AttentionSpec, GateActivation, HeadLayout, HeadLoss};
 use serde_json::json;
 
 use crate::backend::{DeviceSpec, QuantMatmul};
@@ -199,7 +199,38 @@ fn lora_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, k: 
     compare("frozen_lora", format!("{n} × {k} · {k} × {m} r {r} {} -> {out:?}", if bf16 { "bf16" } else { "f32" }), runs, &run)
 }
 
-fn rms_norm_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, d: usize, offset: f64, runs: usize) -> serde_json::Value {
+/// The gated MLP's down projection with its adapter over `act(gate) · up`, recomputing that
+/// product in backward (`gate`, `up` and the weight in bf16 where the device has it, as bf16
+/// training runs it), against the f32 composition.
+fn gated_down_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, f: usize, m: usize, r: usize, runs: usize) -> serde_json::Value {
+    let bf16 = A::supports_dtype(device, burn::tensor::DType::BF16);
+    let dtype = if bf16 { FloatDType::BF16 } else { FloatDType::F32 };
+    let normal = |shape: [usize; 2], sd: f64| Tensor::<A, 2>::random(shape, Distribution::Normal(0.0, sd), device);
+    let (g0, u0) = (normal([n, f], 2.0).cast(dtype).cast(FloatDType::F32), normal([n, f], 1.0).cast(dtype).cast(FloatDType::F32));
+    let w = normal([f, m], 0.05).cast(dtype);
+    let (a0, b0, c) = (normal([f, r], 0.05), normal([r, m], 0.05), normal([n, m], 1.0));
+    let run = |fused: bool| {
+        timed::<A>(device, || {
+            let (g, u) = (g0.clone().detach().require_grad(), u0.clone().detach().require_grad());
+            let (a, b) = (a0.clone().detach().require_grad(), b0.clone().detach().require_grad());
+            let y = match fused {
+                true => gated_down(g.clone().cast(dtype), u.clone().cast(dtype), GateActivation::Silu, w.clone(), a.clone(), b.clone(), 2.0),
+                false => {
+                    let x = activate(g.clone(), GateActivation::Silu) * u.clone();
+                    kiln_kernels::frozen::matmul_as(x.clone(), w.clone(), dtype) + x.matmul(a.clone()).mul_scalar(2.0).matmul(b.clone())
+                }
+            };
+            let grads = (y.clone() * c.clone()).sum().backward();
+            let grad = |t: &Tensor<A, 2>| t.grad(&grads).map(host).unwrap_or_default();
+            vec![("y", host(y.clone())), ("d_gate", grad(&g)), ("d_up", grad(&u)), ("dA", grad(&a)), ("dB", grad(&b))]
+        })
+    };
+    compare("gated_down", format!("{n} × {f} · {f} × {m} r {r} {}", if bf16 { "bf16" } else { "f32" }), runs, &run)
+}
+
+/// `out`: the dtype the norm writes (bf16 where the projections after it multiply in bf16),
+/// read back in f32, against the f32 composition.
+fn rms_norm_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, d: usize, offset: f64, out: FloatDType, runs: usize) -> serde_json::Value {
     let x0 = Tensor::<A, 2>::random([n, d], Distribution::Normal(0.0, 2.0), device);
     let w0 = Tensor::<A, 1>::random([d], Distribution::Normal(0.0, 1.0), device);
     let c = Tensor::<A, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
@@ -207,14 +238,14 @@ fn rms_norm_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize,
         timed::<A>(device, || {
             let (x, w) = (x0.clone().detach().require_grad(), w0.clone().detach().require_grad());
             let y = match fused {
-                true => rms_norm(x.clone(), w.clone(), 1e-6, offset),
+                true => rms_norm_as(x.clone(), w.clone(), 1e-6, offset, out).cast(FloatDType::F32),
                 false => rms_norm_composition(x.clone(), w.clone(), 1e-6, offset),
             };
             let grads = (y.clone() * c.clone()).sum().backward();
             vec![("y", host(y)), ("dx", x.grad(&grads).map(host).unwrap_or_default()), ("dw", w.grad(&grads).map(host).unwrap_or_default())]
         })
     };
-    compare("rms_norm", format!("{n} × {d} offset {offset}"), runs, &run)
+    compare("rms_norm", format!("{n} × {d} offset {offset} -> {out:?}"), runs, &run)
 }
 
 /// `only`: the one operation to check (its name as the rows print it), or all of them.
@@ -223,7 +254,7 @@ pub fn run(device: DeviceSpec, runs: usize, json_out: bool, only: Option<&str>) 
 }
 
 fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec, runs: usize, json_out: bool, only: Option<&str>) -> anyhow::Result<()> {
-    const OPS: [&str; 7] = ["attention", "lm_head_loss", "rope", "gated_act", "rms_norm", "frozen_matmul", "frozen_lora"];
+    const OPS: [&str; 8] = ["attention", "lm_head_loss", "rope", "gated_act", "gated_down", "rms_norm", "frozen_matmul", "frozen_lora"];
     if let Some(op) = only.filter(|op| !OPS.contains(op)) {
         anyhow::bail!("--only {op}: not one of kiln's fused operations (expected one of {})", OPS.join(", "));
     }
@@ -277,8 +308,13 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
             }
         }
     }
+    if want("gated_down") {
+        push(gated_down_case::<A>(device, 37, 101, 53, 5, runs));
+    }
     if want("rms_norm") {
-        push(rms_norm_case::<A>(device, 37, 300, 1.0, runs));
+        for &out in outs {
+            push(rms_norm_case::<A>(device, 37, 300, 1.0, out, runs));
+        }
     }
     if want("frozen_matmul") {
         push(frozen_case::<A>(device, 37, 24, 53, runs));
@@ -301,8 +337,13 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
             push(gated_case::<A>(device, 4096, 4864, GateActivation::Silu, half, runs));
         }
     }
+    if want("gated_down") {
+        push(gated_down_case::<A>(device, 8192, 4864, 896, 16, runs));
+    }
     if want("rms_norm") {
-        push(rms_norm_case::<A>(device, 4096, 896, 0.0, runs));
+        for &out in outs {
+            push(rms_norm_case::<A>(device, 8192, 896, 0.0, out, runs));
+        }
     }
     if want("frozen_matmul") {
         push(frozen_case::<A>(device, 8192, 896, 4864, runs));

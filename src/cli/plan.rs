@@ -52,7 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => "device memory unknown (pass --memory-gib)".to_string(),
     };
     println!("  tensors      {:>9.2} GiB  at the peak", gib(p.live_bytes));
-    let pool = if p.peak_bytes != p.live_bytes { format!(" (the GPU allocator's pool: tensors × {:.2}, measured)", crate::train::plan::POOL_FACTOR) } else { String::new() };
+    let pool = if p.peak_bytes != p.live_bytes { format!(" (the GPU allocator's pool: tensors × {:.2}, measured)", crate::train::plan::pool_factor(device)) } else { String::new() };
     println!("  peak         {:>9.2} GiB  {verdict}{pool}", gib(p.peak_bytes));
     println!("  speed        {} ({:.2} GFLOP per token)", p.tokens_per_s_class, p.flops_per_token / 1e9);
     for s in &p.suggestions {

@@ -119,6 +119,12 @@ impl<B: QuantMatmul> Attention<B> {
         })
     }
 
+    /// The dtype the norm before this block writes: bf16 where the query, key and value
+    /// projections (those it has) all multiply it in bf16.
+    fn input_dtype(&self) -> FloatDType {
+        half_if([Some(&self.q_proj), self.k_proj.as_ref(), self.v_proj.as_ref()].into_iter().flatten().all(|l| l.reads_bf16()))
+    }
+
     /// `x` `[b, s, e]`; `rope` the (cos, sin) tables `[b or 1, s, r]` of these positions; `mask`
     /// `[b or 1, s, t]`; `shared` the keys and values of the layer this one shares with (its
     /// cache already applied). Returns the output, the keys and values attended over, and with
@@ -198,6 +204,12 @@ impl<B: QuantMatmul> Attention<B> {
     }
 }
 
+/// bf16 where every reader of a norm's output multiplies it in bf16 ([`Linear::reads_bf16`]),
+/// else f32.
+fn half_if(all_read_bf16: bool) -> FloatDType {
+    if all_read_bf16 { FloatDType::BF16 } else { FloatDType::F32 }
+}
+
 /// Gated MLP: `down(act(gate(x)) · up(x))` (SwiGLU for silu, GeGLU for gelu).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
@@ -223,11 +235,17 @@ impl<B: QuantMatmul> Mlp<B> {
         // act(gate) · up as one operation: backward keeps only the two projections. With bf16
         // weights and adapters throughout, gate, up and their product stay in bf16 (as under
         // PyTorch's autocast): the down projection multiplies in bf16 anyway.
-        let hidden = match [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|l| l.writes_bf16()) {
-            true => gated_act(self.gate_proj.forward_bf16(x.clone()), self.up_proj.forward_bf16(x), self.activation),
-            false => gated_act(self.gate_proj.forward(x.clone()), self.up_proj.forward(x), self.activation),
+        // The down projection recomputes act(gate) · up in backward (`Linear::forward_gated`).
+        let (gate, up) = match [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|l| l.writes_bf16()) {
+            true => (self.gate_proj.forward_bf16(x.clone()), self.up_proj.forward_bf16(x)),
+            false => (self.gate_proj.forward(x.clone()), self.up_proj.forward(x)),
         }; // [.., f]
-        self.down_proj.forward(hidden)
+        self.down_proj.forward_gated(gate, up, self.activation)
+    }
+
+    /// The dtype the norm before this MLP writes: bf16 where gate and up multiply it in bf16.
+    pub fn input_dtype(&self) -> FloatDType {
+        half_if(self.gate_proj.reads_bf16() && self.up_proj.reads_bf16())
     }
 }
 
@@ -338,16 +356,22 @@ impl<B: QuantMatmul> DecoderLayer<B> {
         ple: Option<Tensor<B, 3>>,
         keep_probs: bool,
     ) -> LayerOutput<B> {
-        let (attn, kv, probs) = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache, shared, keep_probs);
+        let h = self.input_layernorm.forward_as(x.clone(), self.self_attn.input_dtype());
+        let (attn, kv, probs) = self.self_attn.forward(h, rope, mask, cache, shared, keep_probs);
+        // Only the dense MLP reads the norm's output in bf16 (experts and routers take f32).
+        let mlp_dtype = match (&self.mlp, &self.moe) {
+            (Some(mlp), None) => mlp.input_dtype(),
+            _ => FloatDType::F32,
+        };
         let (x, stats) = match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(attn);
-                let (ff, stats) = self.feed_forward(pre.forward(x.clone()), &x);
+                let (ff, stats) = self.feed_forward(pre.forward_as(x.clone(), mlp_dtype), &x);
                 (x + post.forward(ff), stats)
             }
             _ => {
                 let x = x + attn;
-                let (ff, stats) = self.feed_forward(self.post_attention_layernorm.forward(x.clone()), &x);
+                let (ff, stats) = self.feed_forward(self.post_attention_layernorm.forward_as(x.clone(), mlp_dtype), &x);
                 (x + ff, stats)
             }
         };

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::{FloatDType, TensorData};
 
 use kiln_kernels::host::HostQuant;
-use kiln_kernels::{Affine, QuantMatmul};
+use kiln_kernels::{gated_act, Affine, GateActivation, QuantMatmul};
 
 use super::config::{RopeConfig, RopeScaling};
 use crate::quant::affine::QuantSpec;
@@ -196,6 +196,23 @@ impl<B: QuantMatmul> Linear<B> {
         y.reshape(out)
     }
 
+    /// Whether [`Self::forward`] multiplies a bf16 input as it is: a frozen bf16 weight whose
+    /// adapter (if any) has no dropout, so that the adapter reads the same input. Then the
+    /// norm before it may write bf16 ([`RmsNorm::forward_as`]).
+    pub fn reads_bf16(&self) -> bool {
+        matches!(&self.weight, LinearWeight::Dense(w) if w.dtype() == burn::tensor::DType::BF16) && self.lora.as_ref().is_none_or(|l| l.dropout == 0.0)
+    }
+
+    /// `self.forward(act(gate) · up)`: through [`kiln_kernels::gated_down`] where
+    /// [`Self::writes_bf16`] (no adapter dropout), whose backward recomputes `act(gate) · up`
+    /// rather than keeping it, the largest tensor a layer would keep.
+    pub fn forward_gated<const D: usize>(&self, gate: Tensor<B, D>, up: Tensor<B, D>, act: GateActivation) -> Tensor<B, D> {
+        match (&self.weight, &self.lora) {
+            (LinearWeight::Dense(w), Some(l)) if self.writes_bf16() && l.dropout == 0.0 => kiln_kernels::gated_down(gate, up, act, w.val(), l.a.val(), l.b.val(), l.scale),
+            _ => self.forward(gated_act(gate, up, act)),
+        }
+    }
+
     /// Whether [`Self::forward_bf16`] writes bf16: a frozen bf16 weight with its adapter (the
     /// one product that can write its result in bf16 directly) and no bias.
     pub fn writes_bf16(&self) -> bool {
@@ -283,7 +300,15 @@ impl<B: Backend> RmsNorm<B> {
     where
         B: kiln_kernels::RmsNormOp,
     {
-        kiln_kernels::rms_norm(x, self.weight.val(), self.eps, self.offset)
+        self.forward_as(x, FloatDType::F32)
+    }
+
+    /// [`Self::forward`] written in `out` (bf16 where only bf16 products read it).
+    pub fn forward_as<const D: usize>(&self, x: Tensor<B, D>, out: FloatDType) -> Tensor<B, D>
+    where
+        B: kiln_kernels::RmsNormOp,
+    {
+        kiln_kernels::rms_norm_as(x, self.weight.val(), self.eps, self.offset, out)
     }
 }
 

@@ -7,10 +7,11 @@
 //! - the trainable parameters' gradients (twice with gradient accumulation) and AdamW's two
 //!   moments;
 //! - the activations the autodiff tape holds for backward, counted per token and layer from the
-//!   decoder's operations (see `Step::layer_elems`): attention (fused) keeps its inputs, output
+//!   decoder's operations (see `Step::layer_bytes`): attention (fused) keeps its inputs, output
 //!   and one log-sum-exp per head, never a `[heads, seq]` row per token; the gated MLP (fused)
-//!   three `[intermediate]` rows (bf16 where its projections write bf16); the (fused) norms a
-//!   few `[hidden]` rows; (fused) rope none;
+//!   gate and up (in bf16 under bf16 training, their product then recomputed in backward,
+//!   three f32 `[intermediate]` rows otherwise); the (fused) norms their inputs, and the
+//!   projections after them the norms' outputs (bf16 under bf16 training); (fused) rope none;
 //! - one layer's worth of gradients in flight during backward (plus, where attention runs as
 //!   the composition rather than kiln's kernels, that layer's `[b, h, s, t]` scores);
 //! - one chunk of the LM-head loss (the full logits are never formed): its logits and their
@@ -115,13 +116,26 @@ pub struct Plan {
 const F32: u64 = 4;
 
 /// CubeCL's pool high-water mark over `live_bytes`, as measured by `kiln bench train` on an H100
-/// (bench/RESULTS.md, LoRA r16 on all projections, bf16, 8 × 1024 tokens per step, with the MLP's
-/// intermediates in bf16 and the LM head's row kernels): Qwen2.5-0.5B shape 19.72 / 12.65 GiB =
-/// 1.56, Llama-3.2-1B shape 24.47 / 18.45 GiB = 1.33 (the allocator reported 11.9 and 17.1 GiB
-/// in use at those peaks). Earlier builds, whose steps held f32 intermediates, measured 1.28–1.36.
-/// A measurement of the allocator, not a model of it: measured on CUDA only; ROCm and wgpu run
-/// the same CubeCL memory management and are given the same factor, unmeasured.
-pub const POOL_FACTOR: f64 = 1.44;
+/// (bench/RESULTS.md, 2026-11-28: LoRA r16 on all projections, bf16, 8 × 1024 tokens per step,
+/// the CUDA pool in exclusive pages, see vendor/cubecl-cuda/KILN-PATCH.md): Qwen2.5-0.5B shape
+/// 11.62 GB over 10.49 GB live = 1.11, Llama-3.2-1B shape 16.59 / 15.82 = 1.05. With upstream's
+/// sliced pages it was 1.33–1.56. A measurement of the allocator, not a model of it.
+pub const POOL_FACTOR: f64 = 1.08;
+
+/// The same for upstream's sliced pages, which ROCm and wgpu keep (unmeasured there): measured
+/// on CUDA before kiln's pool moved to exclusive pages, 1.33–1.56 (Qwen2.5-0.5B and
+/// Llama-3.2-1B shapes, 2026-11-27).
+pub const SLICED_POOL_FACTOR: f64 = 1.44;
+
+/// The pool's high-water mark over the live tensors on `device`'s allocator (1 on the CPU,
+/// which allocates tensor by tensor).
+pub fn pool_factor(device: DeviceSpec) -> f64 {
+    match device {
+        DeviceSpec::Cpu => 1.0,
+        DeviceSpec::Cuda(_) => POOL_FACTOR,
+        DeviceSpec::Rocm(_) | DeviceSpec::Wgpu(_) => SLICED_POOL_FACTOR,
+    }
+}
 
 /// What one training step of `recipe` holds, for a model of `geom`.
 struct Step<'a> {
@@ -182,32 +196,42 @@ impl Step<'_> {
         }
     }
 
-    /// Whether layer `i`'s gated MLP keeps gate, up and their product in bf16 (`Mlp::forward`:
-    /// bf16 frozen weights with an adapter on all three projections and no adapter dropout).
-    fn half_mlp(&self, device: DeviceSpec, i: usize) -> bool {
-        self.bf16(device) && self.recipe.lora.dropout == 0.0 && ["gate_proj", "up_proj", "down_proj"].iter().all(|p| self.adapted(p, i))
+    /// Whether the norms write bf16 for the projections after them (`Linear::reads_bf16`: bf16
+    /// frozen weights, no adapter dropout), which then keep their inputs in bf16.
+    fn half_inputs(&self, device: DeviceSpec) -> bool {
+        self.bf16(device) && self.quantize.is_none() && self.recipe.lora.dropout == 0.0
     }
 
-    /// f32 values (or their size in bytes over 4) the tape keeps per token for layer `i` (see
-    /// the module docs).
-    fn layer_elems(&self, l: &LayerGeometry, half_mlp: bool) -> u64 {
-        let (e, q, kv, f) = (self.geom.hidden, l.heads * l.head_dim, l.kv_heads * l.head_dim, l.mlp);
-        // Norms (fused: input and output, two norms). Fused attention: its inputs (queries and
-        // keys after rope, which keeps nothing of its own; values), its output, one
-        // log-sum-exp per head, and the output laid out for o_proj. MLP (fused gate): gate, up,
-        // and their product (down_proj's input, kept when down_proj trains), in bf16 where the
-        // projections write bf16.
-        let mlp = if half_mlp { 3 * f / 2 } else { 3 * f };
-        let mut n = 4 * e + q + 2 * kv + 2 * q + l.heads + mlp;
+    /// Whether layer `i`'s gated MLP keeps gate and up in bf16 and recomputes their product in
+    /// backward (`Mlp::forward`: bf16 frozen weights with an adapter on all three projections
+    /// and no adapter dropout).
+    fn half_mlp(&self, device: DeviceSpec, i: usize) -> bool {
+        self.half_inputs(device) && ["gate_proj", "up_proj", "down_proj"].iter().all(|p| self.adapted(p, i))
+    }
+
+    /// Bytes the tape keeps per token for layer `l` (see the module docs).
+    fn layer_bytes(&self, l: &LayerGeometry, half_inputs: bool, half_mlp: bool) -> u64 {
+        let (e, q, kv, f) = (self.geom.hidden as u64, (l.heads * l.head_dim) as u64, (l.kv_heads * l.head_dim) as u64, l.mlp as u64);
+        let input = if half_inputs { 2 } else { F32 };
+        // Two norms (fused), each keeping its input (the residual stream, f32); the projections
+        // after each keep the norm's output.
+        let norms = 2 * e * F32 + 2 * e * input;
+        // Attention (fused): queries and keys after rope (which keeps nothing of its own),
+        // values, its output and one log-sum-exp per head; o_proj keeps its input.
+        let attention = (2 * q + 2 * kv + l.heads as u64) * F32 + q * input;
+        // MLP (fused gate): gate and up, and their product (down_proj's input) unless down_proj
+        // recomputes it in backward.
+        let mlp = if half_mlp { 2 * f * 2 } else { 3 * f * F32 };
+        let mut n = norms + attention + mlp;
         if self.geom.qk_norm {
             // The per-head norms' inputs.
-            n += q + kv;
+            n += (q + kv) * F32;
         }
         if self.lora() {
             // x·A of each adapted projection.
-            n += 7 * self.recipe.lora.rank;
+            n += 7 * self.recipe.lora.rank as u64 * F32;
         }
-        n as u64
+        n
     }
 
     fn plan(&self, device: DeviceSpec, capacity: Option<u64>) -> Plan {
@@ -217,10 +241,10 @@ impl Step<'_> {
         let accum = self.recipe.train.grad_accum.max(1);
         let gradients = trainable * F32 * if accum > 1 { 2 } else { 1 };
         let optimizer = trainable * F32 * 2;
-        let elems: Vec<u64> = g.layers.iter().enumerate().map(|(i, l)| self.layer_elems(l, self.half_mlp(device, i))).collect();
-        let per_token: u64 = elems.iter().sum::<u64>() + 4 * g.hidden as u64;
-        let activations = per_token * tokens * F32;
-        let widest = elems.iter().copied().max().unwrap_or(0);
+        let bytes: Vec<u64> = g.layers.iter().enumerate().map(|(i, l)| self.layer_bytes(l, self.half_inputs(device), self.half_mlp(device, i))).collect();
+        let per_token: u64 = bytes.iter().sum::<u64>() + 4 * g.hidden as u64 * F32;
+        let activations = per_token * tokens;
+        let widest = bytes.iter().copied().max().unwrap_or(0);
         // Where attention runs as the composition (no kernels of kiln's own on that backend),
         // its backward forms a few `[b, h, s, t]` score matrices for a moment: scores, their
         // softcap, probabilities, their gradient.
@@ -228,7 +252,7 @@ impl Step<'_> {
             DeviceSpec::Cuda(_) => 0,
             _ => 4 * g.layers.iter().map(|l| l.heads).max().unwrap_or(0) as u64 * tokens * self.seq as u64,
         };
-        let backward = widest * tokens * F32 + scores * F32;
+        let backward = widest * tokens + scores * F32;
         let chunk = kiln_kernels::chunk_rows(g.vocab).min(self.batch * self.seq) as u64;
         // CUDA runs each chunk's softmax as row kernels: the logits and their gradient, written
         // in the head's dtype. Elsewhere (tensor operations): logits, exponentials, their
@@ -241,7 +265,7 @@ impl Step<'_> {
         let live = weights + gradients + optimizer + activations + backward + logits;
         let peak = match device {
             DeviceSpec::Cpu => live,
-            DeviceSpec::Cuda(_) | DeviceSpec::Rocm(_) | DeviceSpec::Wgpu(_) => (live as f64 * POOL_FACTOR) as u64,
+            DeviceSpec::Cuda(_) | DeviceSpec::Rocm(_) | DeviceSpec::Wgpu(_) => (live as f64 * pool_factor(device)) as u64,
         };
         let flops = flops_per_token(g, self.seq, self.lora());
         let rate = sustained_flops(device);

@@ -46,7 +46,6 @@ pub struct CudaRuntime;
 
 impl DeviceService for CudaServer {
     fn init(device_id: cubecl_common::device::DeviceId) -> Self {
-        let options = RuntimeOptions::default();
         let device = CudaDevice::from_id(device_id);
 
         // To get the supported WMMA features, and memory properties, we have to initialize the server immediately.
@@ -103,6 +102,8 @@ impl DeviceService for CudaServer {
             max_page_size: max_memory / 4,
             alignment: mem_alignment as u64,
         };
+        // kiln: exclusive pages unless `KILN_CUDA_POOL=sliced` (compute/pools.rs).
+        let options = RuntimeOptions { memory_config: crate::compute::pools::memory_configuration() };
 
         let mut comp_opts = CompilationOptions {
             supports_features: CppSupportedFeatures {

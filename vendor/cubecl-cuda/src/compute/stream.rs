@@ -63,15 +63,17 @@ impl EventStreamBackend for CudaStreamBackend {
             self.logger.clone(),
             MemoryManagementOptions::new("Main GPU Memory"),
         );
-        // We use the same page size and memory pools configuration for CPU pinned memory, since we
-        // expect the CPU to have at least the same amount of RAM as GPU memory.
+        // We use the same page size for CPU pinned memory, since we expect the CPU to have at
+        // least the same amount of RAM as GPU memory.
+        // kiln: always upstream's sliced pages here (compute/pools.rs): exclusive pages free an
+        // unused page at once (`cuMemFreeHost`), while a copy may still be using it.
         let memory_management_cpu = MemoryManagement::from_configuration(
             PinnedMemoryStorage::new(),
             &MemoryDeviceProperties {
                 max_page_size: self.mem_props.max_page_size,
                 alignment: PINNED_MEMORY_ALIGNMENT as u64,
             },
-            self.mem_config.clone(),
+            crate::compute::pools::pinned_configuration(),
             self.logger.clone(),
             MemoryManagementOptions::new("Pinned CPU Memory").mode(MemoryAllocationMode::Auto),
         );
