@@ -216,7 +216,7 @@ impl<B: FrozenMatmul, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
         // `h` leaves as a constant; `x`, `A` and `B` are the parents (the weight is frozen).
         let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(h.clone());
         let y = match FrozenLoraBackward.prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(LoraState { x: x_in, w, a: a.primitive, b: b.primitive, h, scale }, y),
+            OpsKind::Tracked(prep) => prep.finish(LoraState { x: x_in, adapter: Adapter { w, a: a.primitive, b: b.primitive, h, scale } }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, h_out)
@@ -232,14 +232,30 @@ pub(crate) fn in_half_of<B: Backend>(t: FloatTensor<B>, w: &FloatTensor<B>) -> F
     }
 }
 
+/// What backward needs of a frozen product with its adapter besides the input: the frozen
+/// weight, the adapter's matrices and scale, and `h = x·A` from the forward.
+#[derive(Debug, Clone)]
+pub(crate) struct Adapter<B: Backend> {
+    pub(crate) w: FloatTensor<B>,
+    pub(crate) a: FloatTensor<B>,
+    pub(crate) b: FloatTensor<B>,
+    pub(crate) h: FloatTensor<B>,
+    pub(crate) scale: f64,
+}
+
+impl<B: FrozenMatmul> Adapter<B> {
+    /// `(dx, dA, dB)` for the upstream gradient `dy` and the input `x` (`dx` if `need_dx`),
+    /// through [`FrozenMatmul::frozen_lora_bwd`], `dy` first cast to a half weight's dtype.
+    pub(crate) fn backward(self, dy: FloatTensor<B>, x: FloatTensor<B>, need_dx: bool) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+        let dy = in_half_of::<B>(dy, &self.w);
+        B::frozen_lora_bwd(dy, x, self.w, self.a, self.b, self.h, self.scale, need_dx)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct LoraState<B: Backend> {
     x: FloatTensor<B>,
-    w: FloatTensor<B>,
-    a: FloatTensor<B>,
-    b: FloatTensor<B>,
-    h: FloatTensor<B>,
-    scale: f64,
+    adapter: Adapter<B>,
 }
 
 #[derive(Debug)]
@@ -251,8 +267,7 @@ impl<B: FrozenMatmul> Backward<B, 3> for FrozenLoraBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_x, node_a, node_b] = ops.parents;
         let s = ops.state;
-        let dy = in_half_of::<B>(grads.consume::<B>(&ops.node), &s.w);
-        let (dx, da, db) = B::frozen_lora_bwd(dy, s.x, s.w, s.a, s.b, s.h, s.scale, node_x.is_some());
+        let (dx, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), s.x, node_x.is_some());
         for (node, grad) in [(node_x, dx), (node_a, Some(da)), (node_b, Some(db))] {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<B>(node.id, grad);

@@ -16,7 +16,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{backend::Backend, FloatDType, Shape, Tensor, TensorMetadata};
 
 use crate::float;
-use crate::frozen::{in_half_of, FrozenMatmul};
+use crate::frozen::{in_half_of, Adapter, FrozenMatmul};
 
 /// The gate's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,11 +178,7 @@ struct DownState<B: Backend> {
     gate: FloatTensor<B>,
     up: FloatTensor<B>,
     act: GateActivation,
-    w: FloatTensor<B>,
-    a: FloatTensor<B>,
-    b: FloatTensor<B>,
-    h: FloatTensor<B>,
-    scale: f64,
+    adapter: Adapter<B>,
 }
 
 #[derive(Debug)]
@@ -194,10 +190,9 @@ impl<B: GatedDown> Backward<B, 4> for GatedDownBackward {
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_gate, node_up, node_a, node_b] = ops.parents;
         let s = ops.state;
-        let dy = in_half_of::<B>(grads.consume::<B>(&ops.node), &s.w);
         let hidden = flat_gated_act::<B>(s.gate.clone(), s.up.clone(), s.act);
         let need_dx = node_gate.is_some() || node_up.is_some();
-        let (dhidden, da, db) = B::frozen_lora_bwd(dy, hidden, s.w, s.a, s.b, s.h, s.scale, need_dx);
+        let (dhidden, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), hidden, need_dx);
         if let Some(dhidden) = dhidden {
             let shape = s.gate.shape();
             let flat = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([shape.num_elements()]));
@@ -225,7 +220,7 @@ impl<B: GatedDown, C: CheckpointStrategy> GatedDown for Autodiff<B, C> {
         let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(h.clone());
         let parents = [gate.node.clone(), up.node.clone(), a.node.clone(), b.node.clone()];
         let y = match GatedDownBackward.prepare::<C>(parents).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(DownState { gate: gate.primitive, up: up.primitive, act, w, a: a.primitive, b: b.primitive, h, scale }, y),
+            OpsKind::Tracked(prep) => prep.finish(DownState { gate: gate.primitive, up: up.primitive, act, adapter: Adapter { w, a: a.primitive, b: b.primitive, h, scale } }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, h_out)
