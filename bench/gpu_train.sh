@@ -31,3 +31,7 @@ if [ -z "$SKIP_DECODE" ]; then
     --kiln-timeout ${KILN_TIMEOUT:-180} --out $OUT 2>&1 | tee $OUT/decode_vs_hf.txt | grep -v '^{'
 fi
 tar cJf $OUT/kiln-cache.part .kiln-cache 2>/dev/null && mv $OUT/kiln-cache.part $OUT/kiln-cache.tar.xz
+# The device tool brings back at most 8 files: the summaries stay as they are, everything else
+# (logs, the raw trace, JSON rows) travels in one archive.
+(cd $OUT && rest=$(ls | grep -v -x -e card.txt -e train_vs_peft.txt -e kiln-timeline.txt -e decode_vs_hf.txt -e fused-cuda.txt -e kiln-cache.tar.xz) \
+  && [ -n "$rest" ] && tar czf rest.tar.gz $rest && rm -f $rest)

@@ -216,6 +216,28 @@ fn resumed_run_matches_uninterrupted_run() {
 }
 
 #[test]
+fn non_finite_steps_are_rejected_until_the_run_gives_up() {
+    let _serial = serial();
+    let stop = AtomicBool::new(false);
+    let tmp = tempfile::tempdir().unwrap();
+    // The first update (finite loss and gradient) is accepted and throws the adapters to ~1e30;
+    // every later loss is non-finite. Each such update is reverted, the step queued behind it
+    // is dropped, and after `max_bad_steps` in a row the run stops with an error.
+    let mut recipe = tiny_recipe(tmp.path(), "");
+    recipe.train.learning_rate = 1e30;
+    recipe.train.warmup_steps = 0;
+    recipe.train.max_bad_steps = 3;
+    let mut rec = Recorder::default();
+    let err = train::<Autodiff<Cpu>>(&recipe, &TrainOptions::default(), &Default::default(), &mut rec, &stop).unwrap_err();
+    assert!(matches!(err, kiln::train::TrainError::Diverged { count: 3 }), "{err}");
+    let losses = train_losses(&rec.events);
+    assert_eq!(losses.len(), 1, "{losses:?}");
+    assert!(losses[0].1.is_finite());
+    let skipped: Vec<usize> = rec.events.iter().filter_map(|e| match e { Event::Warning { step, message } if message.contains("step skipped") => Some(*step), _ => None }).collect();
+    assert_eq!(skipped, vec![1, 2, 3]);
+}
+
+#[test]
 fn lora_training_lowers_the_loss_and_saves_a_loadable_adapter() {
     let _serial = serial();
     let stop = AtomicBool::new(false);

@@ -48,7 +48,7 @@ pub use attention::{flash_attention, AttentionSpec, FlashAttention};
 pub use frozen::{frozen_lora, frozen_matmul, FrozenMatmul};
 pub use gated::{gated_act, gated_down, GateActivation, GatedActOp, GatedDown};
 pub use loss::{chunk_rows, lm_head_loss, HeadLayout, HeadLoss, LmHeadLoss};
-pub use memory::{DeviceMemory, MemoryStats};
+pub use memory::{DeviceMemory, MemoryStats, Reading};
 pub use norm::{rms_norm, rms_norm_as, RmsNormOp};
 pub use rope::{rope, RopeOp};
 

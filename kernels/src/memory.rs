@@ -1,10 +1,13 @@
 //! Device memory as the backend's allocator sees it, so that training can report the peak
-//! GPU memory it took (Burn 0.21's `Backend` trait has no such query; CubeCL's client has).
+//! GPU memory it took (Burn 0.21's `Backend` trait has no such query; CubeCL's client has),
+//! and reads from it queued ahead of later work.
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::TensorData;
 
 /// One reading of the allocator on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,6 +28,25 @@ pub trait DeviceMemory: Backend {
     fn memory_stats(_device: &Self::Device) -> Option<MemoryStats> {
         None
     }
+
+    /// Queues the copy of `tensor` to the host now, behind the work queued so far, and returns
+    /// what waits for it. Work queued after this call does not delay the copy: a training step
+    /// can queue the next step's forward and backward before it waits for this one's loss
+    /// (Burn's `into_data` queues the copy only when waited for, behind everything queued by
+    /// then). The default reads when waited for: right for backends that compute as they queue.
+    fn read_later(tensor: FloatTensor<Self>) -> Reading {
+        Reading(Box::new(move || burn::tensor::read_sync(Self::float_into_data(tensor)).map_err(|e| format!("{e:?}"))))
+    }
+}
+
+/// Values on their way to the host ([`DeviceMemory::read_later`]).
+pub struct Reading(Box<dyn FnOnce() -> Result<TensorData, String> + Send>);
+
+impl Reading {
+    /// Waits for the copy; the values as f32.
+    pub fn wait(self) -> Result<Vec<f32>, String> {
+        (self.0)()?.convert::<f32>().into_vec::<f32>().map_err(|e| format!("{e:?}"))
+    }
 }
 
 impl<B: DeviceMemory, C: CheckpointStrategy> DeviceMemory for Autodiff<B, C> {
@@ -44,6 +66,22 @@ impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::
         // training step's work from one thread, so that is the step's memory.
         let usage = <R as cubecl::Runtime>::client(device).memory_usage().ok()?;
         Some(MemoryStats { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
+    }
+
+    fn read_later(tensor: FloatTensor<Self>) -> Reading {
+        // What Burn's `into_data` does, with the copy queued here rather than when waited for:
+        // CubeCL's `read_one_tensor_async` queues the copy and a fence before it returns.
+        let tensor = burn_cubecl::kernel::into_contiguous_aligned(tensor);
+        let (shape, dtype) = (tensor.meta.shape().clone(), tensor.dtype);
+        let copy = cubecl::server::CopyDescriptor::new(tensor.handle.clone().binding(), shape.clone(), tensor.meta.strides().clone(), tensor.elem_size());
+        type Copy<'a> = core::pin::Pin<Box<dyn Future<Output = Result<burn::tensor::Bytes, cubecl::server::ServerError>> + Send + 'a>>;
+        let bytes: Copy<'_> = Box::pin(tensor.client.read_one_tensor_async(copy));
+        // SAFETY: only the type borrows the client. In cubecl-runtime 0.10.0 (pinned),
+        // `read_one_tensor_async` hands the device thread the copy and awaits the `'static` boxed
+        // future it gets back; the `impl Future` it is returned as names the client's lifetime
+        // because of the 2024 capture rules alone.
+        let bytes: Copy<'static> = unsafe { core::mem::transmute::<Copy<'_>, Copy<'static>>(bytes) };
+        Reading(Box::new(move || burn::tensor::read_sync(bytes).map(|b| TensorData::from_bytes(b, shape, dtype)).map_err(|e| format!("{e}"))))
     }
 }
 

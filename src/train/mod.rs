@@ -69,6 +69,8 @@ pub enum TrainError {
     NoPrompts { path: PathBuf },
     #[error("stopped after {count} steps in a row with a non-finite loss or gradient (train.max_bad_steps); lower train.learning_rate or check the data")]
     Diverged { count: usize },
+    #[error("reading the step's loss from the device failed: {0}")]
+    DeviceRead(String),
 }
 
 /// What one step computed: its gradients (None when no token carried loss), the loss value,
@@ -78,6 +80,35 @@ pub struct StepGrads {
     pub grads: Option<GradientsParams>,
     pub loss: f64,
     pub tokens: usize,
+}
+
+/// An SFT step whose forward and backward are queued: the data cursor after its micro-batches,
+/// its gradients and its losses.
+struct Queued<B: TrainBackend> {
+    cursor: usize,
+    out: StepGrads,
+    losses: Vec<Tensor<B, 1>>,
+}
+
+/// Dropout masks depend on the step only, so a resumed run draws the same ones.
+fn seed_step<B: TrainBackend>(device: &B::Device, seed: u64, step: usize) {
+    B::seed(device, seed.wrapping_add(step as u64).wrapping_mul(0x9E37_79B9));
+}
+
+/// The step's loss (its micro-batches' losses summed; 0 where there are none) and squared
+/// gradient norm, copied to the host in one read queued now ([`DeviceMemory::read_later`]).
+fn read_step<B: QuantMatmul>(losses: Vec<Tensor<B, 1>>, square_sum: Option<Tensor<B, 1>>) -> impl FnOnce() -> Result<(f64, f64), TrainError> {
+    let loss = losses.into_iter().reduce(|a, b| a + b);
+    let (has_loss, has_norm) = (loss.is_some(), square_sum.is_some());
+    let parts: Vec<Tensor<B, 1>> = [loss, square_sum].into_iter().flatten().collect();
+    let reading = (!parts.is_empty()).then(|| B::read_later(Tensor::cat(parts, 0).into_primitive().tensor()));
+    move || {
+        let values = reading.map(|r| r.wait().map_err(TrainError::DeviceRead)).transpose()?.unwrap_or_default();
+        let value = |i: usize| values.get(i).map_or(f64::NAN, |v| *v as f64);
+        let loss = if has_loss { value(0) } else { 0.0 };
+        let norm = if has_norm { value(has_loss as usize).sqrt() } else { 0.0 };
+        Ok((loss, norm))
+    }
 }
 
 /// Adds a micro-batch's gradients to the step's.
@@ -377,6 +408,10 @@ fn run_loop<B: TrainBackend>(
     }
 
     let mut epoch_cache: Option<(usize, Vec<Batch>)> = None;
+    // The next SFT step, queued behind this one's update before its loss is read, with the
+    // parameters and dropout seed it would have had if queued later. Its cursor is committed to
+    // `state` only when it is taken: a run that stops first, or drops it, saves none of it.
+    let mut queued: Option<Queued<B>> = None;
     let mut train_time = 0.0f64;
     let mut reason = "completed".to_string();
     let mut last_eval = None;
@@ -394,25 +429,26 @@ fn run_loop<B: TrainBackend>(
             break;
         }
         let step_start = Instant::now();
-        // Dropout masks depend on the step only, so a resumed run draws the same ones.
-        B::seed(device, seed.wrapping_add(state.step as u64).wrapping_mul(0x9E37_79B9));
-
         let next = state.step + 1;
         // SFT's losses stay on the device until the step's gradient norm is queued too: reading
         // a loss waits for the GPU, and then nothing would be queued behind the backward.
         let mut pending_losses = Vec::new();
         let mut out = match &mut objective {
             Objective::Sft => {
-                let micro = next_micro_batches(recipe, &data.train, &mut state, &mut epoch_cache, batches_per_epoch);
-                let (out, losses) = sft_grads(&model, &micro, device, options.reference_ops);
-                pending_losses = losses;
-                out
+                let q = match queued.take() {
+                    Some(q) => q,
+                    None => queue_sft(&model, recipe, &data.train, state.cursor, &mut epoch_cache, batches_per_epoch, device, options.reference_ops, state.step),
+                };
+                state.cursor = q.cursor;
+                pending_losses = q.losses;
+                q.out
             }
             Objective::Distill(d) => {
+                seed_step::<B>(device, seed, state.step);
                 let on_policy = d.on_policy(state.step);
                 let micro = match on_policy {
                     true => d.student_batches(&model.valid(), state.step, t.grad_accum),
-                    false => next_micro_batches(recipe, &data.train, &mut state, &mut epoch_cache, batches_per_epoch),
+                    false => next_micro_batches(recipe, &data.train, &mut state.cursor, &mut epoch_cache, batches_per_epoch),
                 };
                 let (out, sums) = d.step(&model, &micro, on_policy);
                 let step_tokens: usize = micro.iter().map(|b| b.tokens).sum();
@@ -422,6 +458,7 @@ fn run_loop<B: TrainBackend>(
                 out
             }
             Objective::Grpo(g) => {
+                seed_step::<B>(device, seed, state.step);
                 let mut warnings = Vec::new();
                 let (out, mut stats) = g.step(&model, &mut state, &tokenizer, &mut |w| warnings.push(w));
                 for message in warnings {
@@ -441,15 +478,26 @@ fn run_loop<B: TrainBackend>(
         // The probe reads the gradients that the update consumes.
         let grad_probe = if probes_due(next) { crate::probe::layer_grad_norms(&model, &grads, next) } else { None };
         // Queued before anything is read, so the device goes from the backward straight into
-        // the update; a non-finite loss or norm, known only after the read, reverts it.
+        // the update, then (SFT with adapters) into the next step's forward and backward while
+        // the host waits for this step's loss and norm. A non-finite loss or norm, known only
+        // after the read, reverts the update, and the next step is queued again.
         let lr = schedule.at(state.step);
         let (updated, pending) = opt.update(model, &mut grads, lr, t.max_grad_norm);
         model = updated;
-        out.loss += pending_losses.into_iter().map(|l| l.into_scalar().elem::<f64>()).sum::<f64>();
+        let read = read_step::<B::InnerBackend>(pending_losses.into_iter().map(|l| l.inner()).collect(), pending.square_sum());
+        // The update's undo copies (`pending`) stay alive through the next step's backward:
+        // small for adapters, three copies of the weights when every weight trains.
+        let queue_next = matches!(objective, Objective::Sft) && recipe.trains_lora() && next < total_steps && options.max_steps.is_none_or(|m| next < m) && !stop.load(Ordering::Relaxed);
+        if queue_next {
+            queued = Some(queue_sft(&model, recipe, &data.train, state.cursor, &mut epoch_cache, batches_per_epoch, device, options.reference_ops, next));
+        }
+        let (loss, grad_norm) = read()?;
+        out.loss += loss;
         let loss_value = out.loss;
-        let grad_norm = pending.grad_norm();
         if !loss_value.is_finite() || !grad_norm.is_finite() {
             model = opt.revert(model, pending);
+            // Computed with the rejected parameters: queued again from the same cursor.
+            queued = None;
             state.bad_in_row += 1;
             sink.emit(&Event::Warning { step: state.step, message: format!("non-finite loss ({loss_value}) or gradient norm ({grad_norm}); step skipped") });
             if state.bad_in_row >= t.max_bad_steps.max(1) {
@@ -573,18 +621,38 @@ fn make_objective<B: TrainBackend>(
     })
 }
 
+/// Queues SFT step `step` (0-based): its dropout seed, its micro-batches at `cursor`, their
+/// forward and backward.
+#[allow(clippy::too_many_arguments)]
+fn queue_sft<B: TrainBackend>(
+    model: &Model<B>,
+    recipe: &Recipe,
+    train: &[Example],
+    mut cursor: usize,
+    cache: &mut Option<(usize, Vec<Batch>)>,
+    batches_per_epoch: usize,
+    device: &B::Device,
+    reference_ops: bool,
+    step: usize,
+) -> Queued<B> {
+    seed_step::<B>(device, recipe.run.seed, step);
+    let micro = next_micro_batches(recipe, train, &mut cursor, cache, batches_per_epoch);
+    let (out, losses) = sft_grads(model, &micro, device, reference_ops);
+    Queued { cursor, out, losses }
+}
+
 /// The step's `grad_accum` micro-batches at the data cursor, which they advance.
-fn next_micro_batches(recipe: &Recipe, train: &[Example], state: &mut LoopState, cache: &mut Option<(usize, Vec<Batch>)>, batches_per_epoch: usize) -> Vec<Batch> {
+fn next_micro_batches(recipe: &Recipe, train: &[Example], cursor: &mut usize, cache: &mut Option<(usize, Vec<Batch>)>, batches_per_epoch: usize) -> Vec<Batch> {
     let mut micro = Vec::with_capacity(recipe.train.grad_accum);
     for _ in 0..recipe.train.grad_accum {
-        let epoch = state.cursor / batches_per_epoch;
+        let epoch = *cursor / batches_per_epoch;
         if cache.as_ref().is_some_and(|(e, _)| *e != epoch) {
             *cache = None;
         }
         let (_, batches) = cache.get_or_insert_with(|| (epoch, epoch_batches(recipe, train, epoch)));
         // Packing a different shuffle can give an epoch one batch fewer than epoch 0.
-        micro.push(batches[(state.cursor % batches_per_epoch).min(batches.len() - 1)].clone());
-        state.cursor += 1;
+        micro.push(batches[(*cursor % batches_per_epoch).min(batches.len() - 1)].clone());
+        *cursor += 1;
     }
     micro
 }

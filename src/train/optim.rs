@@ -92,6 +92,11 @@ pub struct Pending<B: Backend> {
 }
 
 impl<B: Backend> Pending<B> {
+    /// The sum of all squared gradients, on the device (None: no parameter had a gradient).
+    pub fn square_sum(&self) -> Option<Tensor<B, 1>> {
+        self.square_sum.clone()
+    }
+
     /// The L2 norm of all gradients together, before clipping (what
     /// `torch.nn.utils.clip_grad_norm_` returns). Waits for the device.
     pub fn grad_norm(&self) -> f64 {
