@@ -225,7 +225,7 @@ def main():
 
     gib = 2**30
     print(f"\n{card}: LoRA r16 all 7 projections, AdamW, bf16; tokens/s (peak GiB, MFU)")
-    print(f"{'shape':14}{'seq':>6}{'batch':>6}{'kiln':>6}{'torch+peft':>28}{'kiln':>28}{'speed':>7}{'mem':>7}{'plan/kiln':>10}")
+    print(f"{'shape':14}{'seq':>6}{'batch':>6}{'dtype':>6}{'torch+peft':>28}{'kiln':>28}{'speed':>7}{'mem':>7}{'plan/kiln':>10}")
     cell = lambda r: (f"{r['tokens_per_s']:9.0f} ({r['peak_bytes'] / gib:5.1f}, {r['mfu'] * 100:4.1f}%)"
                       if "tokens_per_s" in r else r.get("error", "-")[:26])
     for row in rows:

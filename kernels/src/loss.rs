@@ -55,7 +55,7 @@ pub fn chunk_rows(vocab: usize) -> usize {
 /// adds the chunked backward.
 pub trait LmHeadLoss: FrozenMatmul {
     fn lm_head_loss(h: FloatTensor<Self>, w: FloatTensor<Self>, targets: IntTensor<Self>, mask: FloatTensor<Self>, spec: HeadLoss) -> FloatTensor<Self> {
-        forward::<Self>(h, w, targets, mask, spec).0
+        forward::<Self>(h, w, targets, mask, spec, None).0
     }
 
     /// Per row of one chunk's logits `u` `[c, v]` (f32, before the softcap): the log-sum-exp
@@ -141,64 +141,41 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(chunk).map(move |s| (s, chunk.min(n - s)))
 }
 
-/// The loss `[1]` and each row's log-sum-exp `[n]` (f32), which is all the backward keeps.
-fn forward<B: LmHeadLoss>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<B>, mask: FloatTensor<B>, spec: HeadLoss) -> (FloatTensor<B>, FloatTensor<B>) {
+/// The loss `[1]` and, when `grads` asks for them, its gradients for an upstream gradient of 1
+/// (see [`Grads`]): each chunk's gradient is taken while its logits exist, so the backward
+/// does not multiply the head a second time (Liger's fused linear cross-entropy does the same).
+fn forward<B: LmHeadLoss>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<B>, mask: FloatTensor<B>, spec: HeadLoss, grads: Option<bool>) -> (FloatTensor<B>, Option<Grads<B>>) {
     let h = float::<B, 2>(h);
     let w = float::<B, 2>(w);
     let targets = Tensor::<B, 1, Int>::from_primitive(targets);
     let mask = float::<B, 1>(mask).cast(DType::F32);
     let [n, _] = h.dims();
     let mut loss = Tensor::<B, 1>::zeros([1], (&h.device(), DType::F32));
-    let mut lses = Vec::new();
+    let (mut dhs, mut dw) = (Vec::new(), None::<Tensor<B, 2>>);
+    let prim = |x: Tensor<B, 1>| x.into_primitive().tensor();
     for (start, len) in chunks(n, spec.chunk) {
-        let u = chunk_logits(h.clone().narrow(0, start, len), &w, spec.layout); // [c, v]
-        let t = targets.clone().narrow(0, start, len).into_primitive();
-        let (lse, picked) = B::chunk_lse(u.into_primitive().tensor(), t, spec.softcap);
-        let lse = float::<B, 1>(lse); // [c]
-        let nll = (lse.clone() - float::<B, 1>(picked)) * mask.clone().narrow(0, start, len);
-        loss = loss + nll.sum();
-        lses.push(lse);
-    }
-    let lse = Tensor::cat(lses, 0);
-    (loss.into_primitive().tensor(), lse.into_primitive().tensor())
-}
-
-/// `dh` `[n, e]` (in `h`'s dtype) and, when asked, `dW` (in `w`'s layout and dtype) for an
-/// upstream gradient `g` `[1]`: per chunk, `dz = (softmax(z) − onehot(target)) · mask · g`,
-/// through the softcap's `1 − tanh²`, then `dh = dz·Wᵀ`, `dW += hᵀ·dz`.
-fn backward<B: LmHeadLoss>(g: FloatTensor<B>, s: &State<B>, want_w: bool) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
-    let h = float::<B, 2>(s.h.clone());
-    let w = float::<B, 2>(s.w.clone());
-    let targets = Tensor::<B, 1, Int>::from_primitive(s.targets.clone());
-    let mask = float::<B, 1>(s.mask.clone()).cast(DType::F32);
-    let lse = float::<B, 1>(s.lse.clone());
-    let g = float::<B, 1>(g).cast(DType::F32);
-    let (h_dtype, w_dtype) = (h.dtype(), w.dtype());
-    let [n, _] = h.dims();
-    let mut dhs = Vec::new();
-    let mut dw: Option<Tensor<B, 2>> = None;
-    for (start, len) in chunks(n, s.spec.chunk) {
         let hc = h.clone().narrow(0, start, len);
-        let u = chunk_logits(hc.clone(), &w, s.spec.layout); // [c, v]
-        let coef = mask.clone().narrow(0, start, len) * g.clone(); // [c]
+        let u = chunk_logits(hc.clone(), &w, spec.layout); // [c, v]
         let t = targets.clone().narrow(0, start, len).into_primitive();
-        let prim = |x: Tensor<B, 1>| x.into_primitive().tensor();
-        // In W's dtype: the products below multiply in it.
-        let dz = B::chunk_grad(u.into_primitive().tensor(), prim(lse.clone().narrow(0, start, len)), t, prim(coef), s.spec.softcap, w_dtype);
-        let dz = float::<B, 2>(dz); // [c, v]
+        let m = mask.clone().narrow(0, start, len); // [c]
+        let (lse, picked) = B::chunk_lse(u.clone().into_primitive().tensor(), t.clone(), spec.softcap);
+        let lse = float::<B, 1>(lse); // [c]
+        loss = loss + ((lse.clone() - float::<B, 1>(picked)) * m.clone()).sum();
+        let Some(want_w) = grads else { continue };
+        // dz = (softmax(z) − onehot(target)) · mask, through the softcap's 1 − tanh², in W's
+        // dtype: the products below multiply in it.
+        let dz = float::<B, 2>(B::chunk_grad(u.into_primitive().tensor(), prim(lse), t, prim(m), spec.softcap, w.dtype())); // [c, v]
         // dh = dz·Wᵀ in the head's layout, multiplied in W's dtype, f32 out.
         let (dz_p, w_p) = (dz.clone().into_primitive().tensor(), w.clone().into_primitive().tensor());
-        let dh = match s.spec.layout {
+        dhs.push(float::<B, 2>(match spec.layout {
             HeadLayout::InOut => B::frozen_matmul_dx(dz_p, w_p), // [c, v] x [e, v]ᵀ
             HeadLayout::OutIn => B::frozen_matmul(dz_p, w_p),    // [c, v] x [v, e]
-        };
-        dhs.push(float::<B, 2>(dh).cast(h_dtype));
+        }));
         if want_w {
-            let dzw = dz.cast(w_dtype);
-            let hcw = hc.cast(w_dtype);
-            let part = match s.spec.layout {
-                HeadLayout::InOut => hcw.transpose().matmul(dzw), // [e, c] x [c, v]
-                HeadLayout::OutIn => dzw.transpose().matmul(hcw), // [v, c] x [c, e]
+            let hcw = hc.cast(w.dtype());
+            let part = match spec.layout {
+                HeadLayout::InOut => hcw.transpose().matmul(dz), // [e, c] x [c, v]
+                HeadLayout::OutIn => dz.transpose().matmul(hcw), // [v, c] x [c, e]
             };
             dw = Some(match dw {
                 Some(acc) => acc + part,
@@ -206,30 +183,42 @@ fn backward<B: LmHeadLoss>(g: FloatTensor<B>, s: &State<B>, want_w: bool) -> (Fl
             });
         }
     }
-    let dh = Tensor::cat(dhs, 0).into_primitive().tensor();
-    (dh, dw.map(|t| t.into_primitive().tensor()))
+    let grads = grads.map(|_| Grads { dh: Tensor::cat(dhs, 0).into_primitive().tensor(), dw: dw.map(|t| t.into_primitive().tensor()), h_dtype: h.dtype() });
+    (loss.into_primitive().tensor(), grads)
 }
 
+/// The loss's gradients for an upstream gradient of 1, kept from the forward: `dh` `[n, e]` in
+/// f32 and `dW` (in `w`'s layout and dtype) when the head trains.
 #[derive(Debug, Clone)]
-struct State<B: Backend> {
-    h: FloatTensor<B>,
-    w: FloatTensor<B>,
-    targets: IntTensor<B>,
-    mask: FloatTensor<B>,
-    lse: FloatTensor<B>,
-    spec: HeadLoss,
+struct Grads<B: Backend> {
+    dh: FloatTensor<B>,
+    dw: Option<FloatTensor<B>>,
+    h_dtype: DType,
+}
+
+impl<B: Backend> Grads<B> {
+    /// Scaled by the upstream gradient `g` `[1]`; `dh` in `h`'s dtype.
+    fn times(self, g: FloatTensor<B>) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+        let g = float::<B, 1>(g).cast(DType::F32);
+        let dh = (float::<B, 2>(self.dh) * g.clone().reshape([1, 1])).cast(self.h_dtype);
+        let dw = self.dw.map(|dw| {
+            let dw = float::<B, 2>(dw);
+            let dtype = dw.dtype();
+            (dw * g.cast(dtype).reshape([1, 1])).into_primitive().tensor()
+        });
+        (dh.into_primitive().tensor(), dw)
+    }
 }
 
 #[derive(Debug)]
 struct LmHeadLossBackward;
 
 impl<B: LmHeadLoss> Backward<B, 2> for LmHeadLossBackward {
-    type State = State<B>;
+    type State = Grads<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_h, node_w] = ops.parents;
-        let g = grads.consume::<B>(&ops.node);
-        let (dh, dw) = backward::<B>(g, &ops.state, node_w.is_some());
+        let (dh, dw) = ops.state.times(grads.consume::<B>(&ops.node));
         if let Some(node) = node_h {
             grads.register::<B>(node.id, dh);
         }
@@ -242,12 +231,16 @@ impl<B: LmHeadLoss> Backward<B, 2> for LmHeadLossBackward {
 impl<B: LmHeadLoss, C: CheckpointStrategy> LmHeadLoss for Autodiff<B, C> {
     fn lm_head_loss(h: FloatTensor<Self>, w: FloatTensor<Self>, targets: IntTensor<Self>, mask: FloatTensor<Self>, spec: HeadLoss) -> FloatTensor<Self> {
         let mask = mask.primitive;
+        let want_w = !w.node.requirement.is_none();
         match LmHeadLossBackward.prepare::<C>([h.node.clone(), w.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (loss, lse) = forward::<B>(h.primitive.clone(), w.primitive.clone(), targets.clone(), mask.clone(), spec);
-                prep.finish(State { h: h.primitive, w: w.primitive, targets, mask, lse, spec }, loss)
+                let (loss, grads) = forward::<B>(h.primitive, w.primitive, targets, mask, spec, Some(want_w));
+                match grads {
+                    Some(grads) => prep.finish(grads, loss),
+                    None => unreachable!("forward returns gradients when asked"),
+                }
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(h.primitive, w.primitive, targets, mask, spec).0),
+            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(h.primitive, w.primitive, targets, mask, spec, None).0),
         }
     }
 }

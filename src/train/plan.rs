@@ -15,7 +15,9 @@
 //! - one layer's worth of gradients in flight during backward (plus, where attention runs as
 //!   the composition rather than kiln's kernels, that layer's `[b, h, s, t]` scores);
 //! - one chunk of the LM-head loss (the full logits are never formed): its logits and their
-//!   gradient where row kernels compute the softmax (CUDA), four such tensors elsewhere.
+//!   gradient where row kernels compute the softmax (CUDA), four such tensors elsewhere; the
+//!   loss's gradient with respect to its input, taken in the forward, takes the place of that
+//!   input on the tape.
 //!
 //! The activation counts are read off the code, not fitted to measurements: their sum is
 //! `live_bytes`. On a GPU the peak that matters is what the allocator reserves: CubeCL's pool
