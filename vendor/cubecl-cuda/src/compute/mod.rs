@@ -7,6 +7,7 @@ pub(crate) mod storage;
 pub(crate) mod stream;
 pub(crate) mod sync;
 pub(crate) mod upload_ring;
+pub(crate) mod ring_cursor;
 
 mod server;
 

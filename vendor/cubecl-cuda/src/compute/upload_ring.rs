@@ -9,6 +9,7 @@
 //! ring only waits when it comes back to a segment whose copies the GPU has not yet run (a
 //! fence recorded when the ring left it, several segments ago).
 
+use super::ring_cursor::RingCursor;
 use super::sync::Fence;
 use cubecl_core::server::IoError;
 use cubecl_common::backtrace::BackTrace;
@@ -27,10 +28,8 @@ pub struct UploadRing {
     base: *mut u8,
     /// The stream every copy out of the ring runs on (the ring belongs to it).
     stream: *mut CUstream_st,
-    /// The segment uploads go to now.
-    segment: usize,
-    /// The next free byte in it.
-    offset: usize,
+    /// Where the next upload goes.
+    cursor: RingCursor,
     /// Per segment: recorded after the last copy out of it was queued, while the ring moves on.
     fences: [Option<Fence>; SEGMENTS],
 }
@@ -40,7 +39,7 @@ unsafe impl Send for UploadRing {}
 
 impl UploadRing {
     pub fn new(stream: *mut CUstream_st) -> Self {
-        Self { base: core::ptr::null_mut(), stream, segment: 0, offset: 0, fences: Default::default() }
+        Self { base: core::ptr::null_mut(), stream, cursor: RingCursor::new(SEGMENT, SEGMENTS), fences: Default::default() }
     }
 
     /// Copies `data` (at most [`MAX_UPLOAD`] bytes) into the ring and queues its copy to the
@@ -58,26 +57,21 @@ impl UploadRing {
             self.base = ptr as *mut u8;
         }
         let len = data.len().next_multiple_of(ALIGN).max(ALIGN);
-        // The segment and offset are kept apart, not as one position in the ring: an upload
-        // that fills a segment to its last byte must leave the next one to the wrap below
-        // (which waits for that segment's fence), never start it unfenced or past the ring's end.
-        if self.offset + len > SEGMENT {
-            self.fences[self.segment] = Some(Fence::new(self.stream));
-            self.segment = (self.segment + 1) % SEGMENTS;
-            if let Some(fence) = self.fences[self.segment].take() {
+        let place = self.cursor.place(len);
+        if let Some((left, entered)) = place.moved {
+            self.fences[left] = Some(Fence::new(self.stream));
+            if let Some(fence) = self.fences[entered].take() {
                 fence.wait_sync().map_err(|err| error(format!("{err:?}")))?;
             }
-            self.offset = 0;
         }
-        // SAFETY: `offset + len <= SEGMENT` (checked above; segments are larger than any
-        // upload), so the bytes lie inside the allocation, and no queued copy still reads them:
-        // the fence of this segment's previous round has been waited for.
+        // SAFETY: the upload lies inside one segment of the allocation (`RingCursor::place`;
+        // segments are larger than any upload), and no queued copy still reads those bytes: the
+        // fence of this segment's previous round has been waited for.
         let staged = unsafe {
-            let dst_host = self.base.add(self.segment * SEGMENT + self.offset);
+            let dst_host = self.base.add(place.at);
             core::ptr::copy_nonoverlapping(data.as_ptr(), dst_host, data.len());
             core::slice::from_raw_parts(dst_host as *const u8, data.len())
         };
-        self.offset += len;
         // SAFETY: `dst` is a device allocation of at least `data.len()` bytes (the caller's),
         // `staged` is pinned host memory that stays untouched until the copy has run.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, staged, self.stream) }.map_err(|e| error(format!("CUDA memcpy_htod failed: {e}")))
