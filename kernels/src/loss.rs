@@ -18,7 +18,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorMetadata};
 
 use crate::float;
 use crate::frozen::FrozenMatmul;
@@ -55,7 +55,7 @@ pub fn chunk_rows(vocab: usize) -> usize {
 /// adds the chunked backward.
 pub trait LmHeadLoss: FrozenMatmul {
     fn lm_head_loss(h: FloatTensor<Self>, w: FloatTensor<Self>, targets: IntTensor<Self>, mask: FloatTensor<Self>, spec: HeadLoss) -> FloatTensor<Self> {
-        forward::<Self>(h, w, targets, mask, spec, None).0
+        forward::<Self>(h, w, targets, mask, spec, None)
     }
 
     /// Per row of one chunk's logits `u` `[c, v]` (f32, before the softcap): the log-sum-exp
@@ -141,17 +141,16 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(chunk).map(move |s| (s, chunk.min(n - s)))
 }
 
-/// The loss `[1]` and, when `grads` asks for them, its gradients for an upstream gradient of 1
-/// (see [`Grads`]): each chunk's gradient is taken while its logits exist, so the backward
-/// does not multiply the head a second time (Liger's fused linear cross-entropy does the same).
-fn forward<B: LmHeadLoss>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<B>, mask: FloatTensor<B>, spec: HeadLoss, grads: Option<bool>) -> (FloatTensor<B>, Option<Grads<B>>) {
+/// The loss `[1]`; with `grads`, also its gradients for an upstream gradient of 1, collected
+/// there: each chunk's gradient is taken while its logits exist, so the backward does not
+/// multiply the head a second time (Liger's fused linear cross-entropy does the same).
+fn forward<B: LmHeadLoss>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTensor<B>, mask: FloatTensor<B>, spec: HeadLoss, mut grads: Option<&mut ChunkGrads<B>>) -> FloatTensor<B> {
     let h = float::<B, 2>(h);
     let w = float::<B, 2>(w);
     let targets = Tensor::<B, 1, Int>::from_primitive(targets);
     let mask = float::<B, 1>(mask).cast(DType::F32);
     let [n, _] = h.dims();
     let mut loss = Tensor::<B, 1>::zeros([1], (&h.device(), DType::F32));
-    let (mut dhs, mut dw) = (Vec::new(), None::<Tensor<B, 2>>);
     let prim = |x: Tensor<B, 1>| x.into_primitive().tensor();
     for (start, len) in chunks(n, spec.chunk) {
         let hc = h.clone().narrow(0, start, len);
@@ -161,30 +160,47 @@ fn forward<B: LmHeadLoss>(h: FloatTensor<B>, w: FloatTensor<B>, targets: IntTens
         let (lse, picked) = B::chunk_lse(u.clone().into_primitive().tensor(), t.clone(), spec.softcap);
         let lse = float::<B, 1>(lse); // [c]
         loss = loss + ((lse.clone() - float::<B, 1>(picked)) * m.clone()).sum();
-        let Some(want_w) = grads else { continue };
+        let Some(acc) = grads.as_deref_mut() else { continue };
         // dz = (softmax(z) − onehot(target)) · mask, through the softcap's 1 − tanh², in W's
         // dtype: the products below multiply in it.
         let dz = float::<B, 2>(B::chunk_grad(u.into_primitive().tensor(), prim(lse), t, prim(m), spec.softcap, w.dtype())); // [c, v]
         // dh = dz·Wᵀ in the head's layout, multiplied in W's dtype, f32 out.
         let (dz_p, w_p) = (dz.clone().into_primitive().tensor(), w.clone().into_primitive().tensor());
-        dhs.push(float::<B, 2>(match spec.layout {
+        acc.dh.push(float::<B, 2>(match spec.layout {
             HeadLayout::InOut => B::frozen_matmul_dx(dz_p, w_p), // [c, v] x [e, v]ᵀ
             HeadLayout::OutIn => B::frozen_matmul(dz_p, w_p),    // [c, v] x [v, e]
         }));
-        if want_w {
+        if acc.want_w {
             let hcw = hc.cast(w.dtype());
             let part = match spec.layout {
                 HeadLayout::InOut => hcw.transpose().matmul(dz), // [e, c] x [c, v]
                 HeadLayout::OutIn => dz.transpose().matmul(hcw), // [v, c] x [c, e]
             };
-            dw = Some(match dw {
-                Some(acc) => acc + part,
+            acc.dw = Some(match acc.dw.take() {
+                Some(sum) => sum + part,
                 None => part,
             });
         }
     }
-    let grads = grads.map(|_| Grads { dh: Tensor::cat(dhs, 0).into_primitive().tensor(), dw: dw.map(|t| t.into_primitive().tensor()), h_dtype: h.dtype() });
-    (loss.into_primitive().tensor(), grads)
+    loss.into_primitive().tensor()
+}
+
+/// What [`forward`] collects for the gradients: each chunk's `dh` (f32) and the sum of the
+/// chunks' `dW` when the head trains.
+struct ChunkGrads<B: Backend> {
+    want_w: bool,
+    dh: Vec<Tensor<B, 2>>,
+    dw: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> ChunkGrads<B> {
+    fn new(want_w: bool) -> Self {
+        Self { want_w, dh: Vec::new(), dw: None }
+    }
+
+    fn finish(self, h_dtype: DType) -> Grads<B> {
+        Grads { dh: Tensor::cat(self.dh, 0).into_primitive().tensor(), dw: self.dw.map(|t| t.into_primitive().tensor()), h_dtype }
+    }
 }
 
 /// The loss's gradients for an upstream gradient of 1, kept from the forward: `dh` `[n, e]` in
@@ -234,13 +250,12 @@ impl<B: LmHeadLoss, C: CheckpointStrategy> LmHeadLoss for Autodiff<B, C> {
         let want_w = !w.node.requirement.is_none();
         match LmHeadLossBackward.prepare::<C>([h.node.clone(), w.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (loss, grads) = forward::<B>(h.primitive, w.primitive, targets, mask, spec, Some(want_w));
-                match grads {
-                    Some(grads) => prep.finish(grads, loss),
-                    None => unreachable!("forward returns gradients when asked"),
-                }
+                let h_dtype = h.primitive.dtype();
+                let mut grads = ChunkGrads::new(want_w);
+                let loss = forward::<B>(h.primitive, w.primitive, targets, mask, spec, Some(&mut grads));
+                prep.finish(grads.finish(h_dtype), loss)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(h.primitive, w.primitive, targets, mask, spec, None).0),
+            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(h.primitive, w.primitive, targets, mask, spec, None)),
         }
     }
 }
