@@ -649,6 +649,27 @@ fn quickstart_loss_curve_is_the_same_fused_and_unfused() {
     assert!(fused[39] < fused[0] * 0.8, "the quickstart did not learn: {fused:?}");
 }
 
+/// `DeviceMemory::read_later` gives the tensor's values as they were when the read was queued,
+/// with work queued after it that takes over the tensor (and could write into its buffer in
+/// place): on the CPU, and on wgpu without Burn's fusion stream (the CubeCL path CUDA takes).
+#[test]
+fn reads_queued_early_return_the_tensor_as_it_was() {
+    use kiln_kernels::DeviceMemory;
+    fn run<B: DeviceMemory>(device: &B::Device, values: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let t = Tensor::<B, 1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device);
+        let reading = B::read_later(t.clone().into_primitive().tensor());
+        let later = host(t.mul_scalar(0.5).add_scalar(1.0));
+        (reading.wait().expect("the queued read"), later)
+    }
+    let values: Vec<f32> = (0..70_001).map(|i| (i % 977) as f32 * 0.25 - 100.0).collect();
+    let expected: Vec<f32> = values.iter().map(|v| v * 0.5 + 1.0).collect();
+    assert_eq!(run::<kiln::backend::Cpu>(&Default::default(), &values), (values.clone(), expected.clone()));
+    #[cfg(feature = "wgpu")]
+    if common::wgpu_available() {
+        assert_eq!(run::<kiln_kernels::WgpuDirect>(&Default::default(), &values), (values, expected));
+    }
+}
+
 /// The AdamW kernel on wgpu against the composition on the CPU: two updates in a row (the
 /// moments carry over), weight decay on and off, clipping active, inactive and off, lengths
 /// that are not multiples of the kernel's 256 threads.
