@@ -322,7 +322,9 @@ fn wgpu_attention_kernels_match_the_plain_composition() {
 }
 
 /// Rope through the op against the composition: output and `dx`, full and partial rotary
-/// widths, one table for every row and one per row (packed positions).
+/// widths, one table for every row and one per row (packed positions), on `[b, h, s, d]` input
+/// and on a `[b, s, h, d]` tensor seen through a transposed view (the decoder's queries and keys,
+/// whose gradient the op writes back in that order).
 fn check_rope<A: AutodiffBackend + kiln_kernels::RopeOp>(device: &A::Device, name: &str) {
     use kiln::model::layers::rope_tables;
     let mut rng = Rng(0x0509_E000 ^ name.len() as u64);
@@ -333,20 +335,25 @@ fn check_rope<A: AutodiffBackend + kiln_kernels::RopeOp>(device: &A::Device, nam
         let (cos, sin) = rope_tables::<A>(&inv_freq, &positions, rows, device);
         let xv: Vec<f32> = (0..b * h * s * d).map(|_| rng.normal()).collect();
         let cv: Vec<f32> = (0..b * h * s * d).map(|_| rng.normal()).collect();
-        let run = |fused: bool| {
-            let x = Tensor::<A, 4>::from_data(TensorData::new(xv.clone(), [b, h, s, d]), device).require_grad();
-            let c = Tensor::<A, 4>::from_data(TensorData::new(cv.clone(), [b, h, s, d]), device);
-            let y = match fused {
-                true => kiln_kernels::rope(x.clone(), cos.clone(), sin.clone()),
-                false => kiln_kernels::rope::rope_composition(x.clone(), cos.clone(), sin.clone()),
+        for positions_first in [false, true] {
+            let run = |fused: bool| {
+                let shape = if positions_first { [b, s, h, d] } else { [b, h, s, d] };
+                let x = Tensor::<A, 4>::from_data(TensorData::new(xv.clone(), shape), device).require_grad();
+                let x_in = if positions_first { x.clone().swap_dims(1, 2) } else { x.clone() };
+                let c = Tensor::<A, 4>::from_data(TensorData::new(cv.clone(), [b, h, s, d]), device);
+                let y = match fused {
+                    true => kiln_kernels::rope(x_in, cos.clone(), sin.clone()),
+                    false => kiln_kernels::rope::rope_composition(x_in, cos.clone(), sin.clone()),
+                };
+                let grads = (y.clone() * c).sum().backward();
+                // The gradient as the projection's output would take it: `[b, s, h·d]` rows.
+                (host(y), host(x.grad(&grads).unwrap().reshape([b * shape[1], shape[2] * d])))
             };
-            let grads = (y.clone() * c).sum().backward();
-            (host(y), host(x.grad(&grads).unwrap()))
-        };
-        let ((yf, dxf), (yp, dxp)) = (run(true), run(false));
-        let what = format!("{name} rope b={b} h={h} s={s} d={d} r={r} per_row={per_row}");
-        assert!(rel(&yf, &yp) < 1e-6, "{what}: y relative error {}", rel(&yf, &yp));
-        assert!(rel(&dxf, &dxp) < 1e-6, "{what}: dx relative error {}", rel(&dxf, &dxp));
+            let ((yf, dxf), (yp, dxp)) = (run(true), run(false));
+            let what = format!("{name} rope b={b} h={h} s={s} d={d} r={r} per_row={per_row} positions_first={positions_first}");
+            assert!(rel(&yf, &yp) < 1e-6, "{what}: y relative error {}", rel(&yf, &yp));
+            assert!(rel(&dxf, &dxp) < 1e-6, "{what}: dx relative error {}", rel(&dxf, &dxp));
+        }
     }
 }
 

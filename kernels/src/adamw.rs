@@ -53,6 +53,14 @@ impl AdamWStep {
 /// is the sum of the squares of every gradient the clipping covers (`g`'s own, when it is the
 /// only one). The default method is the composition (the reference, and what the CPU runs).
 pub trait AdamWOp: Backend {
+    /// `parts` (f32, `[lenᵢ]` each) laid out in one `[total]` tensor, part `i` from element
+    /// `offsets[i]` on, zeros between them: how the trainer lays a step's gradients end to end
+    /// for [`AdamWOp::adamw`]. The default is [`gather_composition`]; on CUDA all the copies are
+    /// one launch (a LoRA model has hundreds of parts, each a launch the host pays for).
+    fn gather(parts: Vec<FloatTensor<Self>>, offsets: &[usize], total: usize, device: &Self::Device) -> FloatTensor<Self> {
+        gather_composition::<Self>(parts, offsets, total, device)
+    }
+
     fn adamw(p: FloatTensor<Self>, g: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, step: &AdamWStep, scalars: FloatTensor<Self>, square_sum: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let _ = scalars;
         let (p, g, m, v) = (float::<Self, 1>(p), float::<Self, 1>(g), float::<Self, 1>(m), float::<Self, 1>(v));
@@ -74,6 +82,23 @@ pub trait AdamWOp: Backend {
         let p = if s.weight_decay > 0.0 { p.mul_scalar(1.0 - s.lr * s.weight_decay) } else { p };
         ((p - delta).into_primitive().tensor(), m.into_primitive().tensor(), v.into_primitive().tensor())
     }
+}
+
+/// `parts` laid out in one `[total]` tensor, part `i` (`[lenᵢ]`) from element `offsets[i]` on,
+/// zeros between them, as tensor operations: one `slice_assign` per part.
+pub fn gather_composition<B: Backend>(parts: Vec<FloatTensor<B>>, offsets: &[usize], total: usize, device: &B::Device) -> FloatTensor<B> {
+    let mut out = Tensor::<B, 1>::zeros([total], device);
+    for (part, &at) in parts.into_iter().zip(offsets) {
+        let part = float::<B, 1>(part);
+        let len = part.dims()[0];
+        out = out.slice_assign(at..at + len, part);
+    }
+    out.into_primitive().tensor()
+}
+
+/// `parts` end to end in one buffer through [`AdamWOp::gather`]: the typed entry point.
+pub fn gather<B: AdamWOp>(parts: Vec<Tensor<B, 1>>, offsets: &[usize], total: usize, device: &B::Device) -> Tensor<B, 1> {
+    float(B::gather(parts.into_iter().map(|t| t.into_primitive().tensor()).collect(), offsets, total, device))
 }
 
 /// One update through [`AdamWOp`]: the typed entry point.
@@ -130,6 +155,14 @@ pub(crate) mod cube {
     }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AdamWOp for CubeBackend<R, F, I, BT> {
+        fn gather(parts: Vec<FloatTensor<Self>>, offsets: &[usize], total: usize, device: &Self::Device) -> FloatTensor<Self> {
+            #[cfg(feature = "cuda")]
+            if let Some(out) = crate::cublas::gather::<R>(&parts, offsets, total) {
+                return out;
+            }
+            super::gather_composition::<Self>(parts, offsets, total, device)
+        }
+
         fn adamw(p: FloatTensor<Self>, g: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, _step: &AdamWStep, scalars: FloatTensor<Self>, square_sum: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             let (p, g, m, v, s) = (contiguous_float::<R, F>(p), contiguous_float::<R, F>(g), contiguous_float::<R, F>(m), contiguous_float::<R, F>(v), contiguous_float::<R, F>(scalars));
             let square_sum = contiguous_float::<R, F>(square_sum);

@@ -129,6 +129,18 @@ pub trait FlashAttention: Backend {
     }
 }
 
+/// Score elements per chunk of batch rows where attention runs as dense products (CUDA at
+/// training shapes): 512 MiB of f32 scores, and as much again for their gradient in backward.
+/// Each chunk past the first costs copies to join the outputs; at this size a Qwen2.5-0.5B step
+/// of 8 × 1,024 tokens is one chunk. `kiln plan` counts it.
+pub const SCORE_BUDGET: usize = 128 << 20;
+
+/// Batch rows per chunk of the dense-product attention for `b` rows of `h` heads, `s` queries
+/// and `t` keys: as many as [`SCORE_BUDGET`] holds, at least one.
+pub fn score_chunk_rows(b: usize, h: usize, s: usize, t: usize) -> usize {
+    (SCORE_BUDGET / (h * s * t).max(1)).clamp(1, b.max(1))
+}
+
 /// Attention through [`FlashAttention`]: the typed entry point. Shapes as the trait's.
 pub fn flash_attention<B: FlashAttention>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3>, spec: AttentionSpec) -> Tensor<B, 4> {
     let (out, _) = B::flash_attention(q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor(), mask.into_primitive().tensor(), spec);
@@ -790,7 +802,7 @@ pub(crate) mod cube {
     /// gradient as row kernels between them. The kernels above do each score's arithmetic on
     /// f32 FMA units; at training shapes (a thousand keys, head size 64) products on tensor cores
     /// are several times faster, although they also compute the masked half of a causal square.
-    /// The price is the scores of a chunk of batch rows in memory at once ([`SCORE_BUDGET`]),
+    /// The price is the scores of a chunk of batch rows in memory at once ([`SCORE_BUDGET`](super::SCORE_BUDGET)),
     /// recomputed in backward as the kernels recompute theirs.
     ///
     /// Grouped heads fold into rows as in the composition: `q` `[b, h, s, d]` is
@@ -809,9 +821,6 @@ pub(crate) mod cube {
         // One cube per score row: `flat_count` of `rows · FLAT_THREADS` threads is `rows` cubes.
         use crate::cube::{capped, contiguous_float, cublas_ready, flat_count, gemm, launch_typed, FLAT_THREADS};
 
-        /// Score elements per chunk of batch rows: 256 MiB of f32 scores (and as much again
-        /// for `dP` in backward).
-        const SCORE_BUDGET: usize = 64 << 20;
         /// Threads per score row.
         const LANES: u32 = 128;
         const LOG_LANES: u32 = 7;
@@ -994,9 +1003,9 @@ pub(crate) mod cube {
             }
         }
 
-        /// Batch rows per chunk: as many as [`SCORE_BUDGET`] holds, at most `limit`.
+        /// Batch rows per chunk: [`score_chunk_rows`](super::super::score_chunk_rows), at most `limit`.
         fn chunk_rows(b: usize, h: usize, s: usize, t: usize, limit: usize) -> usize {
-            (SCORE_BUDGET / (h * s * t).max(1)).clamp(1, b).min(limit)
+            super::super::score_chunk_rows(b, h, s, t).min(limit)
         }
 
         /// `alpha · lhs·rhs` in f32 (cuBLAS where it applies).

@@ -1,4 +1,5 @@
-//! Dense products on cuBLAS, for the CUDA backend.
+//! Dense products on cuBLAS, for the CUDA backend, and the other work the CUDA server runs on
+//! its device thread as a host task ([`gather`]).
 //!
 //! Burn 0.21's matmul (CubeCL's) runs at 0.25–0.45× cuBLAS on the products of a training step
 //! (bench/RESULTS.md). A product is launched like any CubeCL kernel, as a host task (the
@@ -47,7 +48,7 @@ fn handle() -> Option<&'static Mutex<Handle>> {
             }
             match cudarc::cublas::result::create_handle() {
                 Ok(h) => {
-                    let _ = HOST_TASK_FN.set(run_gemm);
+                    let _ = HOST_TASK_FN.set(run_host_task);
                     Some(Mutex::new(Handle(h)))
                 }
                 Err(err) => {
@@ -226,9 +227,36 @@ fn matmul_cuda(lhs: &CubeTensor<CudaRuntime>, rhs: &CubeTensor<CudaRuntime>, out
     let args = KernelArguments::new()
         .with_buffer(rhs.handle.clone().binding())
         .with_buffer(lhs.handle.clone().binding());
-    let args = KernelArguments { info: MetadataBindingInfo::custom(gemm.encode()), ..args.with_buffer(out.handle.clone().binding()) };
+    let info = [vec![TASK_GEMM], gemm.encode()].concat();
+    let args = KernelArguments { info: MetadataBindingInfo::custom(info), ..args.with_buffer(out.handle.clone().binding()) };
     lhs.client.launch(Box::new(HostTask), CubeCount::Static(1, 1, 1), args);
     Ok(out)
+}
+
+/// `parts` (contiguous f32 `[lenᵢ]`) copied into a new `[total]` f32 tensor, part `i` from element
+/// `offsets[i]` on, zeros elsewhere: one host task ([`run_gather`]) where a `slice_assign` per
+/// part costs the calling thread a launch each. `None` off CUDA, without cuBLAS (whose loading
+/// registers the host task), or for a part in another dtype or layout.
+pub(crate) fn gather<R: CubeRuntime>(parts: &[CubeTensor<R>], offsets: &[usize], total: usize) -> Option<CubeTensor<R>> {
+    const F32_BYTES: u64 = 4;
+    if !ready::<R>() || parts.len() != offsets.len() {
+        return None;
+    }
+    let parts: Vec<&CubeTensor<CudaRuntime>> = parts.iter().map(|t| (t as &dyn Any).downcast_ref()).collect::<Option<_>>()?;
+    let first = *parts.first()?;
+    let mut info = vec![TASK_GATHER, total as u64 * F32_BYTES];
+    for (part, &at) in parts.iter().zip(offsets) {
+        let &[len] = &part.meta.shape().to_vec()[..] else { return None };
+        if part.dtype != DType::F32 || part.meta.strides()[..] != [1] || part.device.index != 0 || at + len > total {
+            return None;
+        }
+        info.extend([at as u64 * F32_BYTES, len as u64 * F32_BYTES]);
+    }
+    let out = empty_device_contiguous_dtype(first.client.clone(), first.device.clone(), vec![total].into(), DType::F32);
+    let args = parts.iter().fold(KernelArguments::new().with_buffer(out.handle.clone().binding()), |args, part| args.with_buffer(part.handle.clone().binding()));
+    let args = KernelArguments { info: MetadataBindingInfo::custom(info), ..args };
+    first.client.launch(Box::new(HostTask), CubeCount::Static(1, 1, 1), args);
+    (Box::new(out) as Box<dyn Any>).downcast::<CubeTensor<R>>().ok().map(|t| *t)
 }
 
 /// The launch that the CUDA server runs as [`run_gemm`] instead of compiling it.
@@ -320,8 +348,45 @@ impl Gemm {
     }
 }
 
-/// The host task: runs on CubeCL's device thread with the stream and the pointers of the
-/// launch's bindings `[A, B, C]`.
+/// The first scalar of a host task's data: which task it is.
+const TASK_GEMM: u64 = 0;
+const TASK_GATHER: u64 = 1;
+
+/// The host task, run on CubeCL's device thread with the stream, the pointers of the launch's
+/// bindings and its scalar data: a product ([`run_gemm`]) or a gather ([`run_gather`]).
+fn run_host_task(stream: cudarc::driver::sys::CUstream, pointers: &[u64], data: &[u64]) -> Result<(), String> {
+    match data.split_first() {
+        Some((&TASK_GEMM, params)) => run_gemm(stream, pointers, params),
+        Some((&TASK_GATHER, params)) => run_gather(stream, pointers, params),
+        _ => Err(format!("a host task of unknown kind ({:?})", data.first())),
+    }
+}
+
+/// [`gather`] on the device thread: bindings `[out, parts..]`, data `[total bytes, (offset
+/// bytes, length bytes) per part]`.
+fn run_gather(stream: cudarc::driver::sys::CUstream, pointers: &[u64], params: &[u64]) -> Result<(), String> {
+    let (Some((&out, parts)), Some((&total, spans))) = (pointers.split_first(), params.split_first()) else {
+        return Err("a gather without an output".into());
+    };
+    if spans.len() != 2 * parts.len() {
+        return Err(format!("a gather of {} parts with {} offsets and lengths", parts.len(), spans.len()));
+    }
+    let failed = |err| format!("a gather's copy failed ({err:?})");
+    // SAFETY: `out` is live device memory of `total` bytes and each part of its length, held by
+    // the launch's bindings (stream order keeps them valid after it, as in `run_gemm`); each
+    // span lies inside `out` (`gather` checked the offsets against the total).
+    unsafe {
+        cudarc::driver::result::memset_d8_async(out, 0, total as usize, stream).map_err(failed)?;
+        for (&src, span) in parts.iter().zip(spans.chunks_exact(2)) {
+            if span[1] > 0 {
+                cudarc::driver::result::memcpy_dtod_async(out + span[0], src, span[1] as usize, stream).map_err(failed)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A product on the device thread: bindings `[A, B, C]`, data a [`Gemm`].
 fn run_gemm(stream: cudarc::driver::sys::CUstream, pointers: &[u64], params: &[u64]) -> Result<(), String> {
     let (&[a, b, c], Some(g)) = (pointers, Gemm::decode(params)) else {
         return Err(format!("a cuBLAS launch with {} buffers and {} parameters", pointers.len(), params.len()));

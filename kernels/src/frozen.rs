@@ -50,6 +50,14 @@ pub trait FrozenMatmul: Backend {
         (float::<Self, 2>(y).cast(out).into_primitive().tensor(), h)
     }
 
+    /// An adapter matrix (`A` or `B`, f32) in the dtype [`FrozenMatmul::frozen_lora`] and its
+    /// backward multiply it in, for an input in `x_dtype`: cast once, in the forward, and kept for
+    /// backward rather than cast again before each of its products. The composition keeps f32.
+    fn lora_operand(t: FloatTensor<Self>, x_dtype: DType) -> FloatTensor<Self> {
+        let _ = x_dtype;
+        t
+    }
+
     /// `(dx, dA, dB)` of [`FrozenMatmul::frozen_lora`] for the upstream gradient `dy` `[m, n]`
     /// (`dx` only if `need_dx`): with `g = scale · dy·Bᵀ`, `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`,
     /// `dB = scale · hᵀ·dy`, all in f32 (`dy` may be in `W`'s half type, as `y` was written).
@@ -212,11 +220,11 @@ impl<B: FrozenMatmul, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
         let w = w.primitive;
         // Cast once for the frozen product and the adapter's (and kept in the half type).
         let x_in = in_half_of::<B>(x.primitive, &w);
-        let (y, h) = B::frozen_lora(x_in.clone(), w.clone(), a.primitive.clone(), b.primitive.clone(), scale, out);
+        let (y, adapter) = Adapter::<B>::forward(x_in.clone(), w, a.primitive, b.primitive, scale, out);
         // `h` leaves as a constant; `x`, `A` and `B` are the parents (the weight is frozen).
-        let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(h.clone());
+        let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(adapter.h.clone());
         let y = match FrozenLoraBackward.prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(LoraState { x: x_in, adapter: Adapter { w, a: a.primitive, b: b.primitive, h, scale } }, y),
+            OpsKind::Tracked(prep) => prep.finish(LoraState { x: x_in, adapter }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, h_out)
@@ -233,7 +241,8 @@ pub(crate) fn in_half_of<B: Backend>(t: FloatTensor<B>, w: &FloatTensor<B>) -> F
 }
 
 /// What backward needs of a frozen product with its adapter besides the input: the frozen
-/// weight, the adapter's matrices and scale, and `h = x·A` from the forward.
+/// weight, the adapter's matrices as the products read them ([`FrozenMatmul::lora_operand`])
+/// and its scale, and `h = x·A` from the forward.
 #[derive(Debug, Clone)]
 pub(crate) struct Adapter<B: Backend> {
     pub(crate) w: FloatTensor<B>,
@@ -244,6 +253,14 @@ pub(crate) struct Adapter<B: Backend> {
 }
 
 impl<B: FrozenMatmul> Adapter<B> {
+    /// `y` of [`FrozenMatmul::frozen_lora`] (`x` already in the dtype the products read it in)
+    /// and what its backward keeps.
+    pub(crate) fn forward(x: FloatTensor<B>, w: FloatTensor<B>, a: FloatTensor<B>, b: FloatTensor<B>, scale: f64, out: FloatDType) -> (FloatTensor<B>, Self) {
+        let (a, b) = (B::lora_operand(a, x.dtype()), B::lora_operand(b, x.dtype()));
+        let (y, h) = B::frozen_lora(x, w.clone(), a.clone(), b.clone(), scale, out);
+        (y, Self { w, a, b, h, scale })
+    }
+
     /// `(dx, dA, dB)` for the upstream gradient `dy` and the input `x` (`dx` if `need_dx`),
     /// through [`FrozenMatmul::frozen_lora_bwd`], `dy` first cast to a half weight's dtype.
     pub(crate) fn backward(self, dy: FloatTensor<B>, x: FloatTensor<B>, need_dx: bool) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
@@ -330,11 +347,25 @@ pub(crate) mod cube {
                 let (y, h) = lora_composition::<Self>(x, w, a, b, scale);
                 return (as_dtype(y, out), h);
             }
-            let y = product_as(x.clone(), w, out);
-            let a = as_dtype(a, x.dtype);
-            let h = gemm::<R, F, I, BT>(x, a, 1.0, None); // [m, r]
-            let y = gemm_as::<R, F, I, BT>(as_dtype(h.clone(), out), as_dtype(b, out), scale, Some(y), out);
+            let (a, b) = (as_dtype(a, x.dtype), as_dtype(b, x.dtype));
+            // `h` in `x`'s dtype, as PEFT's `lora_A` leaves it under autocast: the next product
+            // and backward's `dB` read it there without a cast.
+            let h = gemm_as::<R, F, I, BT>(x.clone(), a, 1.0, None, x.dtype); // [m, r]
+            // The adapter's term first, then the frozen product added into it: the large
+            // product's epilogue reads the output nearly for free, where adding the small one
+            // afterwards reads and writes all of `[m, n]` again.
+            let y = gemm_as::<R, F, I, BT>(h.clone(), b, scale, None, out);
+            let y = gemm_as::<R, F, I, BT>(as_dtype(x, w.dtype), w, 1.0, Some(y), out);
             (y, h)
+        }
+
+        // On cuBLAS the adapter multiplies in the input's dtype: its matrices are cast there once
+        // in the forward (not in each of the five products that read them).
+        fn lora_operand(t: FloatTensor<Self>, x_dtype: DType) -> FloatTensor<Self> {
+            match cublas_ready::<R>() {
+                true => as_dtype(t, x_dtype),
+                false => t,
+            }
         }
 
         fn frozen_lora_bwd(
@@ -351,10 +382,14 @@ pub(crate) mod cube {
                 return lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
             }
             let t = Self::float_transpose;
-            let (dt, xt) = (dy.dtype, x.dtype);
-            let g = gemm::<R, F, I, BT>(dy.clone(), t(as_dtype(b, dt)), scale, None); // [m, r]
-            let dx = need_dx.then(|| gemm::<R, F, I, BT>(g.clone(), t(a), 1.0, Some(product_f32(dy.clone(), t(w)))));
-            let da = gemm::<R, F, I, BT>(t(x), as_dtype(g, xt), 1.0, None); // [k, r]
+            let dt = dy.dtype;
+            // `g` in `dy`'s dtype (bf16 under a bf16 weight, as autocast's backward leaves it), so
+            // every product below multiplies in one dtype with no cast between them.
+            let (a, b) = (as_dtype(a, dt), as_dtype(b, dt));
+            let g = gemm_as::<R, F, I, BT>(dy.clone(), t(b), scale, None, dt); // [m, r]
+            // `dx`'s adapter term first, for the reason the forward gives.
+            let dx = need_dx.then(|| gemm::<R, F, I, BT>(as_dtype(dy.clone(), w.dtype), t(w), 1.0, Some(gemm::<R, F, I, BT>(g.clone(), t(a), 1.0, None))));
+            let da = gemm::<R, F, I, BT>(t(as_dtype(x, dt)), g, 1.0, None); // [k, r]
             let db = gemm::<R, F, I, BT>(t(as_dtype(h, dt)), dy, scale, None); // [r, n]
             (dx, da, db)
         }

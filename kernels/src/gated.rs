@@ -215,12 +215,12 @@ impl<B: GatedDown, C: CheckpointStrategy> GatedDown for Autodiff<B, C> {
     fn gated_down(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let w = w.primitive;
         let hidden = in_half_of::<B>(flat_gated_act::<B>(gate.primitive.clone(), up.primitive.clone(), act), &w);
-        let (y, h) = B::frozen_lora(hidden, w.clone(), a.primitive.clone(), b.primitive.clone(), scale, FloatDType::F32);
+        let (y, adapter) = Adapter::<B>::forward(hidden, w, a.primitive, b.primitive, scale, FloatDType::F32);
         // `h` leaves as a constant; the weight is frozen, `act(gate) · up` is dropped here.
-        let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(h.clone());
+        let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(adapter.h.clone());
         let parents = [gate.node.clone(), up.node.clone(), a.node.clone(), b.node.clone()];
         let y = match GatedDownBackward.prepare::<C>(parents).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(DownState { gate: gate.primitive, up: up.primitive, act, adapter: Adapter { w, a: a.primitive, b: b.primitive, h, scale } }, y),
+            OpsKind::Tracked(prep) => prep.finish(DownState { gate: gate.primitive, up: up.primitive, act, adapter }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, h_out)

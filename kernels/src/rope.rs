@@ -23,6 +23,24 @@ pub trait RopeOp: Backend {
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
         rope_composition::<Self>(float(x), float(cos), float(sin)).into_primitive().tensor()
     }
+
+    /// Whether `x` `[b, h, s, d]` is laid out positions before heads: a projection's `[b, s, h,
+    /// d]` output seen through a transposed view, as attention's queries and keys are. The
+    /// default says no (it has no layouts to tell apart).
+    fn positions_first(x: &FloatTensor<Self>) -> bool {
+        let _ = x;
+        false
+    }
+
+    /// The gradient of [`RopeOp::rope`] for `dy` `[b, h, s, d]`: `rope(dy, cos, −sin)`, written
+    /// positions before heads when the forward's input was ([`RopeOp::positions_first`]), so
+    /// the transpose's gradient and the reshape to the projection's `[b, s, h·d]` that follow
+    /// are views rather than a copy. The default ignores the layout.
+    fn rope_bwd(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, positions_first: bool) -> FloatTensor<Self> {
+        let _ = positions_first;
+        let minus_sin = float::<Self, 3>(sin).neg().into_primitive().tensor();
+        Self::rope(dy, cos, minus_sin)
+    }
 }
 
 /// Rope through [`RopeOp`]: the typed entry point.
@@ -50,26 +68,26 @@ pub fn rope_composition<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Ten
 struct RopeBackward;
 
 impl<B: RopeOp> Backward<B, 1> for RopeBackward {
-    /// The tables.
-    type State = (FloatTensor<B>, FloatTensor<B>);
+    /// The tables, and whether the input was laid out positions first.
+    type State = (FloatTensor<B>, FloatTensor<B>, bool);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         if let Some(node) = node {
-            let (cos, sin) = ops.state;
-            let minus_sin = float::<B, 3>(sin).neg().into_primitive().tensor();
-            grads.register::<B>(node.id, B::rope(dy, cos, minus_sin));
+            let (cos, sin, positions_first) = ops.state;
+            grads.register::<B>(node.id, B::rope_bwd(dy, cos, sin, positions_first));
         }
     }
 }
 
 impl<B: RopeOp, C: CheckpointStrategy> RopeOp for Autodiff<B, C> {
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        let positions_first = B::positions_first(&x.primitive);
         let y = B::rope(x.primitive.clone(), cos.primitive.clone(), sin.primitive.clone());
         // The tables are positions, not parameters: only `x` is differentiated.
         match RopeBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((cos.primitive, sin.primitive), y),
+            OpsKind::Tracked(prep) => prep.finish((cos.primitive, sin.primitive, positions_first), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
@@ -84,67 +102,91 @@ impl<B: burn_fusion::FusionBackend> RopeOp for burn_fusion::Fusion<B> {}
 // Kernel code assigns a placeholder before a branch sets the value (CubeCL expands both arms).
 #[allow(unused_assignments)]
 pub(crate) mod cube {
-    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::ops::{FloatTensor, FloatTensorOps};
     use burn::tensor::Shape;
     use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+    use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
-    use crate::cube::contiguous_float;
+    use crate::cube::{as_float, contiguous_float};
     use cubecl::{cube, CubeDim};
 
     use super::RopeOp;
 
-    use crate::cube::{flat_count, flat_index, FLAT_THREADS};
 
-    /// One thread per element of `x` `[b, h, s, d]`.
+    /// One cube per row of `y` `[b, h, s, d]` (cube position: position, head, batch row), one
+    /// unit per feature, so no thread divides to find its place. `x` and `y` are indexed
+    /// through their strides: either may be a transposed view (the projection's `[b, s, h, d]`).
     #[cube(launch_unchecked)]
     fn rope_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, y: &mut Tensor<F>) {
-        let index = flat_index();
-        if index < y.len() {
-            let h = x.shape(1);
-            let s = x.shape(2);
-            let d = x.shape(3);
-            let r = cos.shape(2);
-            let half = r / 2;
-            let j = index % d;
-            let row = index / d; // (bi·h + head)·s + pos
-            let pos = row % s;
-            let mut tb = row / (h * s);
-            if cos.shape(0) == 1 {
-                tb = 0;
+        let j = UNIT_POS_X as usize;
+        let pos = CUBE_POS_X as usize;
+        let head = CUBE_POS_Y as usize;
+        let bi = CUBE_POS_Z as usize;
+        let s = y.shape(2);
+        let r = cos.shape(2);
+        let half = r / 2;
+        let xi = bi * x.stride(0) + head * x.stride(1) + pos * x.stride(2) + j * x.stride(3);
+        let yi = bi * y.stride(0) + head * y.stride(1) + pos * y.stride(2) + j * y.stride(3);
+        let mut tb = bi;
+        if cos.shape(0) == 1 {
+            tb = 0;
+        }
+        let mut out = x[xi];
+        if j < r {
+            let at = (tb * s + pos) * r + j;
+            let mut partner = F::new(0.0);
+            if j < half {
+                partner = -x[xi + half * x.stride(3)];
+            } else {
+                partner = x[xi - half * x.stride(3)];
             }
-            let mut out = x[index];
-            if j < r {
-                let at = (tb * s + pos) * r + j;
-                let mut partner = F::new(0.0);
-                if j < half {
-                    partner = -x[index + half];
-                } else {
-                    partner = x[index - half];
-                }
-                out = x[index] * cos[at] + partner * sin[at];
-            }
-            y[index] = out;
+            out = x[xi] * cos[at] + partner * sin[at];
+        }
+        y[yi] = out;
+    }
+
+    /// Rope of `x` (any layout) into `y` (same logical shape, any layout).
+    fn launch<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>, cos: CubeTensor<R>, sin: CubeTensor<R>, y: CubeTensor<R>) {
+        let (x, cos, sin) = (as_float::<R, F>(x), contiguous_float::<R, F>(cos), contiguous_float::<R, F>(sin));
+        let [b, h, s, d] = y.meta.shape().dims::<4>();
+        if b * h * s * d == 0 {
+            return;
+        }
+        let client = x.client.clone();
+        // SAFETY: the grid is exactly `[b, h, s]` cubes of `d` units, `y`'s shape, which is `x`'s;
+        // tables `[b or 1, s, r]`, `r ≤ d` even, contiguous (above), so the partner index stays
+        // inside the element's row.
+        unsafe {
+            rope_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(s as u32, h as u32, b as u32), CubeDim { x: d as u32, y: 1, z: 1 }, x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), y.into_tensor_arg());
         }
     }
 
-
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RopeOp for CubeBackend<R, F, I, BT> {
+        // `x` is read in place, whatever its layout: the queries' and keys' transposed views are
+        // not copied first.
         fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-            let (x, cos, sin) = (contiguous_float::<R, F>(x), contiguous_float::<R, F>(cos), contiguous_float::<R, F>(sin));
             let [b, h, s, d] = x.meta.shape().dims::<4>();
             let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([b, h, s, d]), F::dtype());
-            let n = b * h * s * d;
-            if n == 0 {
-                return y;
-            }
-            let client = x.client.clone();
-            // SAFETY: the kernel bounds-checks the flat index; tables `[b or 1, s, r]`, `r ≤ d`
-            // even, contiguous (above), so the partner index stays inside the element's row.
-            unsafe {
-                rope_kernel::launch_unchecked::<F, R>(&client, flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), y.clone().into_tensor_arg());
-            }
+            launch::<R, F>(x, cos, sin, y.clone());
             y
+        }
+
+        fn positions_first(x: &FloatTensor<Self>) -> bool {
+            let strides = x.meta.strides();
+            strides[1] < strides[2]
+        }
+
+        fn rope_bwd(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, positions_first: bool) -> FloatTensor<Self> {
+            let minus_sin = Self::float_neg(sin);
+            if !positions_first {
+                return Self::rope(dy, cos, minus_sin);
+            }
+            let [b, h, s, d] = dy.meta.shape().dims::<4>();
+            let dx = empty_device_contiguous_dtype(dy.client.clone(), dy.device.clone(), Shape::new([b, s, h, d]), F::dtype());
+            let dx = Self::float_swap_dims(dx, 1, 2); // [b, s, h, d] seen as [b, h, s, d]
+            launch::<R, F>(dy, cos, minus_sin, dx.clone());
+            dx
         }
     }
 }

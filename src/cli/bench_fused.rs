@@ -112,20 +112,22 @@ fn rope_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: 
     let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32)).collect();
     let positions: Vec<usize> = (0..s).collect();
     let (cos, sin) = rope_tables::<A>(&inv_freq, &positions, 1, device);
-    let x0 = Tensor::<A, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), device);
+    // The decoder's layout: the projection's `[b, s, h, d]` seen as `[b, h, s, d]`.
+    let x0 = Tensor::<A, 4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), device);
     let c = Tensor::<A, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), device);
     let run = |fused: bool| {
         timed::<A>(device, || {
             let x = x0.clone().detach().require_grad();
+            let x_in = x.clone().swap_dims(1, 2);
             let y = match fused {
-                true => rope(x.clone(), cos.clone(), sin.clone()),
-                false => rope_composition(x.clone(), cos.clone(), sin.clone()),
+                true => rope(x_in, cos.clone(), sin.clone()),
+                false => rope_composition(x_in, cos.clone(), sin.clone()),
             };
             let grads = (y.clone() * c.clone()).sum().backward();
             vec![("y", host(y)), ("dx", x.grad(&grads).map(host).unwrap_or_default())]
         })
     };
-    compare("rope", format!("b {b} heads {h} s {s} d {d}"), runs, &run)
+    compare("rope", format!("b {b} heads {h} s {s} d {d}, positions-first input"), runs, &run)
 }
 
 /// `half`: the fused operation gets `gate` and `up` in bf16 (as bf16 projections write them)

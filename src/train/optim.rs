@@ -248,12 +248,9 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for Collect<'_, AB> {
 }
 
 /// `parts` laid out at `segments`' offsets in one `[total]` tensor, zeros between them.
-fn gather<B: Backend>(parts: impl IntoIterator<Item = Tensor<B, 1>>, segments: &[Segment], total: usize, device: &B::Device) -> Tensor<B, 1> {
-    let mut out = Tensor::zeros([total], device);
-    for (part, s) in parts.into_iter().zip(segments) {
-        out = out.slice_assign(s.offset..s.offset + s.len, part);
-    }
-    out
+fn gather<B: AdamWOp>(parts: impl IntoIterator<Item = Tensor<B, 1>>, segments: &[Segment], total: usize, device: &B::Device) -> Tensor<B, 1> {
+    let offsets: Vec<usize> = segments.iter().map(|s| s.offset).collect();
+    kiln_kernels::adamw::gather(parts.into_iter().collect(), &offsets, total, device)
 }
 
 /// Replaces the parameters at `segments`' paths with their cut of `flat`.

@@ -247,14 +247,22 @@ impl Step<'_> {
         let per_token: u64 = bytes.iter().sum::<u64>() + 4 * g.hidden as u64 * F32;
         let activations = per_token * tokens;
         let widest = bytes.iter().copied().max().unwrap_or(0);
-        // Where attention runs as the composition (no kernels of kiln's own on that backend),
-        // its backward forms a few `[b, h, s, t]` score matrices for a moment: scores, their
-        // softcap, probabilities, their gradient.
+        // Attention's backward forms score matrices for a moment. On CUDA (dense products with
+        // row kernels between them) one chunk of batch rows at a time: the f32 scores and their
+        // gradient are what the peak shows (doubling the chunk raised the measured peak by about
+        // their size, 0.5 GiB on both bench shapes on an H200, 2026-11-28; the probabilities
+        // beside them did not show). Where it runs as the composition (no kernels of kiln's
+        // own on that backend), a few whole `[b, h, s, t]` matrices: scores, their softcap,
+        // probabilities, their gradient.
+        let heads = g.layers.iter().map(|l| l.heads).max().unwrap_or(0);
         let scores = match device {
-            DeviceSpec::Cuda(_) => 0,
-            _ => 4 * g.layers.iter().map(|l| l.heads).max().unwrap_or(0) as u64 * tokens * self.seq as u64,
+            DeviceSpec::Cuda(_) => {
+                let rows = kiln_kernels::attention::score_chunk_rows(self.batch, heads, self.seq, self.seq);
+                (rows * heads * self.seq * self.seq) as u64 * 2 * F32
+            }
+            _ => 4 * heads as u64 * tokens * self.seq as u64 * F32,
         };
-        let backward = widest * tokens + scores * F32;
+        let backward = widest * tokens + scores;
         let chunk = kiln_kernels::chunk_rows(g.vocab).min(self.batch * self.seq) as u64;
         // CUDA runs each chunk's softmax as row kernels: the logits and their gradient, written
         // in the head's dtype. Elsewhere (tensor operations): logits, exponentials, their
