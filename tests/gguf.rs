@@ -40,7 +40,8 @@ fn interop(args: &[&str]) -> Json {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/gguf_interop.py");
     let out = Command::new("python3").arg(script).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "gguf_interop.py {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // The status names a signal too: a llama.cpp built for another CPU dies of SIGILL silently.
+    assert!(out.status.success(), "gguf_interop.py {args:?} failed ({}):\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("bad JSON from gguf_interop.py ({e}): {stdout}"))
 }
 
