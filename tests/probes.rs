@@ -122,3 +122,30 @@ fn layer_grad_norms_add_up_to_the_global_norm() {
     let plain = Model::<Cpu>::load(&model_dir("llama"), &device).unwrap();
     assert!(kiln::probe::lora_update_norms(&plain, 1).is_none());
 }
+
+/// A rank above a module's size (the Gram matrices larger than the update itself) gives the
+/// same norms, through the dense update: the fixture's 64-wide projections at rank 72 take that
+/// form, the 160-wide MLP ones the Gram form.
+#[test]
+fn update_norms_at_a_rank_above_the_module_size() {
+    let device = Default::default();
+    let base = Model::<Cpu>::load(&model_dir("llama"), &device).unwrap();
+    let spec = LoraSpec { rank: 72, alpha: 16.0, dropout: 0.0, rslora: false, targets: vec!["all-linear".into()], layers: None, experts: false };
+    let mut model = lora::attach(base, &spec, 1);
+    let mut expected = Vec::new();
+    for layer in 0..model.layers.len() {
+        for (_, linear) in lora::projections_mut(&mut model, layer) {
+            let lora = linear.lora.as_mut().unwrap();
+            // B starts at zero; any values will do.
+            let b = lora.b.val();
+            lora.b = burn::module::Param::from_tensor(Tensor::random(b.shape(), burn::tensor::Distribution::Normal(0.0, 0.1), &device));
+            expected.push(lora.delta().powi_scalar(2).sum().into_scalar().sqrt() as f64);
+        }
+    }
+    let Some(Event::Probe { values, .. }) = kiln::probe::lora_update_norms(&model, 1) else { panic!("no lora_update_norm event") };
+    let ours: Vec<f64> = values.into_iter().flatten().collect();
+    assert_eq!(ours.len(), expected.len());
+    for (ours, theirs) in ours.iter().zip(&expected) {
+        assert!(theirs > &0.0 && (ours - theirs).abs() < 1e-4 * theirs, "kiln {ours}, dense {theirs}");
+    }
+}

@@ -82,7 +82,8 @@ impl Row {
 /// warning giving the count.
 ///
 /// `packing`: examples (in order, after the optional seeded shuffle) are packed greedily into
-/// rows of exactly `max_seq_len` positions, the rest of a row padded, `batch_size` rows a batch.
+/// rows of exactly `max_seq_len` positions (fewer when the examples hold fewer tokens in all),
+/// the rest of a row padded, `batch_size` rows a batch.
 /// Otherwise one example a row: after the optional shuffle, chunks of `32 * batch_size`
 /// examples are sorted by length and cut into batches, each padded to its longest row, and the
 /// batch order is shuffled with the same seed. The last batch may have fewer rows.
@@ -125,20 +126,24 @@ pub fn make_batches(
     }
 
     if packing {
+        // Rows as long as `max_seq_len`, unless the whole dataset holds fewer tokens: a handful
+        // of examples under a long `max_seq_len` should not pay for positions that can hold
+        // nothing. Either way one length for every batch of every epoch.
+        let row_len = max_seq_len.min(shifted.iter().map(|ex| ex.inputs.len()).sum::<usize>().max(1));
         let mut rows = Vec::new();
         let mut row = Row::default();
         for ex in &shifted {
-            if row.len() + ex.inputs.len() > max_seq_len {
-                row.pad_to(max_seq_len);
+            if row.len() + ex.inputs.len() > row_len {
+                row.pad_to(row_len);
                 rows.push(std::mem::take(&mut row));
             }
             row.push(ex);
         }
         if row.len() > 0 {
-            row.pad_to(max_seq_len);
+            row.pad_to(row_len);
             rows.push(row);
         }
-        return rows.chunks(batch_size).map(|rows| assemble(rows, max_seq_len)).collect();
+        return rows.chunks(batch_size).map(|rows| assemble(rows, row_len)).collect();
     }
 
     let mut batches = Vec::new();

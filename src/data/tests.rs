@@ -280,6 +280,18 @@ fn packing_keeps_examples_apart() {
 }
 
 #[test]
+fn packed_rows_are_no_longer_than_the_whole_dataset() {
+    // 4 + 6 input tokens in all under a max_seq_len of a hundred million: one row of 10.
+    let examples = vec![example(5, 1, 0), example(7, 1, 1)];
+    for seed in [None, Some(3)] {
+        let batches = make_batches(&examples, 4, 100_000_000, true, seed);
+        assert_eq!(batches.len(), 1);
+        assert_eq!((batches[0].batch, batches[0].seq), (1, 10));
+        assert_eq!(batches[0].tokens, 4 + 6);
+    }
+}
+
+#[test]
 fn truncation_keeps_max_seq_len_plus_one_tokens() {
     let examples = vec![example(40, 0, 0), example(5, 0, 1)];
     for packing in [true, false] {

@@ -154,7 +154,7 @@ pub fn expert_events(stats: &[RouterStats], step: usize) -> Vec<Event> {
 }
 
 /// `lora_update_norm`: per layer, ‖scale·A·B‖_F of each adapted module, from the r×r Gram
-/// matrices (‖AB‖² = Σ (AᵀA) ⊙ (BBᵀ)), so the dense update is never formed. Labels are the
+/// matrices (‖AB‖² = Σ (AᵀA) ⊙ (BBᵀ)), so the dense update is formed only where it is smaller. Labels are the
 /// module paths inside a layer; a module a layer lacks is NaN. None without adapters.
 pub fn lora_update_norms<B: Backend>(model: &Model<B>, step: usize) -> Option<Event> {
     let mut labels: Vec<String> = Vec::new();
@@ -163,12 +163,19 @@ pub fn lora_update_norms<B: Backend>(model: &Model<B>, step: usize) -> Option<Ev
         for (path, linear) in crate::lora::projections(model, layer) {
             let Some(lora) = &linear.lora else { continue };
             let (a, b) = (lora.a.val(), lora.b.val()); // [in, r], [r, out]
-            let gram = a.clone().transpose().matmul(a) * b.clone().matmul(b.transpose()); // [r, r]
+            let ([n_in, r], n_out) = (a.dims(), b.dims()[1]);
+            // The Gram form is the small one while r² < in·out; a rank above the module's
+            // size (legal, if wasteful) would make it the large one.
+            let squares = if r * r <= n_in * n_out {
+                a.clone().transpose().matmul(a) * b.clone().matmul(b.transpose()) // [r, r]
+            } else {
+                a.matmul(b).powi_scalar(2) // [in, out]
+            };
             let col = labels.iter().position(|l| *l == path).unwrap_or_else(|| {
                 labels.push(path);
                 labels.len() - 1
             });
-            entries.push((layer, col, gram.sum().sqrt().mul_scalar(lora.scale.abs())));
+            entries.push((layer, col, squares.sum().sqrt().mul_scalar(lora.scale.abs())));
         }
     }
     if entries.is_empty() {
