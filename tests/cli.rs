@@ -116,6 +116,12 @@ fn truncated_safetensors() {
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let (code, _, stderr) = kiln(&["forward", "--model", tmp.path().to_str().unwrap(), "--ids", "1,2"]);
     assert_clean_error(code, &stderr, &["model.safetensors", "truncated"]);
+    // Something else under the name (a header length beyond any file), and text.
+    for junk in [&u64::MAX.to_le_bytes()[..], b"not a tensor file\n"] {
+        std::fs::write(&path, junk).unwrap();
+        let (code, _, stderr) = kiln(&["forward", "--model", tmp.path().to_str().unwrap(), "--ids", "1,2"]);
+        assert_clean_error(code, &stderr, &["model.safetensors", "not a safetensors file"]);
+    }
 }
 
 #[test]

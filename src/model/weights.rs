@@ -200,8 +200,8 @@ fn shard_paths(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>, ModelError
 fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
-        E::MetadataIncompleteBuffer | E::InvalidHeaderLength | E::HeaderTooSmall => {
-            format!("the file is truncated or corrupt ({e:?}); download it again")
+        E::MetadataIncompleteBuffer | E::InvalidHeaderLength | E::HeaderTooSmall | E::HeaderTooLarge | E::InvalidHeader(_) | E::InvalidHeaderStart | E::InvalidHeaderDeserialization(_) | E::InvalidOffset(_) | E::TensorInvalidInfo | E::ValidationOverflow => {
+            format!("not a safetensors file, or truncated or corrupt ({e:?})")
         }
         other => format!("{other:?}"),
     }
