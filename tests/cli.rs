@@ -125,6 +125,22 @@ fn truncated_safetensors() {
 }
 
 #[test]
+fn adapter_config_of_the_wrong_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    let model = model_dir("llama");
+    for (key, value, needle) in [("lora_alpha", "\"x\"", "`lora_alpha`: expected a number"), ("r", "0", "`r`: expected an integer > 0"), ("use_rslora", "1", "`use_rslora`: expected true or false")] {
+        copy_model("llama-lora", &adapter);
+        let cfg = adapter.join("adapter_config.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        json[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(&cfg, json.to_string()).unwrap();
+        let (code, _, stderr) = kiln(&["forward", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--ids", "1,2"]);
+        assert_clean_error(code, &stderr, &["adapter_config.json", needle]);
+    }
+}
+
+#[test]
 fn shard_escaping_the_model_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");

@@ -139,8 +139,21 @@ pub fn read_spec(dir: &Path) -> Result<LoraSpec, AdapterError> {
             return Err(AdapterError::Unsupported { path, feature: key.into() });
         }
     }
-    let rank = cfg.get("r").and_then(Value::as_u64).ok_or_else(|| bad("missing `r`"))? as usize;
-    let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let rank = match cfg.get("r") {
+        None => return Err(bad("missing `r`")),
+        Some(r) => r.as_u64().filter(|&r| r > 0).ok_or_else(|| bad(&format!("`r`: expected an integer > 0, found {r}")))? as usize,
+    };
+    // PEFT's defaults where a key is absent; a key of the wrong type is an error, not a default.
+    let number = |key: &str, default: f64| match cfg.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v.as_f64().ok_or_else(|| bad(&format!("`{key}`: expected a number, found {v}"))),
+    };
+    let alpha = number("lora_alpha", 8.0)?;
+    let dropout = number("lora_dropout", 0.0)?;
+    let rslora = match cfg.get("use_rslora") {
+        None | Some(Value::Null) => false,
+        Some(v) => v.as_bool().ok_or_else(|| bad(&format!("`use_rslora`: expected true or false, found {v}")))?,
+    };
     let targets = match cfg.get("target_modules") {
         Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(String::from).collect(),
         Some(Value::String(s)) if s == "all-linear" => vec!["all-linear".to_string()],
@@ -149,8 +162,8 @@ pub fn read_spec(dir: &Path) -> Result<LoraSpec, AdapterError> {
     Ok(LoraSpec {
         rank,
         alpha,
-        dropout: cfg.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-        rslora: cfg.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        dropout,
+        rslora,
         targets,
         layers: None,
         experts: false,
