@@ -415,3 +415,29 @@ print(float((logits - load_file("{out}")["logits"]).abs().max()))
     eprintln!("transformers on the fused directory vs kiln with the adapter: max |Δ| = {diff:e}");
     assert!(diff < 1e-4, "fused model in transformers differs by {diff:e}");
 }
+
+/// Rows longer than the model's context (the fixture's 256 positions) are trained with a
+/// warning; a long `max_seq_len` over short examples says nothing.
+#[test]
+fn examples_beyond_the_context_length_are_a_warning() {
+    let _serial = serial();
+    let stop = AtomicBool::new(false);
+    let opts = TrainOptions { max_steps: Some(1), ..Default::default() };
+    let run = |long: bool| {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut recipe = tiny_recipe(tmp.path(), "");
+        recipe.data.max_seq_len = 400;
+        if long {
+            let line = serde_json::json!({ "text": "12+34=46 ".repeat(80) }).to_string();
+            let path = tmp.path().join("long.jsonl");
+            std::fs::write(&path, format!("{line}\n{line}\n")).unwrap();
+            recipe.data.train = path;
+        }
+        let mut rec = Recorder::default();
+        train::<Autodiff<Cpu>>(&recipe, &opts, &Default::default(), &mut rec, &stop).unwrap();
+        rec.events.into_iter().filter_map(|e| if let Event::Warning { message, .. } = e { Some(message) } else { None }).collect::<Vec<_>>()
+    };
+    let beyond = |w: &[String]| w.iter().any(|m| m.contains("beyond the model's context length 256"));
+    assert!(beyond(&run(true)), "{:?}", run(true));
+    assert!(!beyond(&run(false)));
+}

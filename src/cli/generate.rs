@@ -118,6 +118,14 @@ fn run_on<B: QuantMatmul>(args: &Args, device: &B::Device) -> anyhow::Result<()>
     if let Some(bad) = prompt.iter().find(|&&i| i as usize >= model.config.vocab_size) {
         anyhow::bail!("token id {bad} is outside the vocabulary (size {})", model.config.vocab_size);
     }
+    let context = model.config.max_position_embeddings;
+    if prompt.len() + args.max_new_tokens > context {
+        tracing::warn!(
+            "the prompt ({} tokens) and --max-new-tokens {} run past the model's context length {context} (max_position_embeddings): positions beyond it are ones the model was not trained on",
+            prompt.len(),
+            args.max_new_tokens
+        );
+    }
     let mut eos_ids = model.config.eos_token_ids.clone();
     if let Some(t) = &tokenizer {
         eos_ids.extend(t.eos_ids().into_iter().filter(|id| !model.config.eos_token_ids.contains(id)));

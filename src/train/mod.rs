@@ -389,6 +389,11 @@ fn run_loop<B: TrainBackend>(
     if let Some(message) = precision_warning {
         sink.emit(&Event::Warning { step: state.step, message });
     }
+    let context = model.config.max_position_embeddings;
+    if recipe.data.max_seq_len > context && data.train.iter().any(|ex| ex.ids.len() > context + 1) {
+        let message = format!("data.max_seq_len = {} is beyond the model's context length {context} (max_position_embeddings), and some examples are longer than that: they train positions the model has never seen", recipe.data.max_seq_len);
+        sink.emit(&Event::Warning { step: state.step, message });
+    }
     if recipe.trains_lora() && spec.experts && !model.config.has_experts() {
         sink.emit(&Event::Warning { step: state.step, message: format!("lora.experts = true, but {} has no experts: only attention and MLP projections are adapted", model.config.model_type) });
     }
