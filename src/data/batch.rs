@@ -78,8 +78,8 @@ impl Row {
 }
 
 /// Shifts each example (inputs `ids[..n-1]`, targets `ids[1..]`, loss mask `train_mask[1..]`)
-/// and batches them; examples longer than `max_seq_len + 1` tokens are truncated, with one
-/// warning giving the count.
+/// and batches them; examples longer than `max_seq_len + 1` tokens are truncated (loading
+/// says how many).
 ///
 /// `packing`: examples (in order, after the optional seeded shuffle) are packed greedily into
 /// rows of exactly `max_seq_len` positions (fewer when the examples hold fewer tokens in all),
@@ -97,7 +97,6 @@ pub fn make_batches(
 ) -> Vec<Batch> {
     let batch_size = batch_size.max(1);
     let max_seq_len = max_seq_len.max(1);
-    let mut truncated = 0usize;
     let mut shifted: Vec<Shifted> = examples
         .iter()
         .filter_map(|ex| {
@@ -106,20 +105,10 @@ pub fn make_batches(
             if n < 2 {
                 return None;
             }
-            if n > max_seq_len + 1 {
-                truncated += 1;
-            }
             let keep = n.min(max_seq_len + 1);
             Some(Shifted { inputs: &ex.ids[..keep - 1], targets: &ex.ids[1..keep], mask: &ex.train_mask[1..keep] })
         })
         .collect();
-    if truncated > 0 {
-        tracing::warn!(
-            "{truncated} of {} examples are longer than max_seq_len + 1 = {} tokens and were truncated",
-            examples.len(),
-            max_seq_len + 1
-        );
-    }
     let mut rng = shuffle_seed.map(StdRng::seed_from_u64);
     if let Some(rng) = rng.as_mut() {
         shifted.shuffle(rng);

@@ -64,6 +64,11 @@ pub fn load_examples(
             total - kept.len(),
         );
     }
+    // Said here, once a file, rather than by every epoch's and every evaluation's batching.
+    let truncated = kept.iter().filter(|ex| ex.ids.len() > limit).count();
+    if truncated > 0 {
+        tracing::warn!("{}: {truncated} of {} examples are longer than max_seq_len + 1 = {limit} tokens and are truncated", path.display(), kept.len());
+    }
     Ok(kept)
 }
 
