@@ -97,6 +97,27 @@ fn missing_config_key() {
 }
 
 #[test]
+fn implausible_config_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model("llama", tmp.path());
+    let cfg = tmp.path().join("config.json");
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let cases = [
+        (serde_json::json!({ "hidden_size": 1u64 << 40 }), "hidden_size", "1099511627776 is larger than any model"),
+        (serde_json::json!({ "head_dim": 1 << 16, "num_attention_heads": 64 }), "head_dim", "num_attention_heads × head_dim = 4194304"),
+    ];
+    for (patch, key, needle) in cases {
+        let mut json: serde_json::Value = serde_json::from_str(&original).unwrap();
+        for (k, v) in patch.as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        std::fs::write(&cfg, json.to_string()).unwrap();
+        let (code, _, stderr) = kiln(&["forward", "--model", tmp.path().to_str().unwrap(), "--ids", "1,2"]);
+        assert_clean_error(code, &stderr, &["config.json", key, needle]);
+    }
+}
+
+#[test]
 fn unknown_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     copy_model("llama", tmp.path());

@@ -138,7 +138,7 @@ pub const SCORE_BUDGET: usize = 128 << 20;
 /// Batch rows per chunk of the dense-product attention for `b` rows of `h` heads, `s` queries
 /// and `t` keys: as many as [`SCORE_BUDGET`] holds, at least one.
 pub fn score_chunk_rows(b: usize, h: usize, s: usize, t: usize) -> usize {
-    (SCORE_BUDGET / (h * s * t).max(1)).clamp(1, b.max(1))
+    (SCORE_BUDGET / h.saturating_mul(s).saturating_mul(t).max(1)).clamp(1, b.max(1))
 }
 
 /// Attention through [`FlashAttention`]: the typed entry point. Shapes as the trait's.

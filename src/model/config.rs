@@ -275,7 +275,7 @@ impl ModelConfig {
             }
             _ => (hf, model_type),
         };
-        match model_type.as_str() {
+        let cfg = match model_type.as_str() {
             "llama" => arch::llama::config(&hf, &ctx, Arch::Llama),
             "mistral" => arch::llama::config(&hf, &ctx, Arch::Mistral),
             "qwen2" => arch::qwen::config(&hf, &ctx, Arch::Qwen2),
@@ -287,7 +287,34 @@ impl ModelConfig {
                 path: path.to_path_buf(),
                 model_type: other.to_string(),
             }),
+        }?;
+        cfg.check_sizes(&ctx)?;
+        Ok(cfg)
+    }
+
+    /// Refuses sizes no model has, far above the largest released (a 2^20 hidden, attention or
+    /// MLP width, a 2^24 vocabulary, 2^16 layers, heads or experts): the memory plan and the loader
+    /// multiply them together, and a typo should be an error rather than an overflow.
+    fn check_sizes(&self, ctx: &ConfigContext) -> Result<(), ModelError> {
+        let moe = self.moe.as_ref();
+        let widths = self.layers.iter().filter_map(|l| l.mlp_width).chain(moe.map(|m| m.width)).max().unwrap_or(0);
+        let head_dim = self.layers.iter().map(|l| l.head_dim).max().unwrap_or(self.head_dim);
+        for (key, value, limit) in [
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size.max(widths), 1 << 20),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("num_hidden_layers", self.num_layers, 1 << 16),
+            ("num_attention_heads", self.num_heads, 1 << 16),
+            ("head_dim", head_dim, 1 << 16),
+            ("head_dim", self.num_heads * head_dim, 1 << 20),
+            ("num_experts", moe.map_or(0, |m| m.num_experts), 1 << 16),
+        ] {
+            if value > limit {
+                let what = if key == "head_dim" && value > head_dim { format!("num_attention_heads × head_dim = {value}") } else { value.to_string() };
+                return Err(ctx.invalid(key, format!("{what} is larger than any model kiln can hold (at most {limit})")));
+            }
         }
+        Ok(())
     }
 
     pub fn num_params_estimate(&self) -> usize {

@@ -125,8 +125,18 @@ impl Validator<'_> {
         RecipeError::MissingKey { at: self.src.locate(key), key: key.into(), message: message.into() }
     }
 
+    /// A count or size: at least 1, and at most 2^24, past any real need; products of such
+    /// values (tokens a step, bytes a plan) must not overflow.
     fn positive(&self, key: &str, v: usize) -> Check {
-        if v == 0 { Err(self.invalid(key, "expected an integer > 0, found 0")) } else { Ok(()) }
+        self.count(key, v, 1 << 24)
+    }
+
+    fn count(&self, key: &str, v: usize, limit: usize) -> Check {
+        match v {
+            0 => Err(self.invalid(key, "expected an integer > 0, found 0")),
+            v if v > limit => Err(self.invalid(key, format!("expected an integer from 1 to {limit}, found {v}"))),
+            _ => Ok(()),
+        }
     }
 
     /// `v` in `[lo, hi]`, or `[lo, hi)` when `hi_open`; NaN and infinities fail.
@@ -378,16 +388,17 @@ impl Validator<'_> {
             message.push_str(&format!(" (expected one of {})", INIT_ARCHS.join(", ")));
             return Err(self.invalid("model.init.arch", message));
         }
-        for (key, v) in [
-            ("model.init.hidden_size", i.hidden_size),
-            ("model.init.num_layers", i.num_layers),
-            ("model.init.num_heads", i.num_heads),
-            ("model.init.num_kv_heads", i.num_kv_heads),
-            ("model.init.intermediate_size", i.intermediate_size),
-            ("model.init.max_position_embeddings", i.max_position_embeddings),
-            ("model.init.vocab_size", i.vocab_size),
+        // The limits a model directory's config.json is held to (`ModelConfig::check_sizes`).
+        for (key, v, limit) in [
+            ("model.init.hidden_size", i.hidden_size, 1 << 20),
+            ("model.init.num_layers", i.num_layers, 1 << 16),
+            ("model.init.num_heads", i.num_heads, 1 << 16),
+            ("model.init.num_kv_heads", i.num_kv_heads, 1 << 16),
+            ("model.init.intermediate_size", i.intermediate_size, 1 << 20),
+            ("model.init.max_position_embeddings", i.max_position_embeddings, 1 << 24),
+            ("model.init.vocab_size", i.vocab_size, 1 << 24),
         ] {
-            self.positive(key, v)?;
+            self.count(key, v, limit)?;
         }
         if !i.hidden_size.is_multiple_of(i.num_heads) {
             return Err(self.invalid(
@@ -428,7 +439,8 @@ impl Validator<'_> {
     }
 
     fn lora(&self, l: &LoraSection) -> Check {
-        self.positive("lora.rank", l.rank)?;
+        // Far above any useful rank; the plan multiplies it by every projection's size.
+        self.count("lora.rank", l.rank, 1 << 16)?;
         self.above("lora.alpha", l.alpha, 0.0, false)?;
         self.range("lora.dropout", l.dropout, 0.0, 1.0, true)?;
         if l.targets.is_empty() {

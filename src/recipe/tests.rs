@@ -208,6 +208,8 @@ fn out_of_range() {
     let f = Fixture::new();
     let cases = [
         ("[lora]\nrank = 0\n", "lora.rank", "expected an integer > 0, found 0"),
+        ("[lora]\nrank = 65537\n", "lora.rank", "expected an integer from 1 to 65536, found 65537"),
+        ("[train]\nbatch_size = 16777217\n", "train.batch_size", "expected an integer from 1 to 16777216, found 16777217"),
         ("[lora]\ndropout = 1.0\n", "lora.dropout", "expected a number in [0, 1), found 1"),
         ("[lora]\ntargets = [\"q_prj\"]\n", "lora.targets", "did you mean `q_proj`?"),
         ("[lora]\nlayers = [3, 3]\n", "lora.layers", "start < end"),

@@ -245,7 +245,9 @@ impl Step<'_> {
         let optimizer = trainable * F32 * 2;
         let bytes: Vec<u64> = g.layers.iter().enumerate().map(|(i, l)| self.layer_bytes(l, self.half_inputs(device), self.half_mlp(device, i))).collect();
         let per_token: u64 = bytes.iter().sum::<u64>() + 4 * g.hidden as u64 * F32;
-        let activations = per_token * tokens;
+        // Saturating: a recipe at its limits (2^24 rows of 2^24 tokens) asks for more bytes than
+        // u64 counts, and the plan should say "does not fit", not overflow.
+        let activations = per_token.saturating_mul(tokens);
         let widest = bytes.iter().copied().max().unwrap_or(0);
         // Attention's backward forms score matrices for a moment. On CUDA (dense products with
         // row kernels between them) one chunk of batch rows at a time: the f32 scores and their
@@ -258,11 +260,11 @@ impl Step<'_> {
         let scores = match device {
             DeviceSpec::Cuda(_) => {
                 let rows = kiln_kernels::attention::score_chunk_rows(self.batch, heads, self.seq, self.seq);
-                (rows * heads * self.seq * self.seq) as u64 * 2 * F32
+                [rows, heads, self.seq, self.seq].iter().fold(2 * F32, |n, &d| n.saturating_mul(d as u64))
             }
-            _ => 4 * heads as u64 * tokens * self.seq as u64 * F32,
+            _ => (4 * heads as u64 * F32).saturating_mul(tokens).saturating_mul(self.seq as u64),
         };
-        let backward = widest * tokens + scores;
+        let backward = widest.saturating_mul(tokens).saturating_add(scores);
         let chunk = kiln_kernels::chunk_rows(g.vocab).min(self.batch * self.seq) as u64;
         // CUDA runs each chunk's softmax as row kernels: the logits and their gradient, written
         // in the head's dtype. Elsewhere (tensor operations): logits, exponentials, their
@@ -272,7 +274,7 @@ impl Step<'_> {
             _ => 4 * chunk * g.vocab as u64 * F32,
         };
         let weights = self.weight_bytes(device);
-        let live = weights + gradients + optimizer + activations + backward + logits;
+        let live = [weights, gradients, optimizer, activations, backward, logits].into_iter().fold(0u64, u64::saturating_add);
         let peak = match device {
             DeviceSpec::Cpu => live,
             DeviceSpec::Cuda(_) | DeviceSpec::Rocm(_) | DeviceSpec::Wgpu(_) => (live as f64 * pool_factor(device)) as u64,
