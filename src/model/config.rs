@@ -306,7 +306,7 @@ impl ModelConfig {
             ("num_hidden_layers", self.num_layers, 1 << 16),
             ("num_attention_heads", self.num_heads, 1 << 16),
             ("head_dim", head_dim, 1 << 16),
-            ("head_dim", self.num_heads * head_dim, 1 << 20),
+            ("head_dim", self.num_heads.saturating_mul(head_dim), 1 << 20),
             ("num_experts", moe.map_or(0, |m| m.num_experts), 1 << 16),
         ] {
             if value > limit {
