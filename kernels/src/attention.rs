@@ -129,16 +129,31 @@ pub trait FlashAttention: Backend {
     }
 }
 
-/// Score elements per chunk of batch rows where attention runs as dense products (CUDA at
-/// training shapes): 512 MiB of f32 scores, and as much again for their gradient in backward.
-/// Each chunk past the first costs copies to join the outputs; at this size a Qwen2.5-0.5B step
-/// of 8 × 1,024 tokens is one chunk. `kiln plan` counts it.
+/// Score elements per chunk where attention runs as dense products (CUDA at training shapes):
+/// 512 MiB of f32 scores, and as much again for their gradient in backward. `kiln plan`
+/// counts it.
 pub const SCORE_BUDGET: usize = 128 << 20;
 
-/// Batch rows per chunk of the dense-product attention for `b` rows of `h` heads, `s` queries
-/// and `t` keys: as many as [`SCORE_BUDGET`] holds, at least one.
-pub fn score_chunk_rows(b: usize, h: usize, s: usize, t: usize) -> usize {
-    (SCORE_BUDGET / h.saturating_mul(s).saturating_mul(t).max(1)).clamp(1, b.max(1))
+/// Causal query rows per chunk of the dense-product attention at training shapes: chunk `i`
+/// multiplies only the keys its last query sees, so `n` chunks of a causal square compute
+/// `(n + 1) / 2n` of it (5/8 at four) where one chunk computes the masked half too, and each
+/// chunk costs its own launches (bench/RESULTS.md measured 128, 256 and 1,024 at 1,024 tokens).
+/// `KILN_QUERY_CHUNK` overrides it, for such measurements.
+pub const QUERY_CHUNK: usize = 256;
+
+/// The chunks of the dense-product attention for `b` rows of `h` heads, `s` queries and `t`
+/// keys: `(batch rows, query rows)` per chunk. Query rows: [`QUERY_CHUNK`] with a causal mask,
+/// else all `s` (every query sees every key). Batch rows: as many as [`SCORE_BUDGET`] holds
+/// for a chunk of those queries over all `t` keys, at least one.
+pub fn score_chunks(b: usize, h: usize, s: usize, t: usize, causal: bool) -> (usize, usize) {
+    let queries = if causal {
+        let rows = std::env::var("KILN_QUERY_CHUNK").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(QUERY_CHUNK);
+        rows.clamp(1, s.max(1))
+    } else {
+        s.max(1)
+    };
+    let rows = (SCORE_BUDGET / h.saturating_mul(queries).saturating_mul(t).max(1)).clamp(1, b.max(1));
+    (rows, queries)
 }
 
 /// Attention through [`FlashAttention`]: the typed entry point. Shapes as the trait's.
@@ -252,7 +267,7 @@ pub(crate) mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
-    use crate::cube::contiguous_float;
+    use crate::cube::{as_float, contiguous_float};
     use cubecl::{cube, CubeCount, CubeDim};
 
     use super::{AttentionSpec, FlashAttention};
@@ -727,7 +742,7 @@ pub(crate) mod cube {
             use burn::tensor::ops::FloatTensorOps;
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
-            let prod = Self::float_mul(contiguous_float::<R, F>(dout.clone()), contiguous_float::<R, F>(out));
+            let prod = Self::float_mul(as_float::<R, F>(dout.clone()), as_float::<R, F>(out));
             let delta = contiguous_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
             if let Some(limit) = products::chosen::<R>(&q, &k) {
                 return products::backward::<R, F, I, BT>(dout, q, k, v, mask, lse, delta, spec, limit);
@@ -818,81 +833,111 @@ pub(crate) mod cube {
         use cubecl::{cube, CubeDim};
 
         use super::{empty, params, AttentionSpec, MASKED, UNSEEN};
-        // One cube per score row: `flat_count` of `rows · FLAT_THREADS` threads is `rows` cubes.
-        use crate::cube::{capped, contiguous_float, cublas_ready, flat_count, gemm, launch_typed, FLAT_THREADS};
+        // `flat_count` of `n · FLAT_THREADS` threads is `n` cubes.
+        use crate::cube::{capped, contiguous_float, cublas_ready, flat_count, gemm, gemm_rows, launch_typed, FLAT_THREADS};
 
-        /// Threads per score row.
-        const LANES: u32 = 128;
-        const LOG_LANES: u32 = 7;
+        /// Threads per score row (one plane on CUDA) and score rows per cube. A row is short
+        /// work (its keys once or twice over), so rows are kept many and narrow: with one row
+        /// of 128 threads per cube, time went with the number of rows, not their length
+        /// (bench/RESULTS.md).
+        const LANES: u32 = 32;
+        const LOG_LANES: u32 = 5;
+        const ROWS: u32 = 8;
 
-        /// Where one score row lives: `z` `[c, kv, g·s, t]`, the mask `[c or 1, s, t]`. Keys
-        /// from `end` on are masked without reading the mask: the causal part (`t` when the
-        /// spec is not causal).
+        /// Where one score row lives. The scores of a chunk of queries `r0..` are `z`
+        /// `[c·kv, rows, e]`, a row per (query, group head) pair, query-major (see [`forward`]),
+        /// over the first `e` keys; the mask is `[c or 1, s, t]`, the rows' statistics `[c, h, s]`.
+        /// Keys from `end` on are masked without reading the mask: the causal part (`e` when
+        /// the spec is not causal). A row past the last (the last cube's spare threads) has
+        /// no keys and is not `valid`.
         #[derive(CubeType)]
         struct ScoreRow {
             base: usize,
             mbase: usize,
-            t: usize,
+            stat: usize,
+            e: usize,
             end: usize,
             valid: bool,
         }
 
-        /// This cube's row, on [`flat_count`]'s grid.
+        /// This thread's row, on [`flat_count`]'s grid of cubes of `ROWS` rows.
         #[cube]
-        fn score_row<F: Float>(z: &Tensor<F>, mask: &Tensor<F>, #[comptime] causal: bool) -> ScoreRow {
-            let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
-            let t = z.shape(3);
-            let gs = z.shape(2);
-            let per_batch = z.shape(1) * gs;
-            let s = mask.shape(1);
-            let mut mb = row / per_batch;
+        fn score_row<F: Float>(z: &Tensor<F>, mask: &Tensor<F>, stats: &Tensor<F>, r0: usize, #[comptime] causal: bool) -> ScoreRow {
+            let row = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * ROWS as usize + UNIT_POS_Y as usize;
+            let (rows, e) = (z.shape(1), z.shape(2));
+            let (h, s, t) = (stats.shape(1), mask.shape(1), mask.shape(2));
+            let kv = z.shape(0) / stats.shape(0);
+            let g = h / kv;
+            let valid = row < z.shape(0) * rows;
+            let (matrix, local) = (row / rows, row % rows);
+            let query = r0 + local / g;
+            let mut mb = matrix / kv;
             if mask.shape(0) == 1 {
                 mb = 0;
             }
-            let query = (row % gs) % s;
-            let mut end = t;
+            let mut end = e;
             if causal {
                 // Query `i` of the last `s` positions sees keys up to `i + t − s`.
                 let last = query + (t - s) + 1;
-                if last < t {
+                if last < end {
                     end = last;
                 }
             }
-            ScoreRow { base: row * t, mbase: mb * s * t + query * t, t, end, valid: row < z.shape(0) * per_batch }
+            let mut width = e;
+            if !valid {
+                end = 0;
+                width = 0;
+            }
+            ScoreRow { base: row * e, mbase: mb * s * t + query * t, stat: (matrix * g + local % g) * s + query, e: width, end, valid }
         }
 
-        /// `partial[0]` ← max (or sum) of `partial[0..LANES]`, for every thread of the cube.
+        /// The max (or sum) of `x` over the `LANES` threads of this thread's row, for each of
+        /// them: one plane operation where a plane is exactly a row (`plane`), else a tree in
+        /// `partial` (`LANES · ROWS`), with every thread of the cube at each step.
         #[cube]
-        fn reduce<F: Float>(partial: &mut SharedMemory<F>, lane: usize, #[comptime] max: bool) {
-            #[unroll]
-            for step in 0..LOG_LANES {
-                let stride = ((LANES / 2) >> step) as usize;
-                if lane < stride {
-                    let other = partial[lane + stride];
-                    if max {
-                        if other > partial[lane] {
-                            partial[lane] = other;
-                        }
-                    } else {
-                        partial[lane] += other;
-                    }
-                }
+        fn row_reduce<F: Float>(x: F, partial: &mut SharedMemory<F>, #[comptime] max: bool, #[comptime] plane: bool) -> F {
+            if plane {
+                if max { plane_max(x) } else { plane_sum(x) }
+            } else {
+                let lane = UNIT_POS_X as usize;
+                let slot = UNIT_POS_Y as usize * LANES as usize;
+                partial[slot + lane] = x;
                 sync_cube();
+                #[unroll]
+                for step in 0..LOG_LANES {
+                    let stride = ((LANES / 2) >> step) as usize;
+                    if lane < stride {
+                        let other = partial[slot + lane + stride];
+                        if max {
+                            if other > partial[slot + lane] {
+                                partial[slot + lane] = other;
+                            }
+                        } else {
+                            partial[slot + lane] += other;
+                        }
+                    }
+                    sync_cube();
+                }
+                let out = partial[slot];
+                sync_cube();
+                out
             }
         }
 
-        /// One cube per row of scores `z = scale·q·k` `[c, kv, g·s, t]`: the row's log-sum-exp
+        /// `LANES` threads per row of scores `z = scale·q·k` (see [`ScoreRow`]): the row's log-sum-exp
         /// of `cap(z) + mask` and `p = exp(cap(z) + mask − lse)` (0 where masked; a row with
         /// every key masked gets [`UNSEEN`], as the flash kernels give it). `params` = [scale, softcap].
         #[cube(launch_unchecked)]
-        fn softmax_kernel<F: Float, G: Float>(z: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, lse: &mut Tensor<F>, #[comptime] softcap: bool, #[comptime] causal: bool) {
+        #[allow(clippy::too_many_arguments)]
+        fn softmax_kernel<F: Float, G: Float>(z: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, lse: &mut Tensor<F>, r0: usize, #[comptime] softcap: bool, #[comptime] causal: bool, #[comptime] plane: bool) {
             let lane = UNIT_POS_X as usize;
-            let ScoreRow { base, mbase, t, end, valid } = score_row::<F>(z, mask, causal);
-            if !valid {
+            let ScoreRow { base, mbase, stat, e, end, valid } = score_row::<F>(z, mask, lse, r0, causal);
+            if plane && !valid {
+                // A whole plane is one row: no other row waits on these threads.
                 terminate!();
             }
             let cap = params[1];
-            let mut partial = SharedMemory::<F>::new(LANES as usize);
+            let mut partial = SharedMemory::<F>::new((LANES * ROWS) as usize);
             let mut top = F::new(MASKED);
             let mut j = lane;
             while j < end {
@@ -905,11 +950,7 @@ pub(crate) mod cube {
                 }
                 j += LANES as usize;
             }
-            partial[lane] = top;
-            sync_cube();
-            reduce::<F>(&mut partial, lane, true);
-            let row_max = partial[0];
-            sync_cube();
+            let row_max = row_reduce::<F>(top, &mut partial, true, plane);
             let mut sum = F::new(0.0);
             j = lane;
             while j < end {
@@ -919,10 +960,7 @@ pub(crate) mod cube {
                 }
                 j += LANES as usize;
             }
-            partial[lane] = sum;
-            sync_cube();
-            reduce::<F>(&mut partial, lane, false);
-            let total = partial[0];
+            let total = row_reduce::<F>(sum, &mut partial, false, plane);
             let mut row_lse = F::new(UNSEEN);
             if total > F::new(0.0) {
                 row_lse = row_max + F::ln(total);
@@ -937,30 +975,30 @@ pub(crate) mod cube {
                 p[base + j] = G::cast_from(pv);
                 j += LANES as usize;
             }
-            while j < t {
+            while j < e {
                 p[base + j] = G::new(0.0);
                 j += LANES as usize;
             }
-            if lane == 0 {
-                lse[base / t] = row_lse;
+            if lane == 0 && valid {
+                lse[stat] = row_lse;
             }
         }
 
-        /// One cube per row: `p = exp(cap(z) + mask − lse)` again and
+        /// `LANES` threads per row: `p = exp(cap(z) + mask − lse)` again and
         /// `dX = p·(dP − δ)·(1 − (cap(z)/c)²)·scale` (without the softcap factor when there is
-        /// none), both 0 where masked. `lse`, `delta` one per row; `params` = [scale, softcap].
+        /// none), both 0 where masked. `lse`, `delta` `[c, h, s]`; `params` = [scale, softcap].
         #[cube(launch_unchecked)]
         #[allow(clippy::too_many_arguments)]
-        fn grad_kernel<F: Float, G: Float>(z: &Tensor<F>, dp: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, dx: &mut Tensor<G>, #[comptime] softcap: bool, #[comptime] causal: bool) {
+        fn grad_kernel<F: Float, G: Float>(z: &Tensor<F>, dp: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, p: &mut Tensor<G>, dx: &mut Tensor<G>, r0: usize, #[comptime] softcap: bool, #[comptime] causal: bool) {
             let lane = UNIT_POS_X as usize;
-            let ScoreRow { base, mbase, t, end, valid } = score_row::<F>(z, mask, causal);
+            let ScoreRow { base, mbase, stat, e, end, valid } = score_row::<F>(z, mask, lse, r0, causal);
             if !valid {
                 terminate!();
             }
             let scale = params[0];
             let cap = params[1];
-            let row_lse = lse[base / t];
-            let row_delta = delta[base / t];
+            let row_lse = lse[stat];
+            let row_delta = delta[stat];
             let mut j = lane;
             while j < end {
                 let mv = mask[mbase + j];
@@ -979,11 +1017,23 @@ pub(crate) mod cube {
                 dx[base + j] = G::cast_from(dxv);
                 j += LANES as usize;
             }
-            while j < t {
+            while j < e {
                 p[base + j] = G::new(0.0);
                 dx[base + j] = G::new(0.0);
                 j += LANES as usize;
             }
+        }
+
+        /// Whether a plane of `R`'s device is exactly one score row's `LANES` threads and
+        /// plane operations run there (CUDA; not lavapipe, whose wgpu reports none).
+        fn rows_are_planes<R: CubeRuntime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
+            let props = client.properties();
+            client.features().plane.contains(cubecl::features::Plane::Ops) && props.hardware.plane_size_min == LANES && props.hardware.plane_size_max == LANES
+        }
+
+        /// The launch grid for `rows` score rows.
+        fn row_cubes(rows: usize) -> CubeCount {
+            flat_count(rows.div_ceil(ROWS as usize) * FLAT_THREADS as usize)
         }
 
         /// Whether to run the products, and then at most how many batch rows per chunk (see
@@ -1003,9 +1053,14 @@ pub(crate) mod cube {
             }
         }
 
-        /// Batch rows per chunk: [`score_chunk_rows`](super::super::score_chunk_rows), at most `limit`.
-        fn chunk_rows(b: usize, h: usize, s: usize, t: usize, limit: usize) -> usize {
-            super::super::score_chunk_rows(b, h, s, t).min(limit)
+        /// `(batch rows, query rows)` per chunk: [`score_chunks`](super::super::score_chunks),
+        /// at most `limit` batch rows. The checks ([`AttentionPath::Products`](super::super::AttentionPath))
+        /// take 16 causal query rows, so their small cases run several chunks, the last one short.
+        fn chunks(b: usize, h: usize, s: usize, t: usize, causal: bool, limit: usize) -> (usize, usize) {
+            use super::super::{AttentionPath, PATH};
+            let (rows, queries) = super::super::score_chunks(b, h, s, t, causal);
+            let forced = PATH.load(std::sync::atomic::Ordering::Relaxed) == AttentionPath::Products as u8;
+            (rows.min(limit), if forced && causal { queries.min(16) } else { queries })
         }
 
         /// `alpha · lhs·rhs` in f32 (cuBLAS where it applies).
@@ -1013,16 +1068,9 @@ pub(crate) mod cube {
             gemm::<R, F, I, BT>(lhs.clone(), rhs.clone(), alpha as f64, None)
         }
 
-        /// Batch rows `b0..b0 + c` of a contiguous `[b, ..]` tensor, reshaped to `shape`.
-        fn rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: &CubeTensor<R>, b0: usize, c: usize, shape: Vec<usize>) -> CubeTensor<R> {
-            type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
-            let dims = x.meta.shape().to_vec();
-            if c == dims[0] {
-                return B::<R, F, I, BT>::float_reshape(x.clone(), Shape::from(shape));
-            }
-            let ranges: Vec<burn::tensor::Slice> = dims.iter().enumerate().map(|(i, &n)| if i == 0 { burn::tensor::Slice::from(b0..b0 + c) } else { burn::tensor::Slice::from(0..n) }).collect();
-            let part = into_contiguous(B::<R, F, I, BT>::float_slice(x.clone(), &ranges));
-            B::<R, F, I, BT>::float_reshape(part, Shape::from(shape))
+        fn slice<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: &CubeTensor<R>, dim: usize, range: std::ops::Range<usize>) -> CubeTensor<R> {
+            let ranges: Vec<burn::tensor::Slice> = x.meta.shape().iter().enumerate().map(|(i, &n)| burn::tensor::Slice::from(if i == dim { range.clone() } else { 0..n })).collect();
+            CubeBackend::<R, F, I, BT>::float_slice(x.clone(), &ranges)
         }
 
         fn transposed<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<R>) -> CubeTensor<R> {
@@ -1050,74 +1098,136 @@ pub(crate) mod cube {
             into_contiguous(crate::cube::as_dtype(x, dtype))
         }
 
+        /// `x`'s memory seen with another shape and strides.
+        fn view<R: CubeRuntime>(x: &CubeTensor<R>, shape: Vec<usize>, strides: Vec<usize>) -> CubeTensor<R> {
+            CubeTensor::new(x.client.clone(), x.handle.clone(), cubecl::zspace::metadata::Metadata::new(shape, strides), x.device.clone(), x.dtype)
+        }
+
+        /// Batch rows `b0..b0 + c` of queries (or their gradient) `[b, h, s, d]`, in any layout,
+        /// as `[c·kv, s·g, d]` in `dt`, query-major: row `i·g + j` is query `i` of the group's
+        /// head `j`. Then a chunk of queries is a block of rows that the products read in
+        /// place. One pass: the cast (or copy) reads `x` through its strides.
+        fn query_major<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: &CubeTensor<R>, b0: usize, c: usize, kvh: usize, dt: DType) -> CubeTensor<R> {
+            let [b, h, s, d] = x.meta.shape().dims::<4>();
+            let st = x.meta.strides().to_vec();
+            let g = h / kvh;
+            let x = view(x, vec![b, kvh, s, g, d], vec![st[0], g * st[1], st[2], st[1], st[3]]);
+            CubeBackend::<R, F, I, BT>::float_reshape(as_dtype(slice::<R, F, I, BT>(&x, 0, b0..b0 + c), dt), Shape::new([c * kvh, s * g, d]))
+        }
+
+        /// [`query_major`]'s inverse: `[c·kv, s·g, d]` back to `[c, h, s, d]`, laid out as `[c,
+        /// s, h, d]` in memory: the decoder's next step (`[b, s, h·d]` for the output
+        /// projection) and rope's backward (dQ) read that order without another copy.
+        fn head_major<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<R>, c: usize, h: usize) -> CubeTensor<R> {
+            type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+            let [ckv, sg, d] = x.meta.shape().dims::<3>();
+            let (kvh, g) = (ckv / c, h / (ckv / c));
+            let s = sg / g;
+            let x = B::<R, F, I, BT>::float_swap_dims(B::<R, F, I, BT>::float_reshape(x, Shape::new([c, kvh, s, g, d])), 1, 2); // [c, s, kv, g, d]
+            view(&into_contiguous(x), vec![c, h, s, d], vec![s * h * d, d, h * d, 1])
+        }
+
+        /// Batch rows `b0..b0 + c` of a `[b, ..]` tensor, contiguous, reshaped to `shape`.
+        fn rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: &CubeTensor<R>, b0: usize, c: usize, shape: Vec<usize>) -> CubeTensor<R> {
+            CubeBackend::<R, F, I, BT>::float_reshape(into_contiguous(slice::<R, F, I, BT>(x, 0, b0..b0 + c)), Shape::from(shape))
+        }
+
+        /// The keys a chunk of queries `r0..r1` may see: all `t`, or with a causal spec those
+        /// up to the last query's own position.
+        fn key_end(r1: usize, s: usize, t: usize, causal: bool) -> usize {
+            if causal { (r1 + t).saturating_sub(s).clamp(1, t) } else { t }
+        }
 
         /// `(out, lse)` as [`FlashAttention::flash_attention`](super::super::FlashAttention)
-        /// defines them, in chunks of at most `limit` batch rows.
+        /// defines them, in chunks of at most `limit` batch rows and of [`query_chunk`] queries.
         pub(crate) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, spec: AttentionSpec, limit: usize) -> (CubeTensor<R>, CubeTensor<R>) {
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             let [_, kvh, t, _] = k.meta.shape().dims::<4>();
             let g = h / kvh;
             let dt = operand_dtype::<F>(&q, spec);
-            let (q, k, v) = (as_dtype(q, dt), as_dtype(k, dt), as_dtype(v, dt));
+            let (k, v) = (as_dtype(k, dt), as_dtype(v, dt));
             let mask = contiguous_float::<R, F>(mask);
             let p = params::<R, F, I, BT>(&q, spec);
-            let chunk = chunk_rows(b, h, s, t, limit);
+            let (chunk, qchunk) = chunks(b, h, s, t, spec.causal, limit);
             let (mut outs, mut lses) = (Vec::new(), Vec::new());
             for b0 in (0..b).step_by(chunk) {
                 let c = chunk.min(b - b0);
-                let qc = rows::<R, F, I, BT>(&q, b0, c, vec![c * kvh, g * s, d]);
+                let qc = query_major::<R, F, I, BT>(&q, b0, c, kvh, dt); // [c·kv, s·g, d]
                 let kc = rows::<R, F, I, BT>(&k, b0, c, vec![c * kvh, t, d]);
                 let vc = rows::<R, F, I, BT>(&v, b0, c, vec![c * kvh, t, d]);
                 let mc = if mask.meta.shape()[0] == 1 { mask.clone() } else { rows::<R, F, I, BT>(&mask, b0, c, vec![c, s, t]) };
-                let z = product::<R, F, I, BT>(&qc, &transposed::<R, F, I, BT>(kc), spec.scale as f32);
-                let z = CubeBackend::<R, F, I, BT>::float_reshape(z, Shape::new([c, kvh, g * s, t]));
-                let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
                 let lse = empty::<R, F>(&q, vec![c, h, s]);
-                let client = q.client.clone();
-                // SAFETY: the score tensors are contiguous `[c, kv, g·s, t]`, the mask `[c or 1,
-                // s, t]` and `lse` one float per score row; one cube per row, spare cubes return.
-                launch_typed!(softmax_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), mc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), lse.clone().into_tensor_arg(), spec.softcap.is_some(), spec.causal);
-                let out = product::<R, F, I, BT>(&probs, &vc, 1.0);
-                outs.push(CubeBackend::<R, F, I, BT>::float_reshape(out, Shape::new([c, h, s, d])));
+                let mut out = empty::<R, F>(&q, vec![c * kvh, s * g, d]);
+                // The last chunk first: it sees every key, so its product writes all of `out`'s
+                // rows it owns and the earlier chunks never read past theirs.
+                for r0 in (0..s).step_by(qchunk).rev() {
+                    let r1 = (r0 + qchunk).min(s);
+                    let e = key_end(r1, s, t, spec.causal);
+                    let qr = slice::<R, F, I, BT>(&qc, 1, r0 * g..r1 * g);
+                    let z = product::<R, F, I, BT>(&qr, &transposed::<R, F, I, BT>(slice::<R, F, I, BT>(&kc, 1, 0..e)), spec.scale as f32); // [c·kv, (r1 − r0)·g, e]
+                    let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, (r1 - r0) * g, e]), dt);
+                    let client = q.client.clone();
+                    // SAFETY: `z` and `probs` are contiguous `[c·kv, (r1 − r0)·g, e]`, the mask
+                    // `[c or 1, s, t]` and `lse` `[c, h, s]` contiguous, `e ≤ t`, `r1 ≤ s`; `ROWS`
+                    // rows of `LANES` threads per cube, spare rows touch nothing.
+                    launch_typed!(softmax_kernel, dt, F, R, &client, row_cubes(c * h * (r1 - r0)), CubeDim { x: LANES, y: ROWS, z: 1 }, z.into_tensor_arg(), mc.clone().into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), lse.clone().into_tensor_arg(), r0, spec.softcap.is_some(), spec.causal, rows_are_planes(&client));
+                    out = gemm_rows::<R, F, I, BT>(probs, slice::<R, F, I, BT>(&vc, 1, 0..e), 1.0, out, r0 * g..r1 * g, false);
+                }
+                outs.push(head_major::<R, F, I, BT>(out, c, h));
                 lses.push(lse);
             }
             (cat::<R, F, I, BT>(outs), cat::<R, F, I, BT>(lses))
         }
 
         /// `(dq, dk, dv)` as [`FlashAttention::flash_attention_bwd`](super::super::FlashAttention)
-        /// defines them; `delta` `[b, h, s]` = rowsum(dO ∘ O).
+        /// defines them; `delta` `[b, h, s]` = rowsum(dO ∘ O). Chunked as the forward: chunk
+        /// `r0..r1` adds its share into the first `e` rows of `dK` and `dV`, the last chunk
+        /// (every key) first, so it writes them whole.
         #[allow(clippy::too_many_arguments)]
         pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(dout: CubeTensor<R>, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, lse: CubeTensor<R>, delta: CubeTensor<R>, spec: AttentionSpec, limit: usize) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             let [_, kvh, t, _] = k.meta.shape().dims::<4>();
             let g = h / kvh;
             let dt = operand_dtype::<F>(&q, spec);
-            let (dout, q, k, v) = (as_dtype(dout, dt), as_dtype(q, dt), as_dtype(k, dt), as_dtype(v, dt));
+            let (k, v) = (as_dtype(k, dt), as_dtype(v, dt));
             let (mask, lse, delta) = (contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse), contiguous_float::<R, F>(delta));
             let p = params::<R, F, I, BT>(&q, spec);
-            let chunk = chunk_rows(b, h, s, t, limit);
+            let (chunk, qchunk) = chunks(b, h, s, t, spec.causal, limit);
             let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
             for b0 in (0..b).step_by(chunk) {
                 let c = chunk.min(b - b0);
-                let qc = rows::<R, F, I, BT>(&q, b0, c, vec![c * kvh, g * s, d]);
-                let doc = rows::<R, F, I, BT>(&dout, b0, c, vec![c * kvh, g * s, d]);
+                let qc = query_major::<R, F, I, BT>(&q, b0, c, kvh, dt);
+                let doc = query_major::<R, F, I, BT>(&dout, b0, c, kvh, dt);
                 let kc = rows::<R, F, I, BT>(&k, b0, c, vec![c * kvh, t, d]);
                 let vc = rows::<R, F, I, BT>(&v, b0, c, vec![c * kvh, t, d]);
                 let mc = if mask.meta.shape()[0] == 1 { mask.clone() } else { rows::<R, F, I, BT>(&mask, b0, c, vec![c, s, t]) };
-                let lc = rows::<R, F, I, BT>(&lse, b0, c, vec![c * h * s]);
-                let dc = rows::<R, F, I, BT>(&delta, b0, c, vec![c * h * s]);
-                let scores = Shape::new([c, kvh, g * s, t]);
-                let z = CubeBackend::<R, F, I, BT>::float_reshape(product::<R, F, I, BT>(&qc, &transposed::<R, F, I, BT>(kc.clone()), spec.scale as f32), scores.clone());
-                let dp = CubeBackend::<R, F, I, BT>::float_reshape(product::<R, F, I, BT>(&doc, &transposed::<R, F, I, BT>(vc), 1.0), scores);
-                let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
-                let dx = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, g * s, t]), dt);
-                let client = q.client.clone();
-                // SAFETY: as in the forward; `dp` has the scores' shape, `delta` one float a row.
-                launch_typed!(grad_kernel, dt, F, R, &client, flat_count(c * h * s * FLAT_THREADS as usize), CubeDim { x: LANES, y: 1, z: 1 }, z.into_tensor_arg(), dp.into_tensor_arg(), mc.into_tensor_arg(), lc.into_tensor_arg(), dc.into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), dx.clone().into_tensor_arg(), spec.softcap.is_some(), spec.causal);
-                let dv = product::<R, F, I, BT>(&transposed::<R, F, I, BT>(probs), &doc, 1.0);
-                let dq = product::<R, F, I, BT>(&dx, &kc, 1.0);
-                let dk = product::<R, F, I, BT>(&transposed::<R, F, I, BT>(dx), &qc, 1.0);
-                dqs.push(CubeBackend::<R, F, I, BT>::float_reshape(dq, Shape::new([c, h, s, d])));
+                let lc = rows::<R, F, I, BT>(&lse, b0, c, vec![c, h, s]);
+                let dc = rows::<R, F, I, BT>(&delta, b0, c, vec![c, h, s]);
+                let (mut dq, mut dk, mut dv) = (empty::<R, F>(&q, vec![c * kvh, s * g, d]), empty::<R, F>(&q, vec![c * kvh, t, d]), empty::<R, F>(&q, vec![c * kvh, t, d]));
+                let mut first = true;
+                for r0 in (0..s).step_by(qchunk).rev() {
+                    let r1 = (r0 + qchunk).min(s);
+                    let e = key_end(r1, s, t, spec.causal);
+                    // Without a causal spec every chunk sees all `t` keys; with one, the last
+                    // chunk does (`e = t`), and it runs first.
+                    let accumulate = !first;
+                    first = false;
+                    let (qr, dor) = (slice::<R, F, I, BT>(&qc, 1, r0 * g..r1 * g), slice::<R, F, I, BT>(&doc, 1, r0 * g..r1 * g));
+                    let (ke, ve) = (slice::<R, F, I, BT>(&kc, 1, 0..e), slice::<R, F, I, BT>(&vc, 1, 0..e));
+                    let z = product::<R, F, I, BT>(&qr, &transposed::<R, F, I, BT>(ke.clone()), spec.scale as f32);
+                    let dp = product::<R, F, I, BT>(&dor, &transposed::<R, F, I, BT>(ve), 1.0);
+                    let shape = Shape::new([c * kvh, (r1 - r0) * g, e]);
+                    let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape.clone(), dt);
+                    let dx = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape, dt);
+                    let client = q.client.clone();
+                    // SAFETY: as in the forward; `dp` has the scores' shape, `lse` and `delta`
+                    // are `[c, h, s]`.
+                    launch_typed!(grad_kernel, dt, F, R, &client, row_cubes(c * h * (r1 - r0)), CubeDim { x: LANES, y: ROWS, z: 1 }, z.into_tensor_arg(), dp.into_tensor_arg(), mc.clone().into_tensor_arg(), lc.clone().into_tensor_arg(), dc.clone().into_tensor_arg(), p.clone().into_tensor_arg(), probs.clone().into_tensor_arg(), dx.clone().into_tensor_arg(), r0, spec.softcap.is_some(), spec.causal);
+                    dv = gemm_rows::<R, F, I, BT>(transposed::<R, F, I, BT>(probs), dor.clone(), 1.0, dv, 0..e, accumulate);
+                    dk = gemm_rows::<R, F, I, BT>(transposed::<R, F, I, BT>(dx.clone()), qr, 1.0, dk, 0..e, accumulate);
+                    dq = gemm_rows::<R, F, I, BT>(dx, ke, 1.0, dq, r0 * g..r1 * g, false);
+                }
+                dqs.push(head_major::<R, F, I, BT>(dq, c, h));
                 dks.push(CubeBackend::<R, F, I, BT>::float_reshape(dk, Shape::new([c, kvh, t, d])));
                 dvs.push(CubeBackend::<R, F, I, BT>::float_reshape(dv, Shape::new([c, kvh, t, d])));
             }

@@ -341,6 +341,25 @@ pub(crate) fn gemm_as<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
     }
 }
 
+/// `dst[:, rows, :] = alpha · lhs·rhs` (`+=` with `accumulate`) for a contiguous f32 `dst`
+/// `[n, R, d]` and `lhs·rhs` `[n, rows.len(), d]`: written in place by cuBLAS where it applies
+/// (`dst` must have no other holder there), else a product and a `slice_assign`.
+pub(crate) fn gemm_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, alpha: f64, dst: CubeTensor<R>, rows: std::ops::Range<usize>, accumulate: bool) -> CubeTensor<R> {
+    #[cfg(feature = "cuda")]
+    if crate::cublas::gemm_rows(&lhs, &rhs, alpha as f32, &dst, rows.clone(), accumulate) {
+        return dst;
+    }
+    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+    let ranges: Vec<burn::tensor::Slice> = dst.meta.shape().iter().enumerate().map(|(i, &n)| burn::tensor::Slice::from(if i == 1 { rows.clone() } else { 0..n })).collect();
+    let acc = accumulate.then(|| into_contiguous(B::<R, F, I, BT>::float_slice(dst.clone(), &ranges)));
+    let y = gemm_as::<R, F, I, BT>(lhs, rhs, alpha, None, DType::F32);
+    let y = match acc {
+        Some(acc) => B::<R, F, I, BT>::float_add(acc, y),
+        None => y,
+    };
+    B::<R, F, I, BT>::float_slice_assign(dst, &ranges, y)
+}
+
 /// `t` in `dtype` (itself when it already is).
 pub(crate) fn as_dtype<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
     if t.dtype == dtype { t } else { cast(t, dtype) }

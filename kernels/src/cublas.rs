@@ -160,19 +160,56 @@ pub(crate) fn matmul<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>, o
 /// `[m, n]` tensor of `out_dtype` with unit column stride that nothing else holds); without
 /// `acc`, `alpha · lhs·rhs` in a new tensor.
 pub(crate) fn gemm<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>, out_dtype: DType, alpha: f32, acc: Option<&CubeTensor<R>>) -> Option<CubeTensor<R>> {
-    fn cuda<R: CubeRuntime>(t: &CubeTensor<R>) -> Option<&CubeTensor<CudaRuntime>> {
-        (t as &dyn Any).downcast_ref()
-    }
     let (lhs, rhs) = (cuda(lhs)?, cuda(rhs)?);
-    let acc = match acc {
-        Some(acc) => Some(cuda(acc)?),
-        None => None,
+    let dest = match acc {
+        Some(acc) => Dest::Add(cuda(acc)?),
+        None => Dest::New(out_dtype),
     };
-    let out = counted(matmul_cuda(lhs, rhs, out_dtype, alpha, acc))?;
+    let out = counted(matmul_cuda(lhs, rhs, alpha, dest))?;
     (Box::new(out) as Box<dyn Any>).downcast::<CubeTensor<R>>().ok().map(|t| *t)
 }
 
-fn matmul_cuda(lhs: &CubeTensor<CudaRuntime>, rhs: &CubeTensor<CudaRuntime>, out_dtype: DType, alpha: f32, acc: Option<&CubeTensor<CudaRuntime>>) -> Result<CubeTensor<CudaRuntime>, String> {
+/// `dst[:, rows, :] = alpha · lhs·rhs`, or `+=` it with `accumulate`, in place: `dst` a
+/// contiguous `[n, R, d]` tensor that nothing else holds, `lhs·rhs` `[n, rows.len(), d]`, in
+/// `dst`'s dtype (f32, or the operands'). Where products write parts of one tensor (attention's
+/// query chunks) and no copy joins them. `false` where cuBLAS does not apply.
+pub(crate) fn gemm_rows<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>, alpha: f32, dst: &CubeTensor<R>, rows: std::ops::Range<usize>, accumulate: bool) -> bool {
+    let (Some(lhs), Some(rhs), Some(dst)) = (cuda(lhs), cuda(rhs), cuda(dst)) else { return false };
+    let shape = dst.meta.shape().to_vec();
+    if shape.len() != 3 || !dst.is_contiguous() || !dst.can_mut() || rows.is_empty() || rows.end > shape[1] {
+        return counted(Err(format!("row destination {shape:?} rows {rows:?}"))).is_some();
+    }
+    // The rows' view: same strides, starting `rows.start` rows in. Writing through it is sound
+    // because `dst` has no other holder (checked above) and cuBLAS runs in stream order.
+    let (per_matrix, d) = (shape[1] * shape[2], shape[2]);
+    let view = CubeTensor::new(
+        dst.client.clone(),
+        dst.handle.clone().offset_start((rows.start * d * dst.dtype.size()) as u64),
+        cubecl::zspace::metadata::Metadata::new(vec![shape[0], rows.len(), d], vec![per_matrix, d, 1]),
+        dst.device.clone(),
+        dst.dtype,
+    );
+    counted(matmul_cuda(lhs, rhs, alpha, Dest::Into { view: &view, beta: if accumulate { 1.0 } else { 0.0 } })).is_some()
+}
+
+fn cuda<R: CubeRuntime>(t: &CubeTensor<R>) -> Option<&CubeTensor<CudaRuntime>> {
+    (t as &dyn Any).downcast_ref()
+}
+
+/// Where a product goes: a new tensor of the dtype, added into a 2-D accumulator nothing else
+/// holds, or written (`beta` 0) or added (`beta` 1) into a strided view that [`gemm_rows`]
+/// made and checked.
+enum Dest<'a> {
+    New(DType),
+    Add(&'a CubeTensor<CudaRuntime>),
+    Into { view: &'a CubeTensor<CudaRuntime>, beta: f32 },
+}
+
+fn matmul_cuda(lhs: &CubeTensor<CudaRuntime>, rhs: &CubeTensor<CudaRuntime>, alpha: f32, dest: Dest) -> Result<CubeTensor<CudaRuntime>, String> {
+    let out_dtype = match &dest {
+        Dest::New(dtype) => *dtype,
+        Dest::Add(t) | Dest::Into { view: t, .. } => t.dtype,
+    };
     let (ls, rs) = (lhs.meta.shape().to_vec(), rhs.meta.shape().to_vec());
     let rank = ls.len();
     if rank != rs.len() || !(2..=3).contains(&rank) || lhs.dtype != rhs.dtype || !(out_dtype == DType::F32 || out_dtype == lhs.dtype) {
@@ -194,15 +231,22 @@ fn matmul_cuda(lhs: &CubeTensor<CudaRuntime>, rhs: &CubeTensor<CudaRuntime>, out
 
     let mut out_shape = ls.clone();
     out_shape[rank - 1] = n;
-    let (out, ldc, beta) = match acc {
-        Some(acc) => {
+    let (out, ldc, stride_c, beta) = match dest {
+        Dest::Add(acc) => {
             let strides = acc.meta.strides();
-            if rank != 2 || acc.meta.shape().to_vec() != out_shape || acc.dtype != out_dtype || strides[1] != 1 || strides[0] < n || !acc.can_mut() {
+            if rank != 2 || acc.meta.shape().to_vec() != out_shape || strides[1] != 1 || strides[0] < n || !acc.can_mut() {
                 return Err(format!("accumulator {:?} strides {strides:?} {:?} for {out_shape:?}", acc.meta.shape(), acc.dtype));
             }
-            (acc.clone(), strides[0], 1.0)
+            (acc.clone(), strides[0], m * n, 1.0)
         }
-        None => (empty_device_contiguous_dtype(lhs.client.clone(), lhs.device.clone(), out_shape.into(), out_dtype), n, 0.0),
+        Dest::Into { view, beta } => {
+            let strides = view.meta.strides();
+            if rank != 3 || view.meta.shape().to_vec() != out_shape || strides[2] != 1 || strides[1] < n {
+                return Err(format!("destination {:?} strides {strides:?} for {out_shape:?}", view.meta.shape()));
+            }
+            (view.clone(), strides[1], strides[0], beta)
+        }
+        Dest::New(_) => (empty_device_contiguous_dtype(lhs.client.clone(), lhs.device.clone(), out_shape.into(), out_dtype), n, m * n, 0.0),
     };
     // Row-major `out = lhs · rhs` is column-major `outᵀ = rhsᵀ · lhsᵀ`: cuBLAS's A is `rhs`,
     // its B is `lhs`, and the output `[m, n]` row-major is `[n, m]` column-major with ld `n`.
@@ -217,7 +261,7 @@ fn matmul_cuda(lhs: &CubeTensor<CudaRuntime>, rhs: &CubeTensor<CudaRuntime>, out
         ldc: ldc as u64,
         stride_a: b.batch_stride as u64,
         stride_b: a.batch_stride as u64,
-        stride_c: (m * n) as u64,
+        stride_c: stride_c as u64,
         batch: batch as u64,
         in_type: lhs.dtype,
         out_type: out_dtype,

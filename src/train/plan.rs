@@ -250,7 +250,7 @@ impl Step<'_> {
         let activations = per_token.saturating_mul(tokens);
         let widest = bytes.iter().copied().max().unwrap_or(0);
         // Attention's backward forms score matrices for a moment. On CUDA (dense products with
-        // row kernels between them) one chunk of batch rows at a time: the f32 scores and their
+        // row kernels between them) one chunk of batch rows and queries at a time: the f32 scores and their
         // gradient are what the peak shows (doubling the chunk raised the measured peak by about
         // their size, 0.5 GiB on both bench shapes on an H200, 2026-11-28; the probabilities
         // beside them did not show). Where it runs as the composition (no kernels of kiln's
@@ -259,8 +259,9 @@ impl Step<'_> {
         let heads = g.layers.iter().map(|l| l.heads).max().unwrap_or(0);
         let scores = match device {
             DeviceSpec::Cuda(_) => {
-                let rows = kiln_kernels::attention::score_chunk_rows(self.batch, heads, self.seq, self.seq);
-                [rows, heads, self.seq, self.seq].iter().fold(2 * F32, |n, &d| n.saturating_mul(d as u64))
+                // The decoder's masks are causal: the largest chunk is the last queries' over every key.
+                let (rows, queries) = kiln_kernels::attention::score_chunks(self.batch, heads, self.seq, self.seq, true);
+                [rows, heads, queries, self.seq].iter().fold(2 * F32, |n, &d| n.saturating_mul(d as u64))
             }
             _ => (4 * heads as u64 * F32).saturating_mul(tokens).saturating_mul(self.seq as u64),
         };
