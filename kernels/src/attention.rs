@@ -1068,6 +1068,47 @@ pub(crate) mod cube {
             gemm::<R, F, I, BT>(lhs.clone(), rhs.clone(), alpha as f64, None)
         }
 
+        /// [`product`] written over the start of `buffer` where cuBLAS can (see
+        /// [`gemm_over`](crate::cublas::gemm_over)), else in a new tensor.
+        fn product_over<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>, alpha: f32, buffer: &Option<CubeTensor<R>>, shape: [usize; 3]) -> CubeTensor<R> {
+            #[cfg(feature = "cuda")]
+            if let Some(y) = buffer.as_ref().and_then(|buf| crate::cublas::gemm_over(lhs, rhs, alpha, buf, shape)) {
+                return y;
+            }
+            let _ = (buffer, shape);
+            product::<R, F, I, BT>(lhs, rhs, alpha)
+        }
+
+        /// Per-chunk score tensors as views of one allocation each, sized for the largest
+        /// chunk: chunks of many sizes would each keep their own block of the memory pool.
+        struct ChunkBuffers<R: CubeRuntime> {
+            /// f32, for the score products (cuBLAS only).
+            f32s: Vec<Option<CubeTensor<R>>>,
+            /// In the operand dtype, for the row kernels' outputs.
+            halves: Vec<CubeTensor<R>>,
+        }
+
+        impl<R: CubeRuntime> ChunkBuffers<R> {
+            fn new<F: FloatElement>(like: &CubeTensor<R>, elements: usize, dt: DType, f32s: usize, halves: usize) -> Self {
+                let alloc = |dtype| empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::new([elements]), dtype);
+                let cublas = cublas_ready::<R>();
+                ChunkBuffers { f32s: (0..f32s).map(|_| cublas.then(|| alloc(F::dtype()))).collect(), halves: (0..halves).map(|_| alloc(dt)).collect() }
+            }
+
+            /// The `i`th half buffer seen as a contiguous `shape`.
+            fn half(&self, i: usize, shape: [usize; 3]) -> CubeTensor<R> {
+                view(&self.halves[i], shape.to_vec(), vec![shape[1] * shape[2], shape[2], 1])
+            }
+        }
+
+        /// The most score elements of one query chunk, over the chunks of `s` queries.
+        fn largest_chunk(ckv: usize, g: usize, s: usize, t: usize, qchunk: usize, causal: bool) -> usize {
+            (0..s).step_by(qchunk).map(|r0| {
+                let r1 = (r0 + qchunk).min(s);
+                ckv * (r1 - r0) * g * key_end(r1, s, t, causal)
+            }).max().unwrap_or(0)
+        }
+
         fn slice<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: &CubeTensor<R>, dim: usize, range: std::ops::Range<usize>) -> CubeTensor<R> {
             let ranges: Vec<burn::tensor::Slice> = x.meta.shape().iter().enumerate().map(|(i, &n)| burn::tensor::Slice::from(if i == dim { range.clone() } else { 0..n })).collect();
             CubeBackend::<R, F, I, BT>::float_slice(x.clone(), &ranges)
@@ -1158,14 +1199,16 @@ pub(crate) mod cube {
                 let mc = if mask.meta.shape()[0] == 1 { mask.clone() } else { rows::<R, F, I, BT>(&mask, b0, c, vec![c, s, t]) };
                 let lse = empty::<R, F>(&q, vec![c, h, s]);
                 let mut out = empty::<R, F>(&q, vec![c * kvh, s * g, d]);
+                let buffers = ChunkBuffers::new::<F>(&q, largest_chunk(c * kvh, g, s, t, qchunk, spec.causal), dt, 1, 1);
                 // The last chunk first: it sees every key, so its product writes all of `out`'s
                 // rows it owns and the earlier chunks never read past theirs.
                 for r0 in (0..s).step_by(qchunk).rev() {
                     let r1 = (r0 + qchunk).min(s);
                     let e = key_end(r1, s, t, spec.causal);
                     let qr = slice::<R, F, I, BT>(&qc, 1, r0 * g..r1 * g);
-                    let z = product::<R, F, I, BT>(&qr, &transposed::<R, F, I, BT>(slice::<R, F, I, BT>(&kc, 1, 0..e)), spec.scale as f32); // [c·kv, (r1 − r0)·g, e]
-                    let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([c * kvh, (r1 - r0) * g, e]), dt);
+                    let shape = [c * kvh, (r1 - r0) * g, e];
+                    let z = product_over::<R, F, I, BT>(&qr, &transposed::<R, F, I, BT>(slice::<R, F, I, BT>(&kc, 1, 0..e)), spec.scale as f32, &buffers.f32s[0], shape);
+                    let probs = buffers.half(0, shape);
                     let client = q.client.clone();
                     // SAFETY: `z` and `probs` are contiguous `[c·kv, (r1 − r0)·g, e]`, the mask
                     // `[c or 1, s, t]` and `lse` `[c, h, s]` contiguous, `e ≤ t`, `r1 ≤ s`; `ROWS`
@@ -1204,6 +1247,7 @@ pub(crate) mod cube {
                 let lc = rows::<R, F, I, BT>(&lse, b0, c, vec![c, h, s]);
                 let dc = rows::<R, F, I, BT>(&delta, b0, c, vec![c, h, s]);
                 let (mut dq, mut dk, mut dv) = (empty::<R, F>(&q, vec![c * kvh, s * g, d]), empty::<R, F>(&q, vec![c * kvh, t, d]), empty::<R, F>(&q, vec![c * kvh, t, d]));
+                let buffers = ChunkBuffers::new::<F>(&q, largest_chunk(c * kvh, g, s, t, qchunk, spec.causal), dt, 2, 2);
                 let mut first = true;
                 for r0 in (0..s).step_by(qchunk).rev() {
                     let r1 = (r0 + qchunk).min(s);
@@ -1214,11 +1258,10 @@ pub(crate) mod cube {
                     first = false;
                     let (qr, dor) = (slice::<R, F, I, BT>(&qc, 1, r0 * g..r1 * g), slice::<R, F, I, BT>(&doc, 1, r0 * g..r1 * g));
                     let (ke, ve) = (slice::<R, F, I, BT>(&kc, 1, 0..e), slice::<R, F, I, BT>(&vc, 1, 0..e));
-                    let z = product::<R, F, I, BT>(&qr, &transposed::<R, F, I, BT>(ke.clone()), spec.scale as f32);
-                    let dp = product::<R, F, I, BT>(&dor, &transposed::<R, F, I, BT>(ve), 1.0);
-                    let shape = Shape::new([c * kvh, (r1 - r0) * g, e]);
-                    let probs = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape.clone(), dt);
-                    let dx = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape, dt);
+                    let shape = [c * kvh, (r1 - r0) * g, e];
+                    let z = product_over::<R, F, I, BT>(&qr, &transposed::<R, F, I, BT>(ke.clone()), spec.scale as f32, &buffers.f32s[0], shape);
+                    let dp = product_over::<R, F, I, BT>(&dor, &transposed::<R, F, I, BT>(ve), 1.0, &buffers.f32s[1], shape);
+                    let (probs, dx) = (buffers.half(0, shape), buffers.half(1, shape));
                     let client = q.client.clone();
                     // SAFETY: as in the forward; `dp` has the scores' shape, `lse` and `delta`
                     // are `[c, h, s]`.

@@ -192,6 +192,22 @@ pub(crate) fn gemm_rows<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>
     counted(matmul_cuda(lhs, rhs, alpha, Dest::Into { view: &view, beta: if accumulate { 1.0 } else { 0.0 } })).is_some()
 }
 
+/// `alpha · lhs·rhs` `[n, m, e]` (f32) written over the start of `buffer`, a contiguous f32
+/// tensor of at least `n·m·e` elements that the caller keeps for such products, and returned
+/// as a view of it. Products of many sizes in a loop then reuse one allocation where new
+/// outputs of each size would each keep a block of the memory pool (attention's query chunks
+/// raised the peak by 1 GB that way). `None` where cuBLAS does not apply.
+pub(crate) fn gemm_over<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>, alpha: f32, buffer: &CubeTensor<R>, shape: [usize; 3]) -> Option<CubeTensor<R>> {
+    let (lhs, rhs, buffer) = (cuda(lhs)?, cuda(rhs)?, cuda(buffer)?);
+    let [n, m, e] = shape;
+    if buffer.dtype != DType::F32 || !buffer.is_contiguous() || buffer.meta.shape().num_elements() < n * m * e {
+        return None;
+    }
+    let view = CubeTensor::new(buffer.client.clone(), buffer.handle.clone(), cubecl::zspace::metadata::Metadata::new(vec![n, m, e], vec![m * e, e, 1]), buffer.device.clone(), DType::F32);
+    counted(matmul_cuda(lhs, rhs, alpha, Dest::Into { view: &view, beta: 0.0 }))?;
+    (Box::new(view) as Box<dyn Any>).downcast::<CubeTensor<R>>().ok().map(|t| *t)
+}
+
 fn cuda<R: CubeRuntime>(t: &CubeTensor<R>) -> Option<&CubeTensor<CudaRuntime>> {
     (t as &dyn Any).downcast_ref()
 }
