@@ -816,12 +816,13 @@ pub(crate) mod cube {
     /// Attention as dense products (cuBLAS's tensor cores on CUDA) with the softmax and its
     /// gradient as row kernels between them. The kernels above do each score's arithmetic on
     /// f32 FMA units; at training shapes (a thousand keys, head size 64) products on tensor cores
-    /// are several times faster, although they also compute the masked half of a causal square.
-    /// The price is the scores of a chunk of batch rows in memory at once ([`SCORE_BUDGET`](super::SCORE_BUDGET)),
-    /// recomputed in backward as the kernels recompute theirs.
+    /// are several times faster. A causal square goes in chunks of queries, each multiplied
+    /// with only the keys it sees ([`score_chunks`](super::score_chunks)), so the products skip
+    /// most of its masked half. The price is the scores of one chunk in memory at once
+    /// ([`SCORE_BUDGET`](super::SCORE_BUDGET)), recomputed in backward as the kernels recompute theirs.
     ///
-    /// Grouped heads fold into rows as in the composition: `q` `[b, h, s, d]` is
-    /// `[b·kv, g·s, d]`, so `dK` and `dV` come out summed over each group by the products.
+    /// Grouped heads fold into rows: `q` `[b, h, s, d]` is `[b·kv, s·g, d]`, query-major, so
+    /// `dK` and `dV` come out summed over each group by the products.
     pub(crate) mod products {
         use burn::tensor::ops::FloatTensorOps;
         use burn::tensor::{DType, Shape};
