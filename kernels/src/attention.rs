@@ -23,7 +23,10 @@
 //! thread per query row, key/value tiles staged through shared memory, online softmax), `dQ`
 //! (one thread per query row) and `dK, dV` (one thread per key row and slice of the group's
 //! query rows, the slices' partial sums added afterwards), each recomputing scores rather than
-//! reading them.
+//! reading them. At training shapes on CUDA attention runs as dense products on cuBLAS instead
+//! (`cube::products`); `attention_mma.rs` has the three kernels on tensor cores (head size 64,
+//! bf16 operands), checked but not yet faster than the products, so run only on request
+//! ([`AttentionPath::TensorCores`], `KILN_ATTENTION_TENSOR_CORES`).
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
@@ -68,6 +71,9 @@ pub enum AttentionPath {
     /// The dense products (Burn's matmul where cuBLAS does not apply), one batch row per
     /// chunk: how the checks run them on wgpu.
     Products,
+    /// The tensor-core flash kernels (`attention_mma.rs`) where the device and the inputs
+    /// allow them (CUDA, head size 64, bf16 products, no softcap), else as `Auto`.
+    TensorCores,
 }
 
 static PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(AttentionPath::Auto as u8);
@@ -667,6 +673,19 @@ pub(crate) mod cube {
     }
 
 
+    /// Whether attention runs on tensor cores ([`crate::attention_mma`]): where it applies, on
+    /// the `TensorCores` path (the checks), or at the training shapes the products would take
+    /// when the environment sets `KILN_ATTENTION_TENSOR_CORES` (they are correct but slower than
+    /// the products so far; bench/RESULTS.md).
+    fn tensor_cores_chosen<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, spec: AttentionSpec) -> bool {
+        use super::{AttentionPath, PATH};
+        match PATH.load(std::sync::atomic::Ordering::Relaxed) {
+            p if p == AttentionPath::TensorCores as u8 => crate::attention_mma::applies(q, spec),
+            p if p == AttentionPath::Auto as u8 => std::env::var_os("KILN_ATTENTION_TENSOR_CORES").is_some() && products::chosen::<R>(q, k).is_some() && crate::attention_mma::applies(q, spec),
+            _ => false,
+        }
+    }
+
     fn params<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(like: &CubeTensor<R>, spec: AttentionSpec) -> CubeTensor<R> {
         let data = TensorData::new(vec![spec.scale as f32, spec.softcap.unwrap_or(1.0) as f32], [2]).convert::<F>();
         contiguous_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
@@ -689,6 +708,10 @@ pub(crate) mod cube {
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAttention for CubeBackend<R, F, I, BT> {
         fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            if tensor_cores_chosen::<R>(&q, &k, spec) {
+                let p = params::<R, F, I, BT>(&q, spec);
+                return crate::attention_mma::forward::<R, F>(q, k, v, mask, p, spec);
+            }
             if let Some(limit) = products::chosen::<R>(&q, &k) {
                 return products::forward::<R, F, I, BT>(q, k, v, mask, spec, limit);
             }
@@ -744,6 +767,10 @@ pub(crate) mod cube {
             // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
             let prod = Self::float_mul(as_float::<R, F>(dout.clone()), as_float::<R, F>(out));
             let delta = contiguous_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
+            if tensor_cores_chosen::<R>(&q, &k, spec) {
+                let p = params::<R, F, I, BT>(&q, spec);
+                return crate::attention_mma::backward::<R, F, I, BT>(dout, q, k, v, mask, lse, delta, p, spec);
+            }
             if let Some(limit) = products::chosen::<R>(&q, &k) {
                 return products::backward::<R, F, I, BT>(dout, q, k, v, mask, lse, delta, spec, limit);
             }
@@ -835,7 +862,7 @@ pub(crate) mod cube {
 
         use super::{empty, params, AttentionSpec, MASKED, UNSEEN};
         // `flat_count` of `n · FLAT_THREADS` threads is `n` cubes.
-        use crate::cube::{capped, contiguous_float, cublas_ready, flat_count, gemm, gemm_rows, launch_typed, FLAT_THREADS};
+        use crate::cube::{capped, contiguous_float, cublas_ready, flat_count, gemm, gemm_rows, launch_typed, view, FLAT_THREADS};
 
         /// Threads per score row (one plane on CUDA) and score rows per cube. A row is short
         /// work (its keys once or twice over), so rows are kept many and narrow: with one row
@@ -1138,11 +1165,6 @@ pub(crate) mod cube {
 
         fn as_dtype<R: CubeRuntime>(x: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
             into_contiguous(crate::cube::as_dtype(x, dtype))
-        }
-
-        /// `x`'s memory seen with another shape and strides.
-        fn view<R: CubeRuntime>(x: &CubeTensor<R>, shape: Vec<usize>, strides: Vec<usize>) -> CubeTensor<R> {
-            CubeTensor::new(x.client.clone(), x.handle.clone(), cubecl::zspace::metadata::Metadata::new(shape, strides), x.device.clone(), x.dtype)
         }
 
         /// Batch rows `b0..b0 + c` of queries (or their gradient) `[b, h, s, d]`, in any layout,

@@ -365,6 +365,11 @@ pub(crate) fn as_dtype<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTe
     if t.dtype == dtype { t } else { cast(t, dtype) }
 }
 
+/// `x`'s memory seen with another shape and strides (no copy).
+pub(crate) fn view<R: CubeRuntime>(x: &CubeTensor<R>, shape: Vec<usize>, strides: Vec<usize>) -> CubeTensor<R> {
+    CubeTensor::new(x.client.clone(), x.handle.clone(), cubecl::zspace::metadata::Metadata::new(shape, strides), x.device.clone(), x.dtype)
+}
+
 /// [`as_float`], laid out contiguously: what the row-wise kernels index directly.
 pub(crate) fn contiguous_float<R: CubeRuntime, F: FloatElement>(t: CubeTensor<R>) -> CubeTensor<R> {
     into_contiguous(as_float::<R, F>(t))

@@ -27,6 +27,8 @@
 
 pub mod adamw;
 pub mod attention;
+#[cfg(feature = "cubecl")]
+mod attention_mma;
 mod autodiff;
 mod cpu;
 #[cfg(feature = "cubecl")]
@@ -64,6 +66,14 @@ pub fn cublas_counts() -> (u64, u64) {
     return cublas::counts();
     #[cfg(not(feature = "cuda"))]
     (0, 0)
+}
+
+/// Attention forwards run on tensor cores so far (`attention_mma.rs`; zero where none did).
+pub fn tensor_core_attention_count() -> u64 {
+    #[cfg(feature = "cubecl")]
+    return attention_mma::launches();
+    #[cfg(not(feature = "cubecl"))]
+    0
 }
 
 /// CUDA without Burn's fusion stream: `CubeBackend` over CubeCL's CUDA runtime. (Burn 0.21's

@@ -352,6 +352,7 @@ fn bench_train(args: &Args) -> anyhow::Result<()> {
         "peak_host_rss_bytes": crate::run::peak_rss_bytes(),
         "cublas_products": kiln_kernels::cublas_counts().0,
         "cublas_fallbacks": kiln_kernels::cublas_counts().1,
+        "tensor_core_attention": kiln_kernels::tensor_core_attention_count(),
     });
     if args.json {
         println!("{out}");

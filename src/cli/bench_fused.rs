@@ -103,7 +103,17 @@ fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize
     };
     let softcap = softcap.map_or("none".to_string(), |c| c.to_string());
     let window = window.map_or("none".to_string(), |w| w.to_string());
-    let r = compare("attention", format!("b {b} heads {h}/{kv} s {s} d {d} causal window {window} softcap {softcap} {path:?}{}", if bf16_products { " bf16" } else { "" }), runs, &run);
+    let before = kiln_kernels::tensor_core_attention_count();
+    let mut r = compare("attention", format!("b {b} heads {h}/{kv} s {s} d {d} causal window {window} softcap {softcap} {path:?}{}", if bf16_products { " bf16" } else { "" }), runs, &run);
+    // Whether the forward ran on tensor cores (the `TensorCores` path falls back where it
+    // does not apply): said in the result rather than assumed.
+    let tensor_cores = kiln_kernels::tensor_core_attention_count() > before;
+    r["tensor_cores"] = serde_json::Value::Bool(tensor_cores);
+    if tensor_cores {
+        if let Some(shape) = r["shape"].as_str().map(|s| format!("{s} (ran on tensor cores)")) {
+            r["shape"] = serde_json::Value::String(shape);
+        }
+    }
     set_attention_path(AttentionPath::Auto);
     r
 }
@@ -289,6 +299,14 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
         for &path in &paths {
             push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, path, runs));
             push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), path, runs));
+        }
+        // The tensor-core forward (CUDA, head size 64, bf16): sequences that end mid-tile, a
+        // sliding window, and a training-sized square.
+        if bf16 {
+            let path = (AttentionPath::TensorCores, true);
+            push(attention_case::<A>(device, 2, 4, 2, 150, 64, None, None, path, runs));
+            push(attention_case::<A>(device, 1, 14, 2, 300, 64, Some(40), None, path, runs));
+            push(attention_case::<A>(device, 2, 8, 2, 1024, 64, None, None, path, runs));
         }
     }
     if want("lm_head_loss") {

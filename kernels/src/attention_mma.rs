@@ -1,0 +1,733 @@
+//! Flash attention on tensor cores (CUDA, sm_80 and newer): [`FlashAttention`](crate::FlashAttention)
+//! forward and backward for head size 64 with bf16 operands and f32 accumulation, as training
+//! in bf16 runs it.
+//!
+//! The dense-product path (`attention::cube::products`) writes each chunk's scores to memory,
+//! reads them back for the softmax, writes the probabilities and reads them again for the
+//! product with `V`: at 8 × 1,024 tokens that traffic, not the arithmetic, was most of
+//! attention's time (bench/RESULTS.md). Here scores never leave the chip. A cube owns 64 rows
+//! (queries, or keys for `dK, dV`), four planes of 16; per tile of 64 columns it stages its
+//! operands in shared memory as bf16 pairs and multiplies with `mma.m16n8k16`.
+//!
+//! The layout of `mma.m16n8k16` makes the rest register work: a lane holds two rows of every
+//! 16 × 8 accumulator tile (`g = lane / 4` and `g + 8`, columns `2·(lane % 4)` and the next),
+//! so row maxima and sums are the quad's four lanes (two shuffles), and two adjacent score
+//! tiles are, element for element, the `A` operand fragment of the next product. The
+//! probabilities (forward) and `dS` (backward) go from accumulators to operands without
+//! touching shared memory. Operands that a product reads along its `k` dimension are staged
+//! transposed so that each lane's pair is one 32-bit load. Fragment positions come from
+//! [`MmaDefinition::position_of_nth`] where they are loaded.
+//!
+//! Inputs are read through their strides (queries and keys as rope wrote them, values as the
+//! projection's transposed view) in f32 or bf16; `out` and `dQ` are written `[b, s, h, d]`, the
+//! layout the output projection and rope's backward read, and returned as `[b, h, s, d]` views.
+//! `dK, dV` come per head of a group and are summed after.
+
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn::tensor::ops::FloatTensorOps;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn::tensor::Shape;
+use cubecl::cmma::MmaDefinition;
+use cubecl::ir::{ElemType, FloatKind, MatrixIdent};
+use cubecl::prelude::*;
+use cubecl::{cube, CubeCount, CubeDim};
+
+use crate::attention::AttentionSpec;
+use crate::cube::{as_float, contiguous_float, view};
+
+/// Query rows per cube (four planes of 16) and keys per staged tile.
+const BR: usize = 64;
+const BC: usize = 64;
+/// The head size these kernels are compiled for.
+pub(crate) const HEAD: usize = 64;
+/// Row strides (in elements) of the staged tiles: padded so that the lanes of a fragment load
+/// fall in different shared-memory banks.
+const KS: usize = HEAD + 8;
+/// Row stride (in elements) of a transposed staged tile `[HEAD, BC]` (features as rows).
+const VS: usize = BC + 8;
+/// As in the other attention kernels: a mask value at or below this hides the key.
+const MASKED: f32 = -1.0e30;
+const UNSEEN: f32 = 1.0e30;
+
+static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Forwards run here so far (the checks and benchmarks report it).
+pub(crate) fn launches() -> u64 {
+    LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether these kernels can run for these inputs: a CUDA device with bf16 `mma.m16n8k16`,
+/// planes of 32 lanes, head size [`HEAD`], no softcap, and bf16 products asked for (training in
+/// bf16; the f32 checks keep their f32 products).
+pub(crate) fn applies<R: CubeRuntime>(q: &CubeTensor<R>, spec: AttentionSpec) -> bool {
+    let d = q.meta.shape()[3];
+    if d != HEAD || spec.softcap.is_some() || !spec.bf16_products {
+        return false;
+    }
+    supported(&q.client)
+}
+
+/// The device runs bf16 `mma.m16n8k16` with f32 accumulators on planes of 32 lanes.
+pub(crate) fn supported<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    let props = client.properties();
+    let bf16 = ElemType::Float(FloatKind::BF16).into();
+    let config = cubecl::ir::features::MmaConfig { a_type: bf16, b_type: bf16, cd_type: ElemType::Float(FloatKind::F32).into(), m: 16, n: 8, k: 16 };
+    props.features.matmul.mma.contains(&config) && props.hardware.plane_size_min == 32 && props.hardware.plane_size_max == 32
+}
+
+/// `HEAD / 8` zeroed accumulator tiles.
+#[cube]
+fn zeros<F: Float>() -> Array<Vector<F, Const<2>>> {
+    let mut acc = Array::<Vector<F, Const<2>>>::new(comptime!(HEAD / 8 * 2));
+    #[unroll]
+    for i in 0..comptime!(HEAD / 8 * 2) {
+        acc[i] = Vector::<F, Const<2>>::new(F::new(0.0));
+    }
+    acc
+}
+
+/// Whether query `i` sees key `j` (both in range, the causal part, the additive mask above
+/// [`MASKED`]), and the mask's value there.
+#[cube]
+fn visible<F: Float>(mask: &Tensor<F>, mrow: usize, i: usize, j: usize, s: usize, t: usize, #[comptime] causal: bool) -> (bool, F) {
+    let mut seen = i < s && j < t;
+    if causal {
+        seen = seen && j + s <= i + t;
+    }
+    let mut mv = F::new(MASKED);
+    if seen {
+        mv = mask[mrow + i * t + j];
+        seen = mv > F::new(MASKED);
+    }
+    (seen, mv)
+}
+
+/// The end of the keys query rows `q0..q0 + BR` may see: all `t`, or under a causal mask
+/// `(q0 + BR) + t − s`.
+#[cube]
+fn key_end(q0: usize, s: usize, t: usize, #[comptime] causal: bool) -> usize {
+    let mut kend = t;
+    if causal {
+        let hi = q0 + BR + t;
+        kend = 0usize;
+        if hi > s {
+            kend = hi - s;
+        }
+        if kend > t {
+            kend = t;
+        }
+    }
+    kend
+}
+
+/// Rows `first..first + 64` of `[b, h, s]` statistics at `base` into `buf` (`fill` past `rows`).
+#[cube]
+fn stage_stats<F: Float>(x: &Tensor<F>, base: usize, first: usize, rows: usize, buf: &mut SharedMemory<F>, fill: F) {
+    let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
+    if tid < 64 {
+        let mut value = fill;
+        if first + tid < rows {
+            value = x[base + first + tid];
+        }
+        buf[tid] = value;
+    }
+}
+
+/// A pair of adjacent bf16 elements: what a lane's fragment registers hold, and what the
+/// staged tiles below are read as (one 32-bit shared-memory load per pair).
+type Pair<Op> = Vector<Op, Const<2>>;
+
+/// Rows `first..first + 64` of the `[rows, HEAD]` matrix at `base` of `x` (row stride `rs`,
+/// column stride `cs`) into `buf` as pairs of `Op` (row stride `stride` elements), zeros past
+/// `rows`. All 128 threads of the cube.
+#[cube]
+fn stage_pairs<F: Float, Op: Float>(x: &Tensor<F>, base: usize, rs: usize, cs: usize, first: usize, rows: usize, buf: &mut SharedMemory<Pair<Op>>, #[comptime] stride: usize) {
+    let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
+    #[unroll]
+    for step in 0..comptime!(BC * HEAD / 2 / 128) {
+        let idx = step * 128 + tid;
+        let row = idx / comptime!(HEAD / 2);
+        let cp = idx % comptime!(HEAD / 2);
+        let j = first + row;
+        let mut pair = Pair::<Op>::new(Op::new(0.0));
+        if j < rows {
+            let at = base + j * rs + 2 * cp * cs;
+            pair[0usize] = Op::cast_from(x[at]);
+            pair[1usize] = Op::cast_from(x[at + cs]);
+        }
+        buf[(row * stride) / 2 + cp] = pair;
+    }
+}
+
+/// [`stage_pairs`] transposed: `buf[c][r]` holds row `first + r`, feature `c` (row stride
+/// [`VS`]), so that pairs run along rows.
+#[cube]
+fn stage_pairs_t<F: Float, Op: Float>(x: &Tensor<F>, base: usize, rs: usize, cs: usize, first: usize, rows: usize, buf: &mut SharedMemory<Pair<Op>>) {
+    let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
+    #[unroll]
+    for step in 0..comptime!(BC * HEAD / 2 / 128) {
+        let idx = step * 128 + tid;
+        let col = idx % HEAD;
+        let rp = idx / HEAD;
+        let j = first + 2 * rp;
+        let mut pair = Pair::<Op>::new(Op::new(0.0));
+        if j < rows {
+            pair[0usize] = Op::cast_from(x[base + j * rs + col * cs]);
+        }
+        if j + 1 < rows {
+            pair[1usize] = Op::cast_from(x[base + (j + 1) * rs + col * cs]);
+        }
+        buf[(col * VS) / 2 + rp] = pair;
+    }
+}
+
+/// This plane's 16 rows (from `row0`) of a paired tile `[64, HEAD]` as `HEAD / 16` operand
+/// fragments `A`, flattened (four pairs each).
+#[cube]
+fn pair_rows_a<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, buf: &SharedMemory<Pair<Op>>, row0: usize, #[comptime] stride: usize) -> Array<Pair<Op>> {
+    let mut frags = Array::<Pair<Op>>::new(comptime!(HEAD / 16 * 4));
+    #[unroll]
+    for kt in 0..comptime!(HEAD / 16) {
+        #[unroll]
+        for i in 0..4usize {
+            let (r, c) = def.position_of_nth(UNIT_POS_X, (i * 2) as u32, MatrixIdent::A);
+            frags[kt * 4 + i] = buf[((row0 + r as usize) * stride + kt * 16 + c as usize) / 2];
+        }
+    }
+    frags
+}
+
+/// Operand fragment `B` (16 × 8) with `B[k][n] = buf[(n0 + n)·stride + k0 + k]` from a paired
+/// tile: the product's columns stored as rows, so each lane's pairs are adjacent.
+#[cube]
+fn pair_b<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, buf: &SharedMemory<Pair<Op>>, k0: usize, n0: usize, #[comptime] stride: usize) -> Array<Pair<Op>> {
+    let mut frag = Array::<Pair<Op>>::new(2usize);
+    #[unroll]
+    for i in 0..2usize {
+        let (r, c) = def.position_of_nth(UNIT_POS_X, (i * 2) as u32, MatrixIdent::B);
+        frag[i] = buf[((n0 + c as usize) * stride + k0 + r as usize) / 2];
+    }
+    frag
+}
+
+/// One 16 × 8 tile of `rows · tileᵀ` from pairs: this plane's rows (`a`, from
+/// [`pair_rows_a`]) against rows `n0..n0 + 8` of the paired tile `buf`, in f32.
+#[cube]
+fn pair_dot<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, a: &Array<Pair<Op>>, buf: &SharedMemory<Pair<Op>>, n0: usize, #[comptime] stride: usize) -> Array<Vector<F, Const<2>>> {
+    let mut acc = Array::<Vector<F, Const<2>>>::new(2usize);
+    acc[0usize] = Vector::<F, Const<2>>::new(F::new(0.0));
+    acc[1usize] = Vector::<F, Const<2>>::new(F::new(0.0));
+    #[unroll]
+    for kt in 0..comptime!(HEAD / 16) {
+        let b = pair_b::<Op, F>(def, buf, kt * 16, n0, stride);
+        let mut frag = Array::<Pair<Op>>::new(4usize);
+        #[unroll]
+        for x in 0..4usize {
+            frag[x] = a[kt * 4 + x];
+        }
+        def.execute_inplace(&frag, &b, &mut acc);
+    }
+    acc
+}
+
+/// Two values (one per row a lane holds), both `x`.
+#[cube]
+fn pair_of<F: Float>(x: F) -> Array<F> {
+    let mut a = Array::<F>::new(2usize);
+    a[0usize] = x;
+    a[1usize] = x;
+    a
+}
+
+/// Cube `(query block, b·h)`, planes of 32 lanes × 4; a plane owns 16 query rows, and each
+/// lane two of them (`g = lane / 4` and `g + 8`, the accumulator layout of `mma.m16n8k16`,
+/// shared by the four lanes of a quad). Scores, probabilities and the output stay in
+/// registers: a score tile's accumulators are laid out as the probability operand's
+/// fragment, so `P` never goes through shared memory. `params` = [scale, softcap (unused)].
+#[cube(launch_unchecked)]
+fn forward_kernel<F: Float, Op: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] causal: bool) {
+    let lane = UNIT_POS_X as usize;
+    let warp = UNIT_POS_Y as usize;
+    let h = q.shape(1);
+    let s = q.shape(2);
+    let kvh = k.shape(1);
+    let t = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let bi = bh / h;
+    let hh = bh % h;
+    let kh = hh / (h / kvh);
+    let q0 = CUBE_POS_X as usize * BR;
+    let mut mb = bi;
+    if mask.shape(0) == 1 {
+        mb = 0usize;
+    }
+    let scale = params[0];
+    let def = MmaDefinition::<Op, Op, F>::new(16usize, 8usize, 16usize);
+
+    let mut ks = SharedMemory::<Pair<Op>>::new(BC * KS / 2);
+    let mut vt = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
+
+    stage_pairs::<F, Op>(q, bi * q.stride(0) + hh * q.stride(1), q.stride(2), q.stride(3), q0, s, &mut ks, KS);
+    sync_cube();
+    let qa = pair_rows_a::<Op, F>(&def, &ks, warp * 16, KS);
+    sync_cube();
+
+    // This lane's rows and the first of its two columns in each 8-key tile.
+    let row0 = q0 + warp * 16 + lane / 4;
+    let col = 2 * (lane % 4);
+    let mut m = pair_of::<F>(F::new(MASKED));
+    let mut l = pair_of::<F>(F::new(0.0));
+    let mut o = zeros::<F>();
+
+    let kend = key_end(q0, s, t, causal);
+    let kbase = bi * k.stride(0) + kh * k.stride(1);
+    let vbase = bi * v.stride(0) + kh * v.stride(1);
+    let mut j0 = 0usize;
+    while j0 < kend {
+        stage_pairs::<F, Op>(k, kbase, k.stride(2), k.stride(3), j0, t, &mut ks, KS);
+        stage_pairs_t::<F, Op>(v, vbase, v.stride(2), v.stride(3), j0, t, &mut vt);
+        sync_cube();
+
+        // Scores: tile `nt`'s vector 0 is row `row0`, vector 1 row `row0 + 8`.
+        let mut z = Array::<Vector<F, Const<2>>>::new(comptime!(BC / 8 * 2));
+        let mut top = pair_of::<F>(F::new(MASKED));
+        #[unroll]
+        for nt in 0..comptime!(BC / 8) {
+            let acc = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
+            #[unroll]
+            for x in 0..2usize {
+                let mut zz = acc[x];
+                #[unroll]
+                for y in 0..2usize {
+                    let (seen, mv) = visible::<F>(mask, mb * s * t, row0 + x * 8, j0 + nt * 8 + col + y, s, t, causal);
+                    let mut value = F::new(MASKED);
+                    if seen {
+                        value = zz[y] * scale + mv;
+                    }
+                    zz[y] = value;
+                    top[x] = max(top[x], value);
+                }
+                z[nt * 2 + x] = zz;
+            }
+        }
+        // Row maxima over the quad's four lanes, then the online-softmax update.
+        let mut corr = pair_of::<F>(F::new(1.0));
+        let mut m_new = pair_of::<F>(F::new(MASKED));
+        #[unroll]
+        for x in 0..2usize {
+            let mut tx = max(top[x], plane_shuffle_xor(top[x], 1));
+            tx = max(tx, plane_shuffle_xor(tx, 2));
+            m_new[x] = max(m[x], tx);
+            corr[x] = F::exp(m[x] - m_new[x]);
+        }
+        // Probabilities as the `A` operand of P·V: k-step `kt` takes score tiles 2kt and 2kt + 1.
+        let mut pa = Array::<Pair<Op>>::new(comptime!(BC / 16 * 4));
+        let mut sum = pair_of::<F>(F::new(0.0));
+        #[unroll]
+        for nt in 0..comptime!(BC / 8) {
+            #[unroll]
+            for x in 0..2usize {
+                let zz = z[nt * 2 + x];
+                let mut pair = Pair::<Op>::new(Op::new(0.0));
+                #[unroll]
+                for y in 0..2usize {
+                    let mut p = F::new(0.0);
+                    if zz[y] > F::new(MASKED) {
+                        p = F::exp(zz[y] - m_new[x]);
+                    }
+                    sum[x] += p;
+                    pair[y] = Op::cast_from(p);
+                }
+                pa[(nt / 2) * 4 + (nt % 2) * 2 + x] = pair;
+            }
+        }
+        #[unroll]
+        for x in 0..2usize {
+            let mut sx = sum[x] + plane_shuffle_xor(sum[x], 1);
+            sx += plane_shuffle_xor(sx, 2);
+            l[x] = l[x] * corr[x] + sx;
+            m[x] = m_new[x];
+        }
+        #[unroll]
+        for nt in 0..comptime!(HEAD / 8) {
+            #[unroll]
+            for x in 0..2usize {
+                o[nt * 2 + x] = o[nt * 2 + x] * Vector::<F, Const<2>>::new(corr[x]);
+            }
+        }
+        #[unroll]
+        for kt in 0..comptime!(BC / 16) {
+            let mut a = Array::<Pair<Op>>::new(4usize);
+            #[unroll]
+            for x in 0..4usize {
+                a[x] = pa[kt * 4 + x];
+            }
+            #[unroll]
+            for nt in 0..comptime!(HEAD / 8) {
+                let b = pair_b::<Op, F>(&def, &vt, kt * 16, nt * 8, VS);
+                let mut part = Array::<Vector<F, Const<2>>>::new(2usize);
+                part[0usize] = o[nt * 2];
+                part[1usize] = o[nt * 2 + 1];
+                def.execute_inplace(&a, &b, &mut part);
+                o[nt * 2] = part[0usize];
+                o[nt * 2 + 1] = part[1usize];
+            }
+        }
+        sync_cube();
+        j0 += BC;
+    }
+
+    // A row with every key masked attends to nothing: output 0, and an lse that makes every
+    // recomputed probability 0 in backward.
+    #[unroll]
+    for x in 0..2usize {
+        let mut inv = F::new(0.0);
+        let mut row_lse = F::new(UNSEEN);
+        if l[x] > F::new(0.0) {
+            inv = F::new(1.0) / l[x];
+            row_lse = m[x] + F::ln(l[x]);
+        }
+        let i = row0 + x * 8;
+        if i < s {
+            if lane % 4 == 0 {
+                lse[bh * s + i] = row_lse;
+            }
+            let at = bi * out.stride(0) + hh * out.stride(1) + i * out.stride(2);
+            #[unroll]
+            for nt in 0..comptime!(HEAD / 8) {
+                let pair = o[nt * 2 + x];
+                out[at + (nt * 8 + col) * out.stride(3)] = pair[0usize] * inv;
+                out[at + (nt * 8 + col + 1) * out.stride(3)] = pair[1usize] * inv;
+            }
+        }
+    }
+}
+
+/// Adds `lhs · rhsᵀ`-style products into `acc`: `acc += A · B` with the `A` fragments `a`
+/// (this plane's 16 rows over the tile's 64 columns, four k-steps of four pairs, as
+/// probabilities and score gradients are laid out in registers) and `B[k][n] = buf[n][k]`, the
+/// transposed tile (`[HEAD, 64]`, row stride [`VS`]).
+#[cube]
+fn add_products<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, acc: &mut Array<Vector<F, Const<2>>>, a: &Array<Pair<Op>>, buf: &SharedMemory<Pair<Op>>) {
+    #[unroll]
+    for kt in 0..comptime!(BC / 16) {
+        let mut frag = Array::<Pair<Op>>::new(4usize);
+        #[unroll]
+        for x in 0..4usize {
+            frag[x] = a[kt * 4 + x];
+        }
+        #[unroll]
+        for nt in 0..comptime!(HEAD / 8) {
+            let b = pair_b::<Op, F>(def, buf, kt * 16, nt * 8, VS);
+            let mut part = Array::<Vector<F, Const<2>>>::new(2usize);
+            part[0usize] = acc[nt * 2];
+            part[1usize] = acc[nt * 2 + 1];
+            def.execute_inplace(&frag, &b, &mut part);
+            acc[nt * 2] = part[0usize];
+            acc[nt * 2 + 1] = part[1usize];
+        }
+    }
+}
+
+/// Writes `scale · acc` (rows `row0` and `row0 + 8` of this lane, columns `col, col + 1` of
+/// each 8-wide tile) into rows below `rows` of the `[.., HEAD]` matrix at `base` of `out` (row
+/// stride `rs`, column stride `cs`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_acc<F: Float>(acc: &Array<Vector<F, Const<2>>>, out: &mut Tensor<F>, base: usize, rs: usize, cs: usize, row0: usize, col: usize, rows: usize, scale: F) {
+    #[unroll]
+    for x in 0..2usize {
+        let row = row0 + x * 8;
+        if row < rows {
+            #[unroll]
+            for nt in 0..comptime!(HEAD / 8) {
+                let pair = acc[nt * 2 + x];
+                out[base + row * rs + (nt * 8 + col) * cs] = pair[0usize] * scale;
+                out[base + row * rs + (nt * 8 + col + 1) * cs] = pair[1usize] * scale;
+            }
+        }
+    }
+}
+
+/// `dQ`: cube `(query block, b·h)` as the forward. Per tile of keys it recomputes the scores
+/// and `dP = dO·Vᵀ` on tensor cores, forms `dS = P ∘ (dP − δ)` in registers (`P = exp(z −
+/// lse)`: no row reductions) laid out as an operand, and adds `dS·K` into `dQ`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] causal: bool) {
+    let lane = UNIT_POS_X as usize;
+    let warp = UNIT_POS_Y as usize;
+    let h = q.shape(1);
+    let s = q.shape(2);
+    let kvh = k.shape(1);
+    let t = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let bi = bh / h;
+    let hh = bh % h;
+    let kh = hh / (h / kvh);
+    let q0 = CUBE_POS_X as usize * BR;
+    let mut mb = bi;
+    if mask.shape(0) == 1 {
+        mb = 0usize;
+    }
+    let scale = params[0];
+    let def = MmaDefinition::<Op, Op, F>::new(16usize, 8usize, 16usize);
+
+    let mut ks = SharedMemory::<Pair<Op>>::new(BC * KS / 2);
+    let mut kt_ = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
+    let mut vs = SharedMemory::<Pair<Op>>::new(BC * KS / 2);
+
+    stage_pairs::<F, Op>(q, bi * q.stride(0) + hh * q.stride(1), q.stride(2), q.stride(3), q0, s, &mut ks, KS);
+    stage_pairs::<F, Op>(dout, bi * dout.stride(0) + hh * dout.stride(1), dout.stride(2), dout.stride(3), q0, s, &mut vs, KS);
+    sync_cube();
+    let qa = pair_rows_a::<Op, F>(&def, &ks, warp * 16, KS);
+    let da = pair_rows_a::<Op, F>(&def, &vs, warp * 16, KS);
+    sync_cube();
+
+    let row0 = q0 + warp * 16 + lane / 4;
+    let col = 2 * (lane % 4);
+    let mut stat = pair_of::<F>(F::new(UNSEEN));
+    let mut dl = pair_of::<F>(F::new(0.0));
+    #[unroll]
+    for x in 0..2usize {
+        if row0 + x * 8 < s {
+            stat[x] = lse[bh * s + row0 + x * 8];
+            dl[x] = delta[bh * s + row0 + x * 8];
+        }
+    }
+
+    let mut acc = zeros::<F>();
+    let kend = key_end(q0, s, t, causal);
+    let kbase = bi * k.stride(0) + kh * k.stride(1);
+    let vbase = bi * v.stride(0) + kh * v.stride(1);
+    let mut j0 = 0usize;
+    while j0 < kend {
+        stage_pairs::<F, Op>(k, kbase, k.stride(2), k.stride(3), j0, t, &mut ks, KS);
+        stage_pairs_t::<F, Op>(k, kbase, k.stride(2), k.stride(3), j0, t, &mut kt_);
+        stage_pairs::<F, Op>(v, vbase, v.stride(2), v.stride(3), j0, t, &mut vs, KS);
+        sync_cube();
+        let mut ga = Array::<Pair<Op>>::new(comptime!(BC / 16 * 4));
+        #[unroll]
+        for nt in 0..comptime!(BC / 8) {
+            let z = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
+            let dp = pair_dot::<Op, F>(&def, &da, &vs, nt * 8, KS);
+            #[unroll]
+            for x in 0..2usize {
+                let zz = z[x];
+                let pp = dp[x];
+                let mut pair = Pair::<Op>::new(Op::new(0.0));
+                #[unroll]
+                for y in 0..2usize {
+                    let (seen, mv) = visible::<F>(mask, mb * s * t, row0 + x * 8, j0 + nt * 8 + col + y, s, t, causal);
+                    let mut g = F::new(0.0);
+                    if seen {
+                        g = F::exp(zz[y] * scale + mv - stat[x]) * (pp[y] - dl[x]);
+                    }
+                    pair[y] = Op::cast_from(g);
+                }
+                ga[(nt / 2) * 4 + (nt % 2) * 2 + x] = pair;
+            }
+        }
+        add_products::<Op, F>(&def, &mut acc, &ga, &kt_);
+        sync_cube();
+        j0 += BC;
+    }
+    store_acc::<F>(&acc, dq, bi * dq.stride(0) + hh * dq.stride(1), dq.stride(2), dq.stride(3), row0, col, s, scale);
+}
+
+/// `dK, dV`: cube `(key block, b·kv, head of the group)`; its planes own 16 keys each (keys
+/// are the rows here). Per tile of the head's queries that see the block it recomputes `Pᵀ`
+/// and `dPᵀ = V·dOᵀ`, forms `Pᵀ` and `dSᵀ` as operands in registers, and adds `Pᵀ·dO` into
+/// `dV` and `dSᵀ·Q` into `dK`. Each head of a group writes its own partial `[g, b, kv, t,
+/// d]`; the caller sums them.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] causal: bool) {
+    let lane = UNIT_POS_X as usize;
+    let warp = UNIT_POS_Y as usize;
+    let h = q.shape(1);
+    let s = q.shape(2);
+    let kvh = k.shape(1);
+    let t = k.shape(2);
+    let g = h / kvh;
+    let bk = CUBE_POS_Y as usize;
+    let bi = bk / kvh;
+    let kh = bk % kvh;
+    let member = CUBE_POS_Z as usize;
+    let hh = kh * g + member;
+    let bh = bi * h + hh;
+    let k0 = CUBE_POS_X as usize * BC;
+    let mut mb = bi;
+    if mask.shape(0) == 1 {
+        mb = 0usize;
+    }
+    let scale = params[0];
+    let def = MmaDefinition::<Op, Op, F>::new(16usize, 8usize, 16usize);
+
+    let mut qs = SharedMemory::<Pair<Op>>::new(BR * KS / 2);
+    let mut qt = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
+    let mut dos = SharedMemory::<Pair<Op>>::new(BR * KS / 2);
+    let mut dot = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
+    let mut stats = SharedMemory::<F>::new(BR);
+    let mut deltas = SharedMemory::<F>::new(BR);
+
+    stage_pairs::<F, Op>(k, bi * k.stride(0) + kh * k.stride(1), k.stride(2), k.stride(3), k0, t, &mut qs, KS);
+    stage_pairs::<F, Op>(v, bi * v.stride(0) + kh * v.stride(1), v.stride(2), v.stride(3), k0, t, &mut dos, KS);
+    sync_cube();
+    let ka = pair_rows_a::<Op, F>(&def, &qs, warp * 16, KS);
+    let va = pair_rows_a::<Op, F>(&def, &dos, warp * 16, KS);
+    sync_cube();
+
+    let key0 = k0 + warp * 16 + lane / 4;
+    let col = 2 * (lane % 4);
+    let mut dk_acc = zeros::<F>();
+    let mut dv_acc = zeros::<F>();
+    // Queries before `k0 + s − t` see none of the block's keys.
+    let mut i0 = 0usize;
+    if causal && k0 + s > t {
+        i0 = (k0 + s - t) / BR * BR;
+    }
+    let qbase = bi * q.stride(0) + hh * q.stride(1);
+    let dbase = bi * dout.stride(0) + hh * dout.stride(1);
+    while i0 < s {
+        stage_pairs::<F, Op>(q, qbase, q.stride(2), q.stride(3), i0, s, &mut qs, KS);
+        stage_pairs_t::<F, Op>(q, qbase, q.stride(2), q.stride(3), i0, s, &mut qt);
+        stage_pairs::<F, Op>(dout, dbase, dout.stride(2), dout.stride(3), i0, s, &mut dos, KS);
+        stage_pairs_t::<F, Op>(dout, dbase, dout.stride(2), dout.stride(3), i0, s, &mut dot);
+        stage_stats::<F>(lse, bh * s, i0, s, &mut stats, F::new(UNSEEN));
+        stage_stats::<F>(delta, bh * s, i0, s, &mut deltas, F::new(0.0));
+        sync_cube();
+        let mut pa = Array::<Pair<Op>>::new(comptime!(BR / 16 * 4));
+        let mut ga = Array::<Pair<Op>>::new(comptime!(BR / 16 * 4));
+        #[unroll]
+        for nt in 0..comptime!(BR / 8) {
+            let z = pair_dot::<Op, F>(&def, &ka, &qs, nt * 8, KS);
+            let dp = pair_dot::<Op, F>(&def, &va, &dos, nt * 8, KS);
+            #[unroll]
+            for x in 0..2usize {
+                let zz = z[x];
+                let pp = dp[x];
+                let mut p_pair = Pair::<Op>::new(Op::new(0.0));
+                let mut g_pair = Pair::<Op>::new(Op::new(0.0));
+                #[unroll]
+                for y in 0..2usize {
+                    let qi = nt * 8 + col + y;
+                    let (seen, mv) = visible::<F>(mask, mb * s * t, i0 + qi, key0 + x * 8, s, t, causal);
+                    let mut p = F::new(0.0);
+                    let mut gr = F::new(0.0);
+                    if seen {
+                        p = F::exp(zz[y] * scale + mv - stats[qi]);
+                        gr = p * (pp[y] - deltas[qi]);
+                    }
+                    p_pair[y] = Op::cast_from(p);
+                    g_pair[y] = Op::cast_from(gr);
+                }
+                pa[(nt / 2) * 4 + (nt % 2) * 2 + x] = p_pair;
+                ga[(nt / 2) * 4 + (nt % 2) * 2 + x] = g_pair;
+            }
+        }
+        add_products::<Op, F>(&def, &mut dv_acc, &pa, &dot);
+        add_products::<Op, F>(&def, &mut dk_acc, &ga, &qt);
+        sync_cube();
+        i0 += BR;
+    }
+    let base = ((member * dk.shape(1) + bi) * kvh + kh) * t * HEAD;
+    store_acc::<F>(&dk_acc, dk, base, HEAD, 1usize, key0, col, t, scale);
+    store_acc::<F>(&dv_acc, dv, base, HEAD, 1usize, key0, col, t, F::new(1.0));
+}
+
+/// `(out [b, h, s, d] (a view of `[b, s, h, d]` memory), lse [b, h, s])`; see the module's
+/// comment. [`applies`] must hold.
+pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>) {
+    let (q, k, v, mask) = (as_float::<R, F>(q), as_float::<R, F>(k), as_float::<R, F>(v), contiguous_float::<R, F>(mask));
+    let [b, h, s, d] = q.meta.shape().dims::<4>();
+    let client = q.client.clone();
+    let memory = empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::new([b, s, h, d]), F::dtype());
+    let out = view(&memory, vec![b, h, s, d], vec![s * h * d, d, h * d, 1]);
+    let lse = empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::new([b, h, s]), F::dtype());
+    if b * h * s == 0 {
+        return (out, lse);
+    }
+    LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: `applies` held (head size HEAD, planes of 32, bf16 mma); q `[b, h, s, HEAD]`, k and
+    // v `[b, kv, t, HEAD]` are read through their strides at indices below their shapes (rows
+    // past `s` or `t` read nothing); the mask is contiguous `[b or 1, s, t]`, `lse` `[b, h, s]`;
+    // `out` is written at rows below `s` only.
+    unsafe {
+        forward_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
+            &client,
+            CubeCount::Static(s.div_ceil(BR) as u32, (b * h) as u32, 1),
+            CubeDim { x: 32, y: 4, z: 1 },
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            mask.into_tensor_arg(),
+            params.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            spec.causal,
+        );
+    }
+    (out, lse)
+}
+
+/// `(dq, dk, dv)` of [`forward`]; `delta` `[b, h, s]` = rowsum(dO ∘ O). [`applies`] must hold.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(dout: CubeTensor<R>, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, lse: CubeTensor<R>, delta: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let (dout, q, k, v) = (as_float::<R, F>(dout), as_float::<R, F>(q), as_float::<R, F>(k), as_float::<R, F>(v));
+    let (mask, lse, delta) = (contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse), contiguous_float::<R, F>(delta));
+    let [b, h, s, d] = q.meta.shape().dims::<4>();
+    let [_, kvh, t, _] = k.meta.shape().dims::<4>();
+    let g = h / kvh;
+    let client = q.client.clone();
+    let empty = |shape: Vec<usize>| empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::from(shape), F::dtype());
+    // dQ laid out `[b, s, h, d]`, as rope's backward and the query projection read it.
+    let dq = view(&empty(vec![b, s, h, d]), vec![b, h, s, d], vec![s * h * d, d, h * d, 1]);
+    let (dk, dv) = (empty(vec![g, b, kvh, t, d]), empty(vec![g, b, kvh, t, d]));
+    if b * h * s * t > 0 {
+        LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: as in the forward; `lse` and `delta` contiguous `[b, h, s]`, `dk` and `dv`
+        // contiguous `[g, b, kv, t, HEAD]` written at key rows below `t` only, `dq` at query
+        // rows below `s` only.
+        unsafe {
+            dq_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
+                &client,
+                CubeCount::Static(s.div_ceil(BR) as u32, (b * h) as u32, 1),
+                CubeDim { x: 32, y: 4, z: 1 },
+                dout.clone().into_tensor_arg(),
+                q.clone().into_tensor_arg(),
+                k.clone().into_tensor_arg(),
+                v.clone().into_tensor_arg(),
+                mask.clone().into_tensor_arg(),
+                lse.clone().into_tensor_arg(),
+                delta.clone().into_tensor_arg(),
+                params.clone().into_tensor_arg(),
+                dq.clone().into_tensor_arg(),
+                spec.causal,
+            );
+            dkv_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
+                &client,
+                CubeCount::Static(t.div_ceil(BC) as u32, (b * kvh) as u32, g as u32),
+                CubeDim { x: 32, y: 4, z: 1 },
+                dout.into_tensor_arg(),
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                mask.into_tensor_arg(),
+                lse.into_tensor_arg(),
+                delta.into_tensor_arg(),
+                params.into_tensor_arg(),
+                dk.clone().into_tensor_arg(),
+                dv.clone().into_tensor_arg(),
+                spec.causal,
+            );
+        }
+    }
+    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+    let total = |x: CubeTensor<R>| match g {
+        1 => B::<R, F, I, BT>::float_reshape(x, Shape::new([b, kvh, t, d])),
+        _ => B::<R, F, I, BT>::float_reshape(B::<R, F, I, BT>::float_sum_dim(x, 0), Shape::new([b, kvh, t, d])),
+    };
+    (dq, total(dk), total(dv))
+}
