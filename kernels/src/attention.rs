@@ -23,10 +23,11 @@
 //! thread per query row, key/value tiles staged through shared memory, online softmax), `dQ`
 //! (one thread per query row) and `dK, dV` (one thread per key row and slice of the group's
 //! query rows, the slices' partial sums added afterwards), each recomputing scores rather than
-//! reading them. At training shapes on CUDA attention runs as dense products on cuBLAS instead
-//! (`cube::products`); `attention_mma.rs` has the three kernels on tensor cores (head size 64,
-//! bf16 operands), checked but not yet faster than the products, so run only on request
-//! ([`AttentionPath::TensorCores`], `KILN_ATTENTION_TENSOR_CORES`).
+//! reading them. At training shapes on CUDA attention's backward runs as dense products on
+//! cuBLAS instead (`cube::products`), and its forward on tensor cores (`attention_mma.rs`, head
+//! size 64, bf16 operands; the products where that does not apply). `attention_mma.rs` has the
+//! backward on tensor cores too, checked but slower than the products so far, so run on request
+//! ([`AttentionPath::TensorCores`], `KILN_ATTENTION_TENSOR_CORES=all`).
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
@@ -64,7 +65,9 @@ pub struct AttentionSpec {
 #[repr(u8)]
 pub enum AttentionPath {
     /// Dense products on cuBLAS at training shapes (CUDA with `libcublas`, unless the
-    /// environment sets `KILN_ATTENTION_KERNELS`), the flash kernels otherwise.
+    /// environment sets `KILN_ATTENTION_KERNELS`), with the forward on tensor cores where
+    /// they apply (`KILN_ATTENTION_TENSOR_CORES`: `off`, or `all` for the backward too); the
+    /// flash kernels otherwise.
     Auto,
     /// The flash kernels.
     Kernels,
@@ -673,15 +676,24 @@ pub(crate) mod cube {
     }
 
 
-    /// Whether attention runs on tensor cores ([`crate::attention_mma`]): where it applies, on
-    /// the `TensorCores` path (the checks), or at the training shapes the products would take
-    /// when the environment sets `KILN_ATTENTION_TENSOR_CORES` (they are correct but slower than
-    /// the products so far; bench/RESULTS.md).
-    fn tensor_cores_chosen<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, spec: AttentionSpec) -> bool {
+    /// Whether attention's forward (or with `backward`, its backward) runs on tensor cores
+    /// ([`crate::attention_mma`]): where it applies, on the `TensorCores` path (the checks),
+    /// and at the training shapes the products would take: the forward by default, the
+    /// backward only when the environment sets `KILN_ATTENTION_TENSOR_CORES=all` (it is slower
+    /// than the products so far; the products read the same `lse`), neither with `=off`
+    /// (bench/RESULTS.md has how each compares).
+    fn tensor_cores_chosen<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, spec: AttentionSpec, backward: bool) -> bool {
         use super::{AttentionPath, PATH};
         match PATH.load(std::sync::atomic::Ordering::Relaxed) {
             p if p == AttentionPath::TensorCores as u8 => crate::attention_mma::applies(q, spec),
-            p if p == AttentionPath::Auto as u8 => std::env::var_os("KILN_ATTENTION_TENSOR_CORES").is_some() && products::chosen::<R>(q, k).is_some() && crate::attention_mma::applies(q, spec),
+            p if p == AttentionPath::Auto as u8 => {
+                let wanted = match std::env::var("KILN_ATTENTION_TENSOR_CORES").as_deref() {
+                    Ok("off") => false,
+                    Ok("all") => true,
+                    _ => !backward,
+                };
+                wanted && products::chosen::<R>(q, k).is_some() && crate::attention_mma::applies(q, spec)
+            }
             _ => false,
         }
     }
@@ -708,7 +720,7 @@ pub(crate) mod cube {
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAttention for CubeBackend<R, F, I, BT> {
         fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            if tensor_cores_chosen::<R>(&q, &k, spec) {
+            if tensor_cores_chosen::<R>(&q, &k, spec, false) {
                 let p = params::<R, F, I, BT>(&q, spec);
                 return crate::attention_mma::forward::<R, F>(q, k, v, mask, p, spec);
             }
@@ -767,7 +779,7 @@ pub(crate) mod cube {
             // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
             let prod = Self::float_mul(as_float::<R, F>(dout.clone()), as_float::<R, F>(out));
             let delta = contiguous_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
-            if tensor_cores_chosen::<R>(&q, &k, spec) {
+            if tensor_cores_chosen::<R>(&q, &k, spec, true) {
                 let p = params::<R, F, I, BT>(&q, spec);
                 return crate::attention_mma::backward::<R, F, I, BT>(dout, q, k, v, mask, lse, delta, p, spec);
             }

@@ -19,9 +19,15 @@
 //! [`MmaDefinition::position_of_nth`] where they are loaded.
 //!
 //! Inputs are read through their strides (queries and keys as rope wrote them, values as the
-//! projection's transposed view) in f32 or bf16; `out` and `dQ` are written `[b, s, h, d]`, the
+//! projection's transposed view) in f32; `out` and `dQ` are written `[b, s, h, d]`, the
 //! layout the output projection and rope's backward read, and returned as `[b, h, s, d]` views.
-//! `dK, dV` come per head of a group and are summed after.
+//! `dK, dV` come per head of a group and are summed after. Masks are read once per call into
+//! per-row key intervals ([`row_keys`]), so a plain causal, packed or windowed row costs no
+//! mask loads.
+//!
+//! Training runs the forward here and the backward on the products (which read the same
+//! `lse`): measured on an H200, the backward kernels are correct but still slower than the
+//! products (bench/RESULTS.md), so they run on request (`KILN_ATTENTION_TENSOR_CORES=all`).
 
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -87,20 +93,92 @@ fn zeros<F: Float>() -> Array<Vector<F, Const<2>>> {
     acc
 }
 
-/// Whether query `i` sees key `j` (both in range, the causal part, the additive mask above
-/// [`MASKED`]), and the mask's value there.
+/// Which keys a mask row shows: `[lo, hi)`, and whether every value inside is 0 (`plain`: the
+/// mask need not be read there). Every mask kiln builds (causal, packed, sliding window) has
+/// one interval of zeros per row; another mask is still read wherever the interval allows.
+/// A lane's two rows `row0` and `row0 + 8` (of the mask rows from `mfirst`) as `[lo, hi,
+/// plain]` arrays of two; a row past `s` shows no key.
 #[cube]
-fn visible<F: Float>(mask: &Tensor<F>, mrow: usize, i: usize, j: usize, s: usize, t: usize, #[comptime] causal: bool) -> (bool, F) {
-    let mut seen = i < s && j < t;
+fn row_keys(rows: &Tensor<u32>, mfirst: usize, row0: usize, s: usize) -> (Array<u32>, Array<u32>, Array<u32>) {
+    let mut lo = Array::<u32>::new(2usize);
+    let mut hi = Array::<u32>::new(2usize);
+    let mut plain = Array::<u32>::new(2usize);
+    #[unroll]
+    for x in 0..2usize {
+        let i = row0 + x * 8;
+        lo[x] = 0u32;
+        hi[x] = 0u32;
+        plain[x] = 1u32;
+        if i < s {
+            let at = (mfirst + i) * 4;
+            lo[x] = rows[at];
+            hi[x] = rows[at + 1];
+            plain[x] = rows[at + 2];
+        }
+    }
+    (lo, hi, plain)
+}
+
+/// Whether query `i` (its keys `[lo, hi)`, `plain` 1 where the mask is 0 throughout) sees key
+/// `j` (the causal part, the additive mask above [`MASKED`]), and the mask's value there (read
+/// only for a row that is not plain).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn visible<F: Float>(mask: &Tensor<F>, mrow: usize, lo: u32, hi: u32, plain: u32, i: usize, j: usize, s: usize, t: usize, #[comptime] causal: bool) -> (bool, F) {
+    let mut seen = j >= lo as usize && j < hi as usize;
     if causal {
         seen = seen && j + s <= i + t;
     }
-    let mut mv = F::new(MASKED);
-    if seen {
+    let mut mv = F::new(0.0);
+    if seen && plain == 0u32 {
         mv = mask[mrow + i * t + j];
         seen = mv > F::new(MASKED);
     }
     (seen, mv)
+}
+
+/// One plane per mask row `[.., t]` (4 rows a cube): its keys as `[lo, hi, plain, 0]` ([`row_keys`]).
+#[cube(launch_unchecked)]
+fn mask_rows_kernel<F: Float>(mask: &Tensor<F>, rows: &mut Tensor<u32>) {
+    let lane = UNIT_POS_X as usize;
+    let row = ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * 4 + UNIT_POS_Y) as usize;
+    let t = mask.shape(mask.rank() - 1);
+    let n = mask.len() / t;
+    if row < n {
+        let mut lo = t as u32;
+        let mut hi = 0u32;
+        let mut nonzero = 0u32;
+        let mut j = lane;
+        while j < t {
+            let v = mask[row * t + j];
+            if v > F::new(MASKED) {
+                lo = min(lo, j as u32);
+                hi = max(hi, j as u32 + 1);
+                if v != F::new(0.0) {
+                    nonzero = 1u32;
+                }
+            }
+            j += 32;
+        }
+        lo = plane_min(lo);
+        hi = plane_max(hi);
+        // A hidden key between `lo` and `hi` also makes the row one to read.
+        let mut hole = 0u32;
+        let mut j = lane;
+        while j < t {
+            if j as u32 >= lo && (j as u32) < hi && mask[row * t + j] <= F::new(MASKED) {
+                hole = 1u32;
+            }
+            j += 32;
+        }
+        let irregular = plane_max(nonzero + hole);
+        if lane == 0 {
+            rows[row * 4] = lo;
+            rows[row * 4 + 1] = hi;
+            rows[row * 4 + 2] = 1u32 - min(irregular, 1u32);
+            rows[row * 4 + 3] = 0u32;
+        }
+    }
 }
 
 /// The end of the keys query rows `q0..q0 + BR` may see: all `t`, or under a causal mask
@@ -144,7 +222,8 @@ type Pair<Op> = Vector<Op, Const<2>>;
 #[cube]
 fn stage_pairs<F: Float, Op: Float>(x: &Tensor<F>, base: usize, rs: usize, cs: usize, first: usize, rows: usize, buf: &mut SharedMemory<Pair<Op>>, #[comptime] stride: usize) {
     let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
-    #[unroll]
+    // Not unrolled: unrolled, every step's addresses stayed live (the forward 207 registers
+    // against 138, the `dK, dV` kernel spilling) and ran no faster (bench/RESULTS.md).
     for step in 0..comptime!(BC * HEAD / 2 / 128) {
         let idx = step * 128 + tid;
         let row = idx / comptime!(HEAD / 2);
@@ -165,7 +244,6 @@ fn stage_pairs<F: Float, Op: Float>(x: &Tensor<F>, base: usize, rs: usize, cs: u
 #[cube]
 fn stage_pairs_t<F: Float, Op: Float>(x: &Tensor<F>, base: usize, rs: usize, cs: usize, first: usize, rows: usize, buf: &mut SharedMemory<Pair<Op>>) {
     let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
-    #[unroll]
     for step in 0..comptime!(BC * HEAD / 2 / 128) {
         let idx = step * 128 + tid;
         let col = idx % HEAD;
@@ -231,6 +309,39 @@ fn pair_dot<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, a: &Array<Pair<
     acc
 }
 
+/// Where a cube `(query block, b·h)` of the forward or `dQ` works.
+#[derive(CubeType)]
+struct QueryBlock {
+    /// Queries and keys.
+    s: usize,
+    t: usize,
+    /// Batch · query heads + head, its batch row, head, and key/value head.
+    bh: usize,
+    bi: usize,
+    hh: usize,
+    kh: usize,
+    /// The block's first query row.
+    q0: usize,
+    /// Offset of the batch row's `[s, t]` mask, and its first row's index.
+    mrow: usize,
+    mfirst: usize,
+}
+
+#[cube]
+fn query_block<F: Float>(q: &Tensor<F>, k: &Tensor<F>, mask: &Tensor<F>) -> QueryBlock {
+    let h = q.shape(1);
+    let s = q.shape(2);
+    let t = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let bi = bh / h;
+    let hh = bh % h;
+    let mut mb = bi;
+    if mask.shape(0) == 1 {
+        mb = 0usize;
+    }
+    QueryBlock { s, t, bh, bi, hh, kh: hh / (h / k.shape(1)), q0: CUBE_POS_X as usize * BR, mrow: mb * s * t, mfirst: mb * s }
+}
+
 /// Two values (one per row a lane holds), both `x`.
 #[cube]
 fn pair_of<F: Float>(x: F) -> Array<F> {
@@ -244,24 +355,14 @@ fn pair_of<F: Float>(x: F) -> Array<F> {
 /// lane two of them (`g = lane / 4` and `g + 8`, the accumulator layout of `mma.m16n8k16`,
 /// shared by the four lanes of a quad). Scores, probabilities and the output stay in
 /// registers: a score tile's accumulators are laid out as the probability operand's
-/// fragment, so `P` never goes through shared memory. `params` = [scale, softcap (unused)].
+/// fragment, so `P` never goes through shared memory. A staged tile of 64 keys is taken in two
+/// halves of 32 (fewer live registers). `params` = [scale, softcap (unused)].
 #[cube(launch_unchecked)]
-fn forward_kernel<F: Float, Op: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] causal: bool) {
+#[allow(clippy::too_many_arguments)]
+fn forward_kernel<F: Float, Op: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, rows: &Tensor<u32>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
-    let h = q.shape(1);
-    let s = q.shape(2);
-    let kvh = k.shape(1);
-    let t = k.shape(2);
-    let bh = CUBE_POS_Y as usize;
-    let bi = bh / h;
-    let hh = bh % h;
-    let kh = hh / (h / kvh);
-    let q0 = CUBE_POS_X as usize * BR;
-    let mut mb = bi;
-    if mask.shape(0) == 1 {
-        mb = 0usize;
-    }
+    let QueryBlock { s, t, bh, bi, hh, kh, q0, mrow, mfirst } = query_block::<F>(q, k, mask);
     let scale = params[0];
     let def = MmaDefinition::<Op, Op, F>::new(16usize, 8usize, 16usize);
 
@@ -276,103 +377,90 @@ fn forward_kernel<F: Float, Op: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<
     // This lane's rows and the first of its two columns in each 8-key tile.
     let row0 = q0 + warp * 16 + lane / 4;
     let col = 2 * (lane % 4);
+    let (lo, hi, plain) = row_keys(rows, mfirst, row0, s);
     let mut m = pair_of::<F>(F::new(MASKED));
     let mut l = pair_of::<F>(F::new(0.0));
     let mut o = zeros::<F>();
 
     let kend = key_end(q0, s, t, causal);
-    let kbase = bi * k.stride(0) + kh * k.stride(1);
-    let vbase = bi * v.stride(0) + kh * v.stride(1);
+    let (kbase, krs, kcs) = (bi * k.stride(0) + kh * k.stride(1), k.stride(2), k.stride(3));
+    let (vbase, vrs, vcs) = (bi * v.stride(0) + kh * v.stride(1), v.stride(2), v.stride(3));
     let mut j0 = 0usize;
     while j0 < kend {
-        stage_pairs::<F, Op>(k, kbase, k.stride(2), k.stride(3), j0, t, &mut ks, KS);
-        stage_pairs_t::<F, Op>(v, vbase, v.stride(2), v.stride(3), j0, t, &mut vt);
+        stage_pairs::<F, Op>(k, kbase, krs, kcs, j0, t, &mut ks, KS);
+        stage_pairs_t::<F, Op>(v, vbase, vrs, vcs, j0, t, &mut vt);
         sync_cube();
-
-        // Scores: tile `nt`'s vector 0 is row `row0`, vector 1 row `row0 + 8`.
-        let mut z = Array::<Vector<F, Const<2>>>::new(comptime!(BC / 8 * 2));
-        let mut top = pair_of::<F>(F::new(MASKED));
         #[unroll]
-        for nt in 0..comptime!(BC / 8) {
-            let acc = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
+        for half in 0..2usize {
+            // Scores of 32 keys: tile `u`'s vector 0 is row `row0`, vector 1 row `row0 + 8`.
+            let mut z = Array::<Vector<F, Const<2>>>::new(8usize);
+            let mut top = pair_of::<F>(F::new(MASKED));
             #[unroll]
-            for x in 0..2usize {
-                let mut zz = acc[x];
+            for u in 0..4usize {
+                let nt = half * 4 + u;
+                let acc = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
                 #[unroll]
-                for y in 0..2usize {
-                    let (seen, mv) = visible::<F>(mask, mb * s * t, row0 + x * 8, j0 + nt * 8 + col + y, s, t, causal);
-                    let mut value = F::new(MASKED);
-                    if seen {
-                        value = zz[y] * scale + mv;
+                for x in 0..2usize {
+                    let mut zz = acc[x];
+                    #[unroll]
+                    for y in 0..2usize {
+                        let (seen, mv) = visible::<F>(mask, mrow, lo[x], hi[x], plain[x], row0 + x * 8, j0 + nt * 8 + col + y, s, t, causal);
+                        let mut value = F::new(MASKED);
+                        if seen {
+                            value = zz[y] * scale + mv;
+                        }
+                        zz[y] = value;
+                        top[x] = max(top[x], value);
                     }
-                    zz[y] = value;
-                    top[x] = max(top[x], value);
+                    z[u * 2 + x] = zz;
                 }
-                z[nt * 2 + x] = zz;
             }
-        }
-        // Row maxima over the quad's four lanes, then the online-softmax update.
-        let mut corr = pair_of::<F>(F::new(1.0));
-        let mut m_new = pair_of::<F>(F::new(MASKED));
-        #[unroll]
-        for x in 0..2usize {
-            let mut tx = max(top[x], plane_shuffle_xor(top[x], 1));
-            tx = max(tx, plane_shuffle_xor(tx, 2));
-            m_new[x] = max(m[x], tx);
-            corr[x] = F::exp(m[x] - m_new[x]);
-        }
-        // Probabilities as the `A` operand of P·V: k-step `kt` takes score tiles 2kt and 2kt + 1.
-        let mut pa = Array::<Pair<Op>>::new(comptime!(BC / 16 * 4));
-        let mut sum = pair_of::<F>(F::new(0.0));
-        #[unroll]
-        for nt in 0..comptime!(BC / 8) {
+            // Row maxima over the quad's four lanes, then the online-softmax update.
+            let mut corr = pair_of::<F>(F::new(1.0));
+            let mut m_new = pair_of::<F>(F::new(MASKED));
             #[unroll]
             for x in 0..2usize {
-                let zz = z[nt * 2 + x];
-                let mut pair = Pair::<Op>::new(Op::new(0.0));
+                let mut tx = max(top[x], plane_shuffle_xor(top[x], 1));
+                tx = max(tx, plane_shuffle_xor(tx, 2));
+                m_new[x] = max(m[x], tx);
+                corr[x] = F::exp(m[x] - m_new[x]);
+            }
+            // Probabilities as the `A` operand of P·V: k-step `kk` takes score tiles 2kk, 2kk + 1.
+            let mut pa = Array::<Pair<Op>>::new(8usize);
+            let mut sum = pair_of::<F>(F::new(0.0));
+            #[unroll]
+            for u in 0..4usize {
                 #[unroll]
-                for y in 0..2usize {
-                    let mut p = F::new(0.0);
-                    if zz[y] > F::new(MASKED) {
-                        p = F::exp(zz[y] - m_new[x]);
+                for x in 0..2usize {
+                    let zz = z[u * 2 + x];
+                    let mut pair = Pair::<Op>::new(Op::new(0.0));
+                    #[unroll]
+                    for y in 0..2usize {
+                        let mut p = F::new(0.0);
+                        if zz[y] > F::new(MASKED) {
+                            p = F::exp(zz[y] - m_new[x]);
+                        }
+                        sum[x] += p;
+                        pair[y] = Op::cast_from(p);
                     }
-                    sum[x] += p;
-                    pair[y] = Op::cast_from(p);
+                    pa[(u / 2) * 4 + (u % 2) * 2 + x] = pair;
                 }
-                pa[(nt / 2) * 4 + (nt % 2) * 2 + x] = pair;
             }
-        }
-        #[unroll]
-        for x in 0..2usize {
-            let mut sx = sum[x] + plane_shuffle_xor(sum[x], 1);
-            sx += plane_shuffle_xor(sx, 2);
-            l[x] = l[x] * corr[x] + sx;
-            m[x] = m_new[x];
-        }
-        #[unroll]
-        for nt in 0..comptime!(HEAD / 8) {
             #[unroll]
             for x in 0..2usize {
-                o[nt * 2 + x] = o[nt * 2 + x] * Vector::<F, Const<2>>::new(corr[x]);
-            }
-        }
-        #[unroll]
-        for kt in 0..comptime!(BC / 16) {
-            let mut a = Array::<Pair<Op>>::new(4usize);
-            #[unroll]
-            for x in 0..4usize {
-                a[x] = pa[kt * 4 + x];
+                let mut sx = sum[x] + plane_shuffle_xor(sum[x], 1);
+                sx += plane_shuffle_xor(sx, 2);
+                l[x] = l[x] * corr[x] + sx;
+                m[x] = m_new[x];
             }
             #[unroll]
             for nt in 0..comptime!(HEAD / 8) {
-                let b = pair_b::<Op, F>(&def, &vt, kt * 16, nt * 8, VS);
-                let mut part = Array::<Vector<F, Const<2>>>::new(2usize);
-                part[0usize] = o[nt * 2];
-                part[1usize] = o[nt * 2 + 1];
-                def.execute_inplace(&a, &b, &mut part);
-                o[nt * 2] = part[0usize];
-                o[nt * 2 + 1] = part[1usize];
+                #[unroll]
+                for x in 0..2usize {
+                    o[nt * 2 + x] = o[nt * 2 + x] * Vector::<F, Const<2>>::new(corr[x]);
+                }
             }
+            add_products::<Op, F>(&def, &mut o, &pa, &vt, half * 2, 2usize);
         }
         sync_cube();
         j0 += BC;
@@ -404,22 +492,22 @@ fn forward_kernel<F: Float, Op: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<
     }
 }
 
-/// Adds `lhs · rhsᵀ`-style products into `acc`: `acc += A · B` with the `A` fragments `a`
-/// (this plane's 16 rows over the tile's 64 columns, four k-steps of four pairs, as
-/// probabilities and score gradients are laid out in registers) and `B[k][n] = buf[n][k]`, the
-/// transposed tile (`[HEAD, 64]`, row stride [`VS`]).
+/// `acc += A · B` over k-steps `kt0..kt0 + steps` of a tile's 64 columns: `a` holds the `A`
+/// fragments of those steps (this plane's 16 rows, four pairs a step, as probabilities and
+/// score gradients are laid out in registers), `B[k][n] = buf[n][k]` the transposed tile
+/// (`[HEAD, 64]`, row stride [`VS`]).
 #[cube]
-fn add_products<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, acc: &mut Array<Vector<F, Const<2>>>, a: &Array<Pair<Op>>, buf: &SharedMemory<Pair<Op>>) {
+fn add_products<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, acc: &mut Array<Vector<F, Const<2>>>, a: &Array<Pair<Op>>, buf: &SharedMemory<Pair<Op>>, #[comptime] kt0: usize, #[comptime] steps: usize) {
     #[unroll]
-    for kt in 0..comptime!(BC / 16) {
+    for kk in 0..steps {
         let mut frag = Array::<Pair<Op>>::new(4usize);
         #[unroll]
         for x in 0..4usize {
-            frag[x] = a[kt * 4 + x];
+            frag[x] = a[kk * 4 + x];
         }
         #[unroll]
         for nt in 0..comptime!(HEAD / 8) {
-            let b = pair_b::<Op, F>(def, buf, kt * 16, nt * 8, VS);
+            let b = pair_b::<Op, F>(def, buf, (kt0 + kk) * 16, nt * 8, VS);
             let mut part = Array::<Vector<F, Const<2>>>::new(2usize);
             part[0usize] = acc[nt * 2];
             part[1usize] = acc[nt * 2 + 1];
@@ -452,25 +540,14 @@ fn store_acc<F: Float>(acc: &Array<Vector<F, Const<2>>>, out: &mut Tensor<F>, ba
 
 /// `dQ`: cube `(query block, b·h)` as the forward. Per tile of keys it recomputes the scores
 /// and `dP = dO·Vᵀ` on tensor cores, forms `dS = P ∘ (dP − δ)` in registers (`P = exp(z −
-/// lse)`: no row reductions) laid out as an operand, and adds `dS·K` into `dQ`.
+/// lse)`: no row reductions) laid out as an operand, and adds `dS·K` into `dQ`; 32 keys at a
+/// time, as the forward.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] causal: bool) {
+fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
-    let h = q.shape(1);
-    let s = q.shape(2);
-    let kvh = k.shape(1);
-    let t = k.shape(2);
-    let bh = CUBE_POS_Y as usize;
-    let bi = bh / h;
-    let hh = bh % h;
-    let kh = hh / (h / kvh);
-    let q0 = CUBE_POS_X as usize * BR;
-    let mut mb = bi;
-    if mask.shape(0) == 1 {
-        mb = 0usize;
-    }
+    let QueryBlock { s, t, bh, bi, hh, kh, q0, mrow, mfirst } = query_block::<F>(q, k, mask);
     let scale = params[0];
     let def = MmaDefinition::<Op, Op, F>::new(16usize, 8usize, 16usize);
 
@@ -487,6 +564,7 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>
 
     let row0 = q0 + warp * 16 + lane / 4;
     let col = 2 * (lane % 4);
+    let (lo, hi, plain) = row_keys(rows, mfirst, row0, s);
     let mut stat = pair_of::<F>(F::new(UNSEEN));
     let mut dl = pair_of::<F>(F::new(0.0));
     #[unroll]
@@ -499,37 +577,41 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>
 
     let mut acc = zeros::<F>();
     let kend = key_end(q0, s, t, causal);
-    let kbase = bi * k.stride(0) + kh * k.stride(1);
-    let vbase = bi * v.stride(0) + kh * v.stride(1);
+    let (kbase, krs, kcs) = (bi * k.stride(0) + kh * k.stride(1), k.stride(2), k.stride(3));
+    let (vbase, vrs, vcs) = (bi * v.stride(0) + kh * v.stride(1), v.stride(2), v.stride(3));
     let mut j0 = 0usize;
     while j0 < kend {
-        stage_pairs::<F, Op>(k, kbase, k.stride(2), k.stride(3), j0, t, &mut ks, KS);
-        stage_pairs_t::<F, Op>(k, kbase, k.stride(2), k.stride(3), j0, t, &mut kt_);
-        stage_pairs::<F, Op>(v, vbase, v.stride(2), v.stride(3), j0, t, &mut vs, KS);
+        stage_pairs::<F, Op>(k, kbase, krs, kcs, j0, t, &mut ks, KS);
+        stage_pairs_t::<F, Op>(k, kbase, krs, kcs, j0, t, &mut kt_);
+        stage_pairs::<F, Op>(v, vbase, vrs, vcs, j0, t, &mut vs, KS);
         sync_cube();
-        let mut ga = Array::<Pair<Op>>::new(comptime!(BC / 16 * 4));
         #[unroll]
-        for nt in 0..comptime!(BC / 8) {
-            let z = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
-            let dp = pair_dot::<Op, F>(&def, &da, &vs, nt * 8, KS);
+        for half in 0..2usize {
+            let mut ga = Array::<Pair<Op>>::new(8usize);
             #[unroll]
-            for x in 0..2usize {
-                let zz = z[x];
-                let pp = dp[x];
-                let mut pair = Pair::<Op>::new(Op::new(0.0));
+            for u in 0..4usize {
+                let nt = half * 4 + u;
+                let z = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
+                let dp = pair_dot::<Op, F>(&def, &da, &vs, nt * 8, KS);
                 #[unroll]
-                for y in 0..2usize {
-                    let (seen, mv) = visible::<F>(mask, mb * s * t, row0 + x * 8, j0 + nt * 8 + col + y, s, t, causal);
-                    let mut g = F::new(0.0);
-                    if seen {
-                        g = F::exp(zz[y] * scale + mv - stat[x]) * (pp[y] - dl[x]);
+                for x in 0..2usize {
+                    let zz = z[x];
+                    let pp = dp[x];
+                    let mut pair = Pair::<Op>::new(Op::new(0.0));
+                    #[unroll]
+                    for y in 0..2usize {
+                        let (seen, mv) = visible::<F>(mask, mrow, lo[x], hi[x], plain[x], row0 + x * 8, j0 + nt * 8 + col + y, s, t, causal);
+                        let mut g = F::new(0.0);
+                        if seen {
+                            g = F::exp(zz[y] * scale + mv - stat[x]) * (pp[y] - dl[x]);
+                        }
+                        pair[y] = Op::cast_from(g);
                     }
-                    pair[y] = Op::cast_from(g);
+                    ga[(u / 2) * 4 + (u % 2) * 2 + x] = pair;
                 }
-                ga[(nt / 2) * 4 + (nt % 2) * 2 + x] = pair;
             }
+            add_products::<Op, F>(&def, &mut acc, &ga, &kt_, half * 2, 2usize);
         }
-        add_products::<Op, F>(&def, &mut acc, &ga, &kt_);
         sync_cube();
         j0 += BC;
     }
@@ -539,13 +621,14 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>
 /// `dK, dV`: cube `(key block, b·kv, head of the group)`; its planes own 16 keys each (keys
 /// are the rows here). Per tile of the head's queries that see the block it recomputes `Pᵀ`
 /// and `dPᵀ = V·dOᵀ`, forms `Pᵀ` and `dSᵀ` as operands in registers, and adds `Pᵀ·dO` into
-/// `dV` and `dSᵀ·Q` into `dK`. Each head of a group writes its own partial `[g, b, kv, t,
-/// d]`; the caller sums them.
+/// `dV` and `dSᵀ·Q` into `dK`, 32 queries at a time. Each head of a group writes its own
+/// partial `[g, b, kv, t, d]`; the caller sums them.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] causal: bool) {
+fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
+    let tid = warp * 32 + lane;
     let h = q.shape(1);
     let s = q.shape(2);
     let kvh = k.shape(1);
@@ -562,6 +645,7 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F
     if mask.shape(0) == 1 {
         mb = 0usize;
     }
+    let mrow = mb * s * t;
     let scale = params[0];
     let def = MmaDefinition::<Op, Op, F>::new(16usize, 8usize, 16usize);
 
@@ -571,6 +655,7 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F
     let mut dot = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
     let mut stats = SharedMemory::<F>::new(BR);
     let mut deltas = SharedMemory::<F>::new(BR);
+    let mut spans = SharedMemory::<u32>::new(BR * 4);
 
     stage_pairs::<F, Op>(k, bi * k.stride(0) + kh * k.stride(1), k.stride(2), k.stride(3), k0, t, &mut qs, KS);
     stage_pairs::<F, Op>(v, bi * v.stride(0) + kh * v.stride(1), v.stride(2), v.stride(3), k0, t, &mut dos, KS);
@@ -588,53 +673,92 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F
     if causal && k0 + s > t {
         i0 = (k0 + s - t) / BR * BR;
     }
-    let qbase = bi * q.stride(0) + hh * q.stride(1);
-    let dbase = bi * dout.stride(0) + hh * dout.stride(1);
+    let (qbase, qrs, qcs) = (bi * q.stride(0) + hh * q.stride(1), q.stride(2), q.stride(3));
+    let (dbase, drs, dcs) = (bi * dout.stride(0) + hh * dout.stride(1), dout.stride(2), dout.stride(3));
     while i0 < s {
-        stage_pairs::<F, Op>(q, qbase, q.stride(2), q.stride(3), i0, s, &mut qs, KS);
-        stage_pairs_t::<F, Op>(q, qbase, q.stride(2), q.stride(3), i0, s, &mut qt);
-        stage_pairs::<F, Op>(dout, dbase, dout.stride(2), dout.stride(3), i0, s, &mut dos, KS);
-        stage_pairs_t::<F, Op>(dout, dbase, dout.stride(2), dout.stride(3), i0, s, &mut dot);
+        stage_pairs::<F, Op>(q, qbase, qrs, qcs, i0, s, &mut qs, KS);
+        stage_pairs_t::<F, Op>(q, qbase, qrs, qcs, i0, s, &mut qt);
+        stage_pairs::<F, Op>(dout, dbase, drs, dcs, i0, s, &mut dos, KS);
+        stage_pairs_t::<F, Op>(dout, dbase, drs, dcs, i0, s, &mut dot);
         stage_stats::<F>(lse, bh * s, i0, s, &mut stats, F::new(UNSEEN));
         stage_stats::<F>(delta, bh * s, i0, s, &mut deltas, F::new(0.0));
-        sync_cube();
-        let mut pa = Array::<Pair<Op>>::new(comptime!(BR / 16 * 4));
-        let mut ga = Array::<Pair<Op>>::new(comptime!(BR / 16 * 4));
+        // The queries' key spans: `[lo, hi, plain, 0]` each (none past `s`).
         #[unroll]
-        for nt in 0..comptime!(BR / 8) {
-            let z = pair_dot::<Op, F>(&def, &ka, &qs, nt * 8, KS);
-            let dp = pair_dot::<Op, F>(&def, &va, &dos, nt * 8, KS);
-            #[unroll]
-            for x in 0..2usize {
-                let zz = z[x];
-                let pp = dp[x];
-                let mut p_pair = Pair::<Op>::new(Op::new(0.0));
-                let mut g_pair = Pair::<Op>::new(Op::new(0.0));
-                #[unroll]
-                for y in 0..2usize {
-                    let qi = nt * 8 + col + y;
-                    let (seen, mv) = visible::<F>(mask, mb * s * t, i0 + qi, key0 + x * 8, s, t, causal);
-                    let mut p = F::new(0.0);
-                    let mut gr = F::new(0.0);
-                    if seen {
-                        p = F::exp(zz[y] * scale + mv - stats[qi]);
-                        gr = p * (pp[y] - deltas[qi]);
-                    }
-                    p_pair[y] = Op::cast_from(p);
-                    g_pair[y] = Op::cast_from(gr);
-                }
-                pa[(nt / 2) * 4 + (nt % 2) * 2 + x] = p_pair;
-                ga[(nt / 2) * 4 + (nt % 2) * 2 + x] = g_pair;
+        for step in 0..comptime!(BR * 4 / 128) {
+            let idx = step * 128 + tid;
+            let qi = i0 + idx / 4;
+            let mut value = 0u32;
+            if qi < s {
+                value = rows[(mb * s + qi) * 4 + idx % 4];
             }
+            spans[idx] = value;
         }
-        add_products::<Op, F>(&def, &mut dv_acc, &pa, &dot);
-        add_products::<Op, F>(&def, &mut dk_acc, &ga, &qt);
+        sync_cube();
+        #[unroll]
+        for half in 0..2usize {
+            let mut pa = Array::<Pair<Op>>::new(8usize);
+            let mut ga = Array::<Pair<Op>>::new(8usize);
+            #[unroll]
+            for u in 0..4usize {
+                let nt = half * 4 + u;
+                let z = pair_dot::<Op, F>(&def, &ka, &qs, nt * 8, KS);
+                let dp = pair_dot::<Op, F>(&def, &va, &dos, nt * 8, KS);
+                #[unroll]
+                for x in 0..2usize {
+                    let zz = z[x];
+                    let pp = dp[x];
+                    let mut p_pair = Pair::<Op>::new(Op::new(0.0));
+                    let mut g_pair = Pair::<Op>::new(Op::new(0.0));
+                    #[unroll]
+                    for y in 0..2usize {
+                        let qi = nt * 8 + col + y;
+                        let (seen, mv) = visible::<F>(mask, mrow, spans[qi * 4], spans[qi * 4 + 1], spans[qi * 4 + 2], i0 + qi, key0 + x * 8, s, t, causal);
+                        let mut p = F::new(0.0);
+                        let mut gr = F::new(0.0);
+                        if seen {
+                            p = F::exp(zz[y] * scale + mv - stats[qi]);
+                            gr = p * (pp[y] - deltas[qi]);
+                        }
+                        p_pair[y] = Op::cast_from(p);
+                        g_pair[y] = Op::cast_from(gr);
+                    }
+                    pa[(u / 2) * 4 + (u % 2) * 2 + x] = p_pair;
+                    ga[(u / 2) * 4 + (u % 2) * 2 + x] = g_pair;
+                }
+            }
+            add_products::<Op, F>(&def, &mut dv_acc, &pa, &dot, half * 2, 2usize);
+            add_products::<Op, F>(&def, &mut dk_acc, &ga, &qt, half * 2, 2usize);
+        }
         sync_cube();
         i0 += BR;
     }
     let base = ((member * dk.shape(1) + bi) * kvh + kh) * t * HEAD;
     store_acc::<F>(&dk_acc, dk, base, HEAD, 1usize, key0, col, t, scale);
     store_acc::<F>(&dv_acc, dv, base, HEAD, 1usize, key0, col, t, F::new(1.0));
+}
+
+/// The keys ([`row_keys`]) of every row of the contiguous mask `[b or 1, s, t]`, as `[b·s, 4]` u32.
+fn mask_rows<R: CubeRuntime, F: FloatElement>(mask: &CubeTensor<R>) -> CubeTensor<R> {
+    let dims = mask.meta.shape().to_vec();
+    let t = dims[dims.len() - 1].max(1);
+    let n = dims.iter().product::<usize>() / t;
+    let rows = empty_device_contiguous_dtype(mask.client.clone(), mask.device.clone(), Shape::new([n.max(1), 4]), burn::tensor::DType::U32);
+    if n == 0 {
+        return rows;
+    }
+    let cubes = n.div_ceil(4);
+    // SAFETY: one plane per row, rows below `n` only (the grid's spare cubes write nothing);
+    // the mask is contiguous with `n` rows of `t`, `rows` contiguous `[n, 4]`.
+    unsafe {
+        mask_rows_kernel::launch_unchecked::<F, R>(
+            &mask.client,
+            CubeCount::Static(cubes.min(65_535) as u32, cubes.div_ceil(65_535) as u32, 1),
+            CubeDim { x: 32, y: 4, z: 1 },
+            mask.clone().into_tensor_arg(),
+            rows.clone().into_tensor_arg(),
+        );
+    }
+    rows
 }
 
 /// `(out [b, h, s, d] (a view of `[b, s, h, d]` memory), lse [b, h, s])`; see the module's
@@ -650,10 +774,11 @@ pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: Cube
         return (out, lse);
     }
     LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let rows = mask_rows::<R, F>(&mask);
     // SAFETY: `applies` held (head size HEAD, planes of 32, bf16 mma); q `[b, h, s, HEAD]`, k and
     // v `[b, kv, t, HEAD]` are read through their strides at indices below their shapes (rows
-    // past `s` or `t` read nothing); the mask is contiguous `[b or 1, s, t]`, `lse` `[b, h, s]`;
-    // `out` is written at rows below `s` only.
+    // past `s` or `t` read nothing); the mask is contiguous `[b or 1, s, t]` and `rows` its
+    // `[b or 1 · s, 4]` spans, `lse` `[b, h, s]`; `out` is written at rows below `s` only.
     unsafe {
         forward_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
             &client,
@@ -663,6 +788,7 @@ pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: Cube
             k.into_tensor_arg(),
             v.into_tensor_arg(),
             mask.into_tensor_arg(),
+            rows.into_tensor_arg(),
             params.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
@@ -687,6 +813,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     let (dk, dv) = (empty(vec![g, b, kvh, t, d]), empty(vec![g, b, kvh, t, d]));
     if b * h * s * t > 0 {
         LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rows = mask_rows::<R, F>(&mask);
         // SAFETY: as in the forward; `lse` and `delta` contiguous `[b, h, s]`, `dk` and `dv`
         // contiguous `[g, b, kv, t, HEAD]` written at key rows below `t` only, `dq` at query
         // rows below `s` only.
@@ -700,6 +827,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
                 k.clone().into_tensor_arg(),
                 v.clone().into_tensor_arg(),
                 mask.clone().into_tensor_arg(),
+                rows.clone().into_tensor_arg(),
                 lse.clone().into_tensor_arg(),
                 delta.clone().into_tensor_arg(),
                 params.clone().into_tensor_arg(),
@@ -715,6 +843,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
                 k.into_tensor_arg(),
                 v.into_tensor_arg(),
                 mask.into_tensor_arg(),
+                rows.into_tensor_arg(),
                 lse.into_tensor_arg(),
                 delta.into_tensor_arg(),
                 params.into_tensor_arg(),

@@ -83,9 +83,15 @@ fn lm_head_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, 
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: usize, kv: usize, s: usize, d: usize, window: Option<usize>, softcap: Option<f64>, (path, bf16_products): (AttentionPath, bool), runs: usize) -> serde_json::Value {
+/// `biased` adds a random bias in `[-1, 0)` to the visible scores: a mask that is not zero
+/// wherever it shows a key (kiln builds none, but the operation takes any additive mask).
+fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize, h: usize, kv: usize, s: usize, d: usize, window: Option<usize>, softcap: Option<f64>, biased: bool, (path, bf16_products): (AttentionPath, bool), runs: usize) -> serde_json::Value {
     set_attention_path(path);
     let mask = causal_mask::<A>(s, 0, 0, window, device);
+    let mask = match biased {
+        true => mask + Tensor::<A, 3>::random([1, s, s], Distribution::Uniform(-1.0, 0.0), device),
+        false => mask,
+    };
     let spec = AttentionSpec { scale: 1.0 / (d as f64).sqrt(), softcap, causal: true, bf16_products };
     let normal = |heads: usize| Tensor::<A, 4>::random([b, heads, s, d], Distribution::Normal(0.0, 1.0), device);
     let (q0, k0, v0, c) = (normal(h), normal(kv), normal(kv), normal(h));
@@ -104,7 +110,7 @@ fn attention_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, b: usize
     let softcap = softcap.map_or("none".to_string(), |c| c.to_string());
     let window = window.map_or("none".to_string(), |w| w.to_string());
     let before = kiln_kernels::tensor_core_attention_count();
-    let mut r = compare("attention", format!("b {b} heads {h}/{kv} s {s} d {d} causal window {window} softcap {softcap} {path:?}{}", if bf16_products { " bf16" } else { "" }), runs, &run);
+    let mut r = compare("attention", format!("b {b} heads {h}/{kv} s {s} d {d} causal window {window} softcap {softcap}{} {path:?}{}", if biased { " biased" } else { "" }, if bf16_products { " bf16" } else { "" }), runs, &run);
     // Whether the forward ran on tensor cores (the `TensorCores` path falls back where it
     // does not apply): said in the result rather than assumed.
     let tensor_cores = kiln_kernels::tensor_core_attention_count() > before;
@@ -297,16 +303,18 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
     let outs: &[FloatDType] = if bf16 { &[FloatDType::F32, FloatDType::BF16] } else { &[FloatDType::F32] };
     if want("attention") {
         for &path in &paths {
-            push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, path, runs));
-            push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), path, runs));
+            push(attention_case::<A>(device, 2, 4, 2, 37, 16, None, None, false, path, runs));
+            push(attention_case::<A>(device, 1, 2, 1, 70, 64, Some(9), Some(5.0), false, path, runs));
         }
-        // The tensor-core forward (CUDA, head size 64, bf16): sequences that end mid-tile, a
-        // sliding window, and a training-sized square.
+        // The tensor-core kernels (CUDA, head size 64, bf16): sequences that end mid-tile, a
+        // sliding window, a mask with values besides 0 (read, not skipped), and a
+        // training-sized square.
         if bf16 {
             let path = (AttentionPath::TensorCores, true);
-            push(attention_case::<A>(device, 2, 4, 2, 150, 64, None, None, path, runs));
-            push(attention_case::<A>(device, 1, 14, 2, 300, 64, Some(40), None, path, runs));
-            push(attention_case::<A>(device, 2, 8, 2, 1024, 64, None, None, path, runs));
+            push(attention_case::<A>(device, 2, 4, 2, 150, 64, None, None, false, path, runs));
+            push(attention_case::<A>(device, 1, 14, 2, 300, 64, Some(40), None, false, path, runs));
+            push(attention_case::<A>(device, 2, 4, 2, 150, 64, None, None, true, path, runs));
+            push(attention_case::<A>(device, 2, 8, 2, 1024, 64, None, None, false, path, runs));
         }
     }
     if want("lm_head_loss") {
@@ -346,7 +354,7 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
     }
     if want("attention") {
         for &path in &paths {
-            push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, path, runs));
+            push(attention_case::<A>(device, 4, 14, 2, 1024, 64, None, None, false, path, runs));
         }
     }
     if want("rope") {
