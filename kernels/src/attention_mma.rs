@@ -58,7 +58,7 @@ const UNSEEN: f32 = 1.0e30;
 
 static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Forwards run here so far (the checks and benchmarks report it).
+/// Calls (forward or backward) run here so far (the checks and benchmarks report it).
 pub(crate) fn launches() -> u64 {
     LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
 }

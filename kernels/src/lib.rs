@@ -68,7 +68,8 @@ pub fn cublas_counts() -> (u64, u64) {
     (0, 0)
 }
 
-/// Attention forwards run on tensor cores so far (`attention_mma.rs`; zero where none did).
+/// Attention calls (forwards and backwards) run on tensor cores so far (`attention_mma.rs`;
+/// zero where none did).
 pub fn tensor_core_attention_count() -> u64 {
     #[cfg(feature = "cubecl")]
     return attention_mma::launches();
