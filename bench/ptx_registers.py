@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Registers and spills of compiled kernels, from kiln's kernel cache (on the GPU machine).
 
-CubeCL keeps the PTX it compiled in $KILN_CACHE_DIR/cubecl/cuda/*/ptx/*.cbor; this reads the
+CubeCL keeps the PTX it compiled in $KILN_CACHE_DIR/cubecl/kernels-*/cuda/*/ptx/*.cbor; this reads the
 entries whose entry point starts with one of the given names and runs `ptxas -v` on each, which
 says how many registers a thread uses (and so how many cubes fit on an SM) and whether any
 spill to local memory.
@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--ptxas", default=(glob.glob("/usr/local/cuda*/bin/ptxas") or ["ptxas"])[0])
     args = ap.parse_args()
     seen = set()
-    for path in sorted(glob.glob(f"{args.cache}/cubecl/cuda/*/ptx/*.cbor")):
+    for path in sorted(glob.glob(f"{args.cache}/cubecl/**/ptx/*.cbor", recursive=True)):
         for entry in cbor_items(open(path, "rb").read()):
             value = entry.get("value", {}) if isinstance(entry, dict) else {}
             name = value.get("entrypoint_name", "")

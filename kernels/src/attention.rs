@@ -776,13 +776,13 @@ pub(crate) mod cube {
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             use burn::tensor::ops::FloatTensorOps;
             let [b, h, s, d] = q.meta.shape().dims::<4>();
+            if tensor_cores_chosen::<R>(&q, &k, spec, true) {
+                let p = params::<R, F, I, BT>(&q, spec);
+                return crate::attention_mma::backward::<R, F>(dout, q, k, v, mask, out, lse, p, spec);
+            }
             // δ = rowsum(dO ∘ O) `[b, h, s]`: one elementwise product and a row sum.
             let prod = Self::float_mul(as_float::<R, F>(dout.clone()), as_float::<R, F>(out));
             let delta = contiguous_float::<R, F>(Self::float_reshape(Self::float_sum_dim(prod, 3), Shape::new([b, h, s])));
-            if tensor_cores_chosen::<R>(&q, &k, spec, true) {
-                let p = params::<R, F, I, BT>(&q, spec);
-                return crate::attention_mma::backward::<R, F, I, BT>(dout, q, k, v, mask, lse, delta, p, spec);
-            }
             if let Some(limit) = products::chosen::<R>(&q, &k) {
                 return products::backward::<R, F, I, BT>(dout, q, k, v, mask, lse, delta, spec, limit);
             }

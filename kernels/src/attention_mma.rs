@@ -18,12 +18,20 @@
 //! transposed so that each lane's pair is one 32-bit load. Fragment positions come from
 //! [`MmaDefinition::position_of_nth`] where they are loaded.
 //!
-//! Inputs are read through their strides (queries and keys as rope wrote them, values as the
-//! projection's transposed view) in f32; `out` and `dQ` are written `[b, s, h, d]`, the
-//! layout the output projection and rope's backward read, and returned as `[b, h, s, d]` views.
-//! `dK, dV` come per head of a group and are summed after. Masks are read once per call into
-//! per-row key intervals ([`row_keys`]), so a plain causal, packed or windowed row costs no
-//! mask loads.
+//! Inputs are first packed ([`pack`]): read through their strides (queries and keys as rope
+//! wrote them, values as the projection's transposed view), written as bf16 `[b, h, rows, d]`
+//! padded with zero rows to whole tiles, so that staging a tile is one 128-bit load per eight
+//! values and no row checks (staging element by element from f32 was most of the first
+//! kernels' instructions). `out` and `dQ` are written `[b, s, h, d]` in f32, the layout the
+//! output projection and rope's backward read, and returned as `[b, h, s, d]` views.
+//! `dK, dV` of a key/value head add up its group's query heads in one cube. Masks are read
+//! once per call into per-row key intervals ([`row_keys`]), so a plain causal, packed or
+//! windowed row costs no mask loads, and a tile that every row of a plane sees whole
+//! ([`whole_tile`]; all but the diagonal ones of a causal mask) costs no mask arithmetic.
+//!
+//! The three kernels take exponentials as `__expf` (`ex2.approx` of a scaled input, two
+//! instructions, where `expf` is ~10): they feed bf16 operands, and every input is finite
+//! (a hidden key's score is [`MASKED`], not −∞), which the fast-math flags assume.
 //!
 //! Training runs the forward here and the backward on the products (which read the same
 //! `lse`): measured on an H200, the backward kernels are correct but still slower than the
@@ -31,16 +39,15 @@
 
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use burn::tensor::ops::FloatTensorOps;
-use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_cubecl::{CubeRuntime, FloatElement};
 use burn::tensor::Shape;
 use cubecl::cmma::MmaDefinition;
-use cubecl::ir::{ElemType, FloatKind, MatrixIdent};
+use cubecl::ir::{ElemType, FastMath, FloatKind, MatrixIdent};
 use cubecl::prelude::*;
 use cubecl::{cube, CubeCount, CubeDim};
 
 use crate::attention::AttentionSpec;
-use crate::cube::{as_float, contiguous_float, view};
+use crate::cube::{as_float, contiguous_float, flat_count, flat_index, view, FLAT_THREADS};
 
 /// Query rows per cube (four planes of 16) and keys per staged tile.
 const BR: usize = 64;
@@ -137,6 +144,50 @@ fn visible<F: Float>(mask: &Tensor<F>, mrow: usize, lo: u32, hi: u32, plain: u32
     (seen, mv)
 }
 
+/// Scales one 16 × 8 score tile (this lane's rows `row0`, `row0 + 8`, keys `j`, `j + 1`) and,
+/// with `check`, applies the mask: [`MASKED`] where a key is hidden, the mask's value added
+/// where it is not plain.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn scaled_scores<F: Float>(acc: &mut Array<Vector<F, Const<2>>>, scale: F, mask: &Tensor<F>, mrow: usize, lo: &Array<u32>, hi: &Array<u32>, plain: &Array<u32>, row0: usize, j: usize, s: usize, t: usize, check: bool, #[comptime] causal: bool) {
+    #[unroll]
+    for x in 0..2usize {
+        let mut zz = acc[x];
+        #[unroll]
+        for y in 0..2usize {
+            zz[y] = zz[y] * scale;
+        }
+        if check {
+            #[unroll]
+            for y in 0..2usize {
+                let (seen, mv) = visible::<F>(mask, mrow, lo[x], hi[x], plain[x], row0 + x * 8, j + y, s, t, causal);
+                let mut value = F::new(MASKED);
+                if seen {
+                    value = zz[y] + mv;
+                }
+                zz[y] = value;
+            }
+        }
+        acc[x] = zz;
+    }
+}
+
+/// Whether every query row of this plane sees all of keys `j0..j0 + BC` through a plain mask
+/// row, so that a tile's scores need no mask ([`scaled_scores`]): true for all but the
+/// diagonal tiles of a causal mask.
+#[cube]
+fn whole_tile(lo: &Array<u32>, hi: &Array<u32>, plain: &Array<u32>, row0: usize, j0: usize, s: usize, t: usize, #[comptime] causal: bool) -> bool {
+    let mut inside = true;
+    #[unroll]
+    for x in 0..2usize {
+        inside = inside && plain[x] == 1u32 && j0 >= lo[x] as usize && j0 + BC <= hi[x] as usize;
+        if causal {
+            inside = inside && j0 + BC + s <= row0 + x * 8 + t + 1;
+        }
+    }
+    plane_all(inside)
+}
+
 /// One plane per mask row `[.., t]` (4 rows a cube): its keys as `[lo, hi, plain, 0]` ([`row_keys`]).
 #[cube(launch_unchecked)]
 fn mask_rows_kernel<F: Float>(mask: &Tensor<F>, rows: &mut Tensor<u32>) {
@@ -216,47 +267,118 @@ fn stage_stats<F: Float>(x: &Tensor<F>, base: usize, first: usize, rows: usize, 
 /// staged tiles below are read as (one 32-bit shared-memory load per pair).
 type Pair<Op> = Vector<Op, Const<2>>;
 
-/// Rows `first..first + 64` of the `[rows, HEAD]` matrix at `base` of `x` (row stride `rs`,
-/// column stride `cs`) into `buf` as pairs of `Op` (row stride `stride` elements), zeros past
-/// `rows`. All 128 threads of the cube.
+/// Eight bf16 values: one 128-bit load from a packed matrix ([`pack`]).
+type Oct<Op> = Vector<Op, Const<8>>;
+
+/// Rows `first..first + 64` of the packed `[rows, HEAD]` matrix whose first vector is `base`
+/// into `buf` as pairs (row stride `stride` elements). All 128 threads of the cube, a 128-bit
+/// load and four pair stores each step; the matrix is padded to whole tiles, so no row is
+/// checked.
 #[cube]
-fn stage_pairs<F: Float, Op: Float>(x: &Tensor<F>, base: usize, rs: usize, cs: usize, first: usize, rows: usize, buf: &mut SharedMemory<Pair<Op>>, #[comptime] stride: usize) {
+fn stage_rows<Op: Float>(x: &Tensor<Oct<Op>>, base: usize, first: usize, buf: &mut SharedMemory<Pair<Op>>, #[comptime] stride: usize) {
     let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
-    // Not unrolled: unrolled, every step's addresses stayed live (the forward 207 registers
-    // against 138, the `dK, dV` kernel spilling) and ran no faster (bench/RESULTS.md).
-    for step in 0..comptime!(BC * HEAD / 2 / 128) {
+    #[unroll]
+    for step in 0..comptime!(BC * HEAD / 8 / 128) {
         let idx = step * 128 + tid;
-        let row = idx / comptime!(HEAD / 2);
-        let cp = idx % comptime!(HEAD / 2);
-        let j = first + row;
-        let mut pair = Pair::<Op>::new(Op::new(0.0));
-        if j < rows {
-            let at = base + j * rs + 2 * cp * cs;
-            pair[0usize] = Op::cast_from(x[at]);
-            pair[1usize] = Op::cast_from(x[at + cs]);
+        let row = idx / comptime!(HEAD / 8);
+        let c = idx % comptime!(HEAD / 8);
+        let v = x[base + (first + row) * comptime!(HEAD / 8) + c];
+        #[unroll]
+        for i in 0..4usize {
+            let mut pair = Pair::<Op>::new(Op::new(0.0));
+            pair[0usize] = v[2 * i];
+            pair[1usize] = v[2 * i + 1];
+            buf[(row * stride) / 2 + c * 4 + i] = pair;
         }
-        buf[(row * stride) / 2 + cp] = pair;
     }
 }
 
-/// [`stage_pairs`] transposed: `buf[c][r]` holds row `first + r`, feature `c` (row stride
-/// [`VS`]), so that pairs run along rows.
+/// [`stage_rows`] transposed: `buf[c][r]` holds row `first + r`, feature `c` (row stride
+/// [`VS`]), so that pairs run along rows. A lane takes two adjacent rows of an 8-feature
+/// chunk (two 128-bit loads, eight pair stores); the 32 lanes of a plane store into 32
+/// different banks.
 #[cube]
-fn stage_pairs_t<F: Float, Op: Float>(x: &Tensor<F>, base: usize, rs: usize, cs: usize, first: usize, rows: usize, buf: &mut SharedMemory<Pair<Op>>) {
-    let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
-    for step in 0..comptime!(BC * HEAD / 2 / 128) {
-        let idx = step * 128 + tid;
-        let col = idx % HEAD;
-        let rp = idx / HEAD;
-        let j = first + 2 * rp;
-        let mut pair = Pair::<Op>::new(Op::new(0.0));
-        if j < rows {
-            pair[0usize] = Op::cast_from(x[base + j * rs + col * cs]);
+fn stage_rows_t<Op: Float>(x: &Tensor<Oct<Op>>, base: usize, first: usize, buf: &mut SharedMemory<Pair<Op>>) {
+    let rp = UNIT_POS_X as usize;
+    #[unroll]
+    for step in 0..comptime!(HEAD / 8 / 4) {
+        let c = UNIT_POS_Y as usize + step * 4;
+        let a = x[base + (first + 2 * rp) * comptime!(HEAD / 8) + c];
+        let b = x[base + (first + 2 * rp + 1) * comptime!(HEAD / 8) + c];
+        #[unroll]
+        for e in 0..8usize {
+            let mut pair = Pair::<Op>::new(Op::new(0.0));
+            pair[0usize] = a[e];
+            pair[1usize] = b[e];
+            buf[((c * 8 + e) * VS) / 2 + rp] = pair;
         }
-        if j + 1 < rows {
-            pair[1usize] = Op::cast_from(x[base + (j + 1) * rs + col * cs]);
+    }
+}
+
+/// Where packed vector `i` of `[b, h, sp, HEAD]` comes from: `(b·h + head, row, first
+/// feature)`.
+#[cube]
+fn packed_place(i: usize, sp: usize) -> (usize, usize, usize) {
+    let r = i / comptime!(HEAD / 8);
+    (r / sp, r % sp, (i % comptime!(HEAD / 8)) * 8)
+}
+
+/// Element `(bh, row, c)` of `x` `[b, h, s, HEAD]` (any strides).
+#[cube]
+fn strided_at<F: Float>(x: &Tensor<F>, bh: usize, row: usize, c: usize) -> usize {
+    let h = x.shape(1);
+    (bh / h) * x.stride(0) + (bh % h) * x.stride(1) + row * x.stride(2) + c * x.stride(3)
+}
+
+/// One thread per eight features of a row: `x` `[b, h, s, HEAD]` (any strides, the backend's
+/// float) as bf16 `[b, h, sp, HEAD]`, contiguous, rows `s..sp` zero.
+#[cube(launch_unchecked)]
+fn pack_kernel<F: Float, Op: Float>(x: &Tensor<F>, y: &mut Tensor<Oct<Op>>) {
+    let i = flat_index();
+    let sp = y.shape(2);
+    if i < y.shape(0) * y.shape(1) * sp * comptime!(HEAD / 8) {
+        let (bh, row, c) = packed_place(i, sp);
+        let mut v = Oct::<Op>::new(Op::new(0.0));
+        if row < x.shape(2) {
+            let at = strided_at::<F>(x, bh, row, c);
+            #[unroll]
+            for e in 0..8usize {
+                v[e] = Op::cast_from(x[at + e * x.stride(3)]);
+            }
         }
-        buf[(col * VS) / 2 + rp] = pair;
+        y[i] = v;
+    }
+}
+
+/// [`pack_kernel`] for `dO`, which also writes `δ = rowsum(dO ∘ O)` `[b, h, s]` (`o` any
+/// strides): the eight threads of a row are adjacent lanes, and sum with three shuffles.
+#[cube(launch_unchecked)]
+fn pack_delta_kernel<F: Float, Op: Float>(x: &Tensor<F>, o: &Tensor<F>, y: &mut Tensor<Oct<Op>>, delta: &mut Tensor<F>) {
+    let i = flat_index();
+    let s = x.shape(2);
+    let sp = y.shape(2);
+    // Every vector count is a multiple of 64 rows · 8, so no plane straddles the end.
+    if i < y.shape(0) * y.shape(1) * sp * comptime!(HEAD / 8) {
+        let (bh, row, c) = packed_place(i, sp);
+        let mut v = Oct::<Op>::new(Op::new(0.0));
+        let mut sum = F::new(0.0);
+        if row < s {
+            let at = strided_at::<F>(x, bh, row, c);
+            let ot = strided_at::<F>(o, bh, row, c);
+            #[unroll]
+            for e in 0..8usize {
+                let d = x[at + e * x.stride(3)];
+                v[e] = Op::cast_from(d);
+                sum += d * o[ot + e * o.stride(3)];
+            }
+        }
+        y[i] = v;
+        sum += plane_shuffle_xor(sum, 1);
+        sum += plane_shuffle_xor(sum, 2);
+        sum += plane_shuffle_xor(sum, 4);
+        if c == 0 && row < s {
+            delta[bh * s + row] = sum;
+        }
     }
 }
 
@@ -315,31 +437,38 @@ struct QueryBlock {
     /// Queries and keys.
     s: usize,
     t: usize,
-    /// Batch · query heads + head, its batch row, head, and key/value head.
+    /// Batch · query heads + head, its batch row and head.
     bh: usize,
     bi: usize,
     hh: usize,
-    kh: usize,
     /// The block's first query row.
     q0: usize,
     /// Offset of the batch row's `[s, t]` mask, and its first row's index.
     mrow: usize,
     mfirst: usize,
+    /// The first vectors of this head's packed queries and of its key/value head's keys.
+    qbase: usize,
+    kbase: usize,
 }
 
+/// `q` and `k` packed ([`pack`]); the mask `[b or 1, s, t]` gives the unpadded lengths.
 #[cube]
-fn query_block<F: Float>(q: &Tensor<F>, k: &Tensor<F>, mask: &Tensor<F>) -> QueryBlock {
+fn query_block<F: Float, Op: Float>(q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, mask: &Tensor<F>) -> QueryBlock {
     let h = q.shape(1);
-    let s = q.shape(2);
-    let t = k.shape(2);
+    let kvh = k.shape(1);
+    let s = mask.shape(1);
+    let t = mask.shape(2);
     let bh = CUBE_POS_Y as usize;
     let bi = bh / h;
     let hh = bh % h;
+    let kh = hh / (h / kvh);
     let mut mb = bi;
     if mask.shape(0) == 1 {
         mb = 0usize;
     }
-    QueryBlock { s, t, bh, bi, hh, kh: hh / (h / k.shape(1)), q0: CUBE_POS_X as usize * BR, mrow: mb * s * t, mfirst: mb * s }
+    let qbase = bh * q.shape(2) * comptime!(HEAD / 8);
+    let kbase = (bi * kvh + kh) * k.shape(2) * comptime!(HEAD / 8);
+    QueryBlock { s, t, bh, bi, hh, q0: CUBE_POS_X as usize * BR, mrow: mb * s * t, mfirst: mb * s, qbase, kbase }
 }
 
 /// Two values (one per row a lane holds), both `x`.
@@ -357,19 +486,19 @@ fn pair_of<F: Float>(x: F) -> Array<F> {
 /// registers: a score tile's accumulators are laid out as the probability operand's
 /// fragment, so `P` never goes through shared memory. A staged tile of 64 keys is taken in two
 /// halves of 32 (fewer live registers). `params` = [scale, softcap (unused)].
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
-fn forward_kernel<F: Float, Op: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, rows: &Tensor<u32>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] causal: bool) {
+fn forward_kernel<F: Float, Op: Float>(q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
-    let QueryBlock { s, t, bh, bi, hh, kh, q0, mrow, mfirst } = query_block::<F>(q, k, mask);
+    let QueryBlock { s, t, bh, bi, hh, q0, mrow, mfirst, qbase, kbase } = query_block::<F, Op>(q, k, mask);
     let scale = params[0];
     let def = MmaDefinition::<Op, Op, F>::new(16usize, 8usize, 16usize);
 
     let mut ks = SharedMemory::<Pair<Op>>::new(BC * KS / 2);
     let mut vt = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
 
-    stage_pairs::<F, Op>(q, bi * q.stride(0) + hh * q.stride(1), q.stride(2), q.stride(3), q0, s, &mut ks, KS);
+    stage_rows::<Op>(q, qbase, q0, &mut ks, KS);
     sync_cube();
     let qa = pair_rows_a::<Op, F>(&def, &ks, warp * 16, KS);
     sync_cube();
@@ -383,13 +512,12 @@ fn forward_kernel<F: Float, Op: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<
     let mut o = zeros::<F>();
 
     let kend = key_end(q0, s, t, causal);
-    let (kbase, krs, kcs) = (bi * k.stride(0) + kh * k.stride(1), k.stride(2), k.stride(3));
-    let (vbase, vrs, vcs) = (bi * v.stride(0) + kh * v.stride(1), v.stride(2), v.stride(3));
     let mut j0 = 0usize;
     while j0 < kend {
-        stage_pairs::<F, Op>(k, kbase, krs, kcs, j0, t, &mut ks, KS);
-        stage_pairs_t::<F, Op>(v, vbase, vrs, vcs, j0, t, &mut vt);
+        stage_rows::<Op>(k, kbase, j0, &mut ks, KS);
+        stage_rows_t::<Op>(v, kbase, j0, &mut vt);
         sync_cube();
+        let check = !whole_tile(&lo, &hi, &plain, row0, j0, s, t, causal);
         #[unroll]
         for half in 0..2usize {
             // Scores of 32 keys: tile `u`'s vector 0 is row `row0`, vector 1 row `row0 + 8`.
@@ -398,20 +526,12 @@ fn forward_kernel<F: Float, Op: Float>(q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<
             #[unroll]
             for u in 0..4usize {
                 let nt = half * 4 + u;
-                let acc = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
+                let mut acc = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
+                scaled_scores::<F>(&mut acc, scale, mask, mrow, &lo, &hi, &plain, row0, j0 + nt * 8 + col, s, t, check, causal);
                 #[unroll]
                 for x in 0..2usize {
-                    let mut zz = acc[x];
-                    #[unroll]
-                    for y in 0..2usize {
-                        let (seen, mv) = visible::<F>(mask, mrow, lo[x], hi[x], plain[x], row0 + x * 8, j0 + nt * 8 + col + y, s, t, causal);
-                        let mut value = F::new(MASKED);
-                        if seen {
-                            value = zz[y] * scale + mv;
-                        }
-                        zz[y] = value;
-                        top[x] = max(top[x], value);
-                    }
+                    let zz = acc[x];
+                    top[x] = max(top[x], max(zz[0usize], zz[1usize]));
                     z[u * 2 + x] = zz;
                 }
             }
@@ -542,12 +662,12 @@ fn store_acc<F: Float>(acc: &Array<Vector<F, Const<2>>>, out: &mut Tensor<F>, ba
 /// and `dP = dO·Vᵀ` on tensor cores, forms `dS = P ∘ (dP − δ)` in registers (`P = exp(z −
 /// lse)`: no row reductions) laid out as an operand, and adds `dS·K` into `dQ`; 32 keys at a
 /// time, as the forward.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
-fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] causal: bool) {
+fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
-    let QueryBlock { s, t, bh, bi, hh, kh, q0, mrow, mfirst } = query_block::<F>(q, k, mask);
+    let QueryBlock { s, t, bh, bi, hh, q0, mrow, mfirst, qbase, kbase } = query_block::<F, Op>(q, k, mask);
     let scale = params[0];
     let def = MmaDefinition::<Op, Op, F>::new(16usize, 8usize, 16usize);
 
@@ -555,8 +675,8 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>
     let mut kt_ = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
     let mut vs = SharedMemory::<Pair<Op>>::new(BC * KS / 2);
 
-    stage_pairs::<F, Op>(q, bi * q.stride(0) + hh * q.stride(1), q.stride(2), q.stride(3), q0, s, &mut ks, KS);
-    stage_pairs::<F, Op>(dout, bi * dout.stride(0) + hh * dout.stride(1), dout.stride(2), dout.stride(3), q0, s, &mut vs, KS);
+    stage_rows::<Op>(q, qbase, q0, &mut ks, KS);
+    stage_rows::<Op>(dout, qbase, q0, &mut vs, KS);
     sync_cube();
     let qa = pair_rows_a::<Op, F>(&def, &ks, warp * 16, KS);
     let da = pair_rows_a::<Op, F>(&def, &vs, warp * 16, KS);
@@ -577,22 +697,23 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>
 
     let mut acc = zeros::<F>();
     let kend = key_end(q0, s, t, causal);
-    let (kbase, krs, kcs) = (bi * k.stride(0) + kh * k.stride(1), k.stride(2), k.stride(3));
-    let (vbase, vrs, vcs) = (bi * v.stride(0) + kh * v.stride(1), v.stride(2), v.stride(3));
     let mut j0 = 0usize;
     while j0 < kend {
-        stage_pairs::<F, Op>(k, kbase, krs, kcs, j0, t, &mut ks, KS);
-        stage_pairs_t::<F, Op>(k, kbase, krs, kcs, j0, t, &mut kt_);
-        stage_pairs::<F, Op>(v, vbase, vrs, vcs, j0, t, &mut vs, KS);
+        stage_rows::<Op>(k, kbase, j0, &mut ks, KS);
+        stage_rows_t::<Op>(k, kbase, j0, &mut kt_);
+        stage_rows::<Op>(v, kbase, j0, &mut vs, KS);
         sync_cube();
+        let check = !whole_tile(&lo, &hi, &plain, row0, j0, s, t, causal);
         #[unroll]
         for half in 0..2usize {
             let mut ga = Array::<Pair<Op>>::new(8usize);
             #[unroll]
             for u in 0..4usize {
                 let nt = half * 4 + u;
-                let z = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
+                let mut z = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
                 let dp = pair_dot::<Op, F>(&def, &da, &vs, nt * 8, KS);
+                // A hidden key's score is MASKED: its probability, and so its gradient, is 0.
+                scaled_scores::<F>(&mut z, scale, mask, mrow, &lo, &hi, &plain, row0, j0 + nt * 8 + col, s, t, check, causal);
                 #[unroll]
                 for x in 0..2usize {
                     let zz = z[x];
@@ -600,12 +721,7 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>
                     let mut pair = Pair::<Op>::new(Op::new(0.0));
                     #[unroll]
                     for y in 0..2usize {
-                        let (seen, mv) = visible::<F>(mask, mrow, lo[x], hi[x], plain[x], row0 + x * 8, j0 + nt * 8 + col + y, s, t, causal);
-                        let mut g = F::new(0.0);
-                        if seen {
-                            g = F::exp(zz[y] * scale + mv - stat[x]) * (pp[y] - dl[x]);
-                        }
-                        pair[y] = Op::cast_from(g);
+                        pair[y] = Op::cast_from(F::exp(zz[y] - stat[x]) * (pp[y] - dl[x]));
                     }
                     ga[(u / 2) * 4 + (u % 2) * 2 + x] = pair;
                 }
@@ -618,28 +734,26 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>
     store_acc::<F>(&acc, dq, bi * dq.stride(0) + hh * dq.stride(1), dq.stride(2), dq.stride(3), row0, col, s, scale);
 }
 
-/// `dK, dV`: cube `(key block, b·kv, head of the group)`; its planes own 16 keys each (keys
-/// are the rows here). Per tile of the head's queries that see the block it recomputes `Pᵀ`
-/// and `dPᵀ = V·dOᵀ`, forms `Pᵀ` and `dSᵀ` as operands in registers, and adds `Pᵀ·dO` into
-/// `dV` and `dSᵀ·Q` into `dK`, 32 queries at a time. Each head of a group writes its own
-/// partial `[g, b, kv, t, d]`; the caller sums them.
-#[cube(launch_unchecked)]
+/// `dK, dV`: cube `(key block, b·kv)`; its planes own 16 keys each (keys are the rows here).
+/// For each head of the group in turn, per tile of its queries that see the block, it
+/// recomputes `Pᵀ` and `dPᵀ = V·dOᵀ`, forms `Pᵀ` and `dSᵀ` as operands in registers, and adds
+/// `Pᵀ·dO` into `dV` and `dSᵀ·Q` into `dK`, 32 queries at a time. The heads of a group add into
+/// the same registers, so `dK` and `dV` are written once, whole, and the block's keys and
+/// values are staged once.
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
-fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F>, v: &Tensor<F>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] causal: bool) {
+fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let tid = warp * 32 + lane;
     let h = q.shape(1);
-    let s = q.shape(2);
+    let s = mask.shape(1);
     let kvh = k.shape(1);
-    let t = k.shape(2);
+    let t = mask.shape(2);
     let g = h / kvh;
     let bk = CUBE_POS_Y as usize;
     let bi = bk / kvh;
     let kh = bk % kvh;
-    let member = CUBE_POS_Z as usize;
-    let hh = kh * g + member;
-    let bh = bi * h + hh;
     let k0 = CUBE_POS_X as usize * BC;
     let mut mb = bi;
     if mask.shape(0) == 1 {
@@ -653,12 +767,16 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F
     let mut qt = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
     let mut dos = SharedMemory::<Pair<Op>>::new(BR * KS / 2);
     let mut dot = SharedMemory::<Pair<Op>>::new(HEAD * VS / 2);
-    let mut stats = SharedMemory::<F>::new(BR);
-    let mut deltas = SharedMemory::<F>::new(BR);
+    // Per query of the tile: lse and δ (in pairs of adjacent queries, as a lane reads them),
+    // key spans `[lo, hi, plain, 0]`, and whether it sees the whole key block through a plain row.
+    let mut stats = SharedMemory::<Vector<F, Const<2>>>::new(BR / 2);
+    let mut deltas = SharedMemory::<Vector<F, Const<2>>>::new(BR / 2);
     let mut spans = SharedMemory::<u32>::new(BR * 4);
+    let mut whole = SharedMemory::<u32>::new(BR);
 
-    stage_pairs::<F, Op>(k, bi * k.stride(0) + kh * k.stride(1), k.stride(2), k.stride(3), k0, t, &mut qs, KS);
-    stage_pairs::<F, Op>(v, bi * v.stride(0) + kh * v.stride(1), v.stride(2), v.stride(3), k0, t, &mut dos, KS);
+    let kbase = bk * k.shape(2) * comptime!(HEAD / 8);
+    stage_rows::<Op>(k, kbase, k0, &mut qs, KS);
+    stage_rows::<Op>(v, kbase, k0, &mut dos, KS);
     sync_cube();
     let ka = pair_rows_a::<Op, F>(&def, &qs, warp * 16, KS);
     let va = pair_rows_a::<Op, F>(&def, &dos, warp * 16, KS);
@@ -669,31 +787,62 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F
     let mut dk_acc = zeros::<F>();
     let mut dv_acc = zeros::<F>();
     // Queries before `k0 + s − t` see none of the block's keys.
-    let mut i0 = 0usize;
+    let mut first = 0usize;
     if causal && k0 + s > t {
-        i0 = (k0 + s - t) / BR * BR;
+        first = (k0 + s - t) / BR * BR;
     }
-    let (qbase, qrs, qcs) = (bi * q.stride(0) + hh * q.stride(1), q.stride(2), q.stride(3));
-    let (dbase, drs, dcs) = (bi * dout.stride(0) + hh * dout.stride(1), dout.stride(2), dout.stride(3));
-    while i0 < s {
-        stage_pairs::<F, Op>(q, qbase, qrs, qcs, i0, s, &mut qs, KS);
-        stage_pairs_t::<F, Op>(q, qbase, qrs, qcs, i0, s, &mut qt);
-        stage_pairs::<F, Op>(dout, dbase, drs, dcs, i0, s, &mut dos, KS);
-        stage_pairs_t::<F, Op>(dout, dbase, drs, dcs, i0, s, &mut dot);
-        stage_stats::<F>(lse, bh * s, i0, s, &mut stats, F::new(UNSEEN));
-        stage_stats::<F>(delta, bh * s, i0, s, &mut deltas, F::new(0.0));
-        // The queries' key spans: `[lo, hi, plain, 0]` each (none past `s`).
-        #[unroll]
-        for step in 0..comptime!(BR * 4 / 128) {
-            let idx = step * 128 + tid;
-            let qi = i0 + idx / 4;
-            let mut value = 0u32;
-            if qi < s {
-                value = rows[(mb * s + qi) * 4 + idx % 4];
+    // One loop over (head of the group, query tile).
+    let tiles = (s - first).div_ceil(BR);
+    let mut n = 0usize;
+    while n < g * tiles {
+        let member = n / tiles;
+        let i0 = first + (n % tiles) * BR;
+        let bh = bi * h + kh * g + member;
+        let qbase = bh * q.shape(2) * comptime!(HEAD / 8);
+        stage_rows::<Op>(q, qbase, i0, &mut qs, KS);
+        stage_rows_t::<Op>(q, qbase, i0, &mut qt);
+        stage_rows::<Op>(dout, qbase, i0, &mut dos, KS);
+        stage_rows_t::<Op>(dout, qbase, i0, &mut dot);
+        if tid < BR / 2 {
+            let mut st = Vector::<F, Const<2>>::new(F::new(UNSEEN));
+            let mut dl = Vector::<F, Const<2>>::new(F::new(0.0));
+            #[unroll]
+            for y in 0..2usize {
+                let qi = 2 * tid + y;
+                let i = i0 + qi;
+                let mut span = Array::<u32>::new(3usize);
+                span[0usize] = 0u32;
+                span[1usize] = 0u32;
+                span[2usize] = 0u32;
+                if i < s {
+                    st[y] = lse[bh * s + i];
+                    dl[y] = delta[bh * s + i];
+                    #[unroll]
+                    for e in 0..3usize {
+                        span[e] = rows[(mb * s + i) * 4 + e];
+                    }
+                }
+                #[unroll]
+                for e in 0..3usize {
+                    spans[qi * 4 + e] = span[e];
+                }
+                let mut inside = span[2usize] == 1u32 && k0 >= span[0usize] as usize && k0 + BC <= span[1usize] as usize;
+                if causal {
+                    inside = inside && k0 + BC + s <= i + t + 1;
+                }
+                let mut w = 0u32;
+                if inside {
+                    w = 1u32;
+                }
+                whole[qi] = w;
             }
-            spans[idx] = value;
+            stats[tid] = st;
+            deltas[tid] = dl;
         }
         sync_cube();
+        // A tile that every query sees whole (all but the diagonal ones of a causal mask)
+        // needs no mask.
+        let check = !plane_all(whole[lane] + whole[lane + 32] == 2u32);
         #[unroll]
         for half in 0..2usize {
             let mut pa = Array::<Pair<Op>>::new(8usize);
@@ -703,6 +852,8 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F
                 let nt = half * 4 + u;
                 let z = pair_dot::<Op, F>(&def, &ka, &qs, nt * 8, KS);
                 let dp = pair_dot::<Op, F>(&def, &va, &dos, nt * 8, KS);
+                let st = stats[(nt * 8 + col) / 2];
+                let dl = deltas[(nt * 8 + col) / 2];
                 #[unroll]
                 for x in 0..2usize {
                     let zz = z[x];
@@ -712,15 +863,19 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F
                     #[unroll]
                     for y in 0..2usize {
                         let qi = nt * 8 + col + y;
-                        let (seen, mv) = visible::<F>(mask, mrow, spans[qi * 4], spans[qi * 4 + 1], spans[qi * 4 + 2], i0 + qi, key0 + x * 8, s, t, causal);
-                        let mut p = F::new(0.0);
-                        let mut gr = F::new(0.0);
-                        if seen {
-                            p = F::exp(zz[y] * scale + mv - stats[qi]);
-                            gr = p * (pp[y] - deltas[qi]);
+                        let mut z = zz[y] * scale;
+                        if check {
+                            let (seen, mv) = visible::<F>(mask, mrow, spans[qi * 4], spans[qi * 4 + 1], spans[qi * 4 + 2], i0 + qi, key0 + x * 8, s, t, causal);
+                            let mut value = F::new(MASKED);
+                            if seen {
+                                value = z + mv;
+                            }
+                            z = value;
                         }
+                        // A hidden key's score is MASKED, a query past `s` has lse UNSEEN: p is 0.
+                        let p = F::exp(z - st[y]);
                         p_pair[y] = Op::cast_from(p);
-                        g_pair[y] = Op::cast_from(gr);
+                        g_pair[y] = Op::cast_from(p * (pp[y] - dl[y]));
                     }
                     pa[(u / 2) * 4 + (u % 2) * 2 + x] = p_pair;
                     ga[(u / 2) * 4 + (u % 2) * 2 + x] = g_pair;
@@ -730,9 +885,9 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<F>, q: &Tensor<F>, k: &Tensor<F
             add_products::<Op, F>(&def, &mut dk_acc, &ga, &qt, half * 2, 2usize);
         }
         sync_cube();
-        i0 += BR;
+        n += 1;
     }
-    let base = ((member * dk.shape(1) + bi) * kvh + kh) * t * HEAD;
+    let base = bk * t * HEAD;
     store_acc::<F>(&dk_acc, dk, base, HEAD, 1usize, key0, col, t, scale);
     store_acc::<F>(&dv_acc, dv, base, HEAD, 1usize, key0, col, t, F::new(1.0));
 }
@@ -761,10 +916,42 @@ fn mask_rows<R: CubeRuntime, F: FloatElement>(mask: &CubeTensor<R>) -> CubeTenso
     rows
 }
 
+/// `x` `[b, h, s, HEAD]` (any strides) as bf16 `[b, h, sp, HEAD]`, contiguous, `sp` the rows
+/// rounded up to whole tiles and those past `s` zero: what the kernels stage, a 128-bit load
+/// per eight values and no row checks.
+fn pack<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>) -> CubeTensor<R> {
+    pack_with::<R, F>(x, None).0
+}
+
+/// [`pack`], and with `o` (the forward's output, `x`'s shape) `δ = rowsum(x ∘ o)` `[b, h, s]`.
+fn pack_with<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>, o: Option<CubeTensor<R>>) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
+    let x = as_float::<R, F>(x);
+    let [b, h, s, d] = x.meta.shape().dims::<4>();
+    let sp = s.div_ceil(BR) * BR;
+    let empty = |shape: Vec<usize>, dtype| empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::from(shape), dtype);
+    let y = empty(vec![b, h, sp, d], burn::tensor::DType::BF16);
+    let delta = o.as_ref().map(|_| empty(vec![b, h, s], F::dtype()));
+    let n = b * h * sp * d / 8;
+    if n == 0 {
+        return (y, delta);
+    }
+    let (count, dim) = (flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 });
+    // SAFETY: `d` is HEAD (`applies`), so `y` holds exactly `n` vectors of eight; the kernels
+    // check the flat index against that count and read `x` (and `o`, of `x`'s shape) only at
+    // rows below `s`, where they write `delta` `[b, h, s]`.
+    unsafe {
+        match (o, &delta) {
+            (Some(o), Some(delta)) => pack_delta_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(&x.client, count, dim, x.clone().into_tensor_arg(), as_float::<R, F>(o).into_tensor_arg(), y.clone().into_tensor_arg(), delta.clone().into_tensor_arg()),
+            _ => pack_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(&x.client, count, dim, x.clone().into_tensor_arg(), y.clone().into_tensor_arg()),
+        }
+    }
+    (y, delta)
+}
+
 /// `(out [b, h, s, d] (a view of `[b, s, h, d]` memory), lse [b, h, s])`; see the module's
 /// comment. [`applies`] must hold.
 pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>) {
-    let (q, k, v, mask) = (as_float::<R, F>(q), as_float::<R, F>(k), as_float::<R, F>(v), contiguous_float::<R, F>(mask));
+    let mask = contiguous_float::<R, F>(mask);
     let [b, h, s, d] = q.meta.shape().dims::<4>();
     let client = q.client.clone();
     let memory = empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::new([b, s, h, d]), F::dtype());
@@ -775,10 +962,11 @@ pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: Cube
     }
     LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let rows = mask_rows::<R, F>(&mask);
-    // SAFETY: `applies` held (head size HEAD, planes of 32, bf16 mma); q `[b, h, s, HEAD]`, k and
-    // v `[b, kv, t, HEAD]` are read through their strides at indices below their shapes (rows
-    // past `s` or `t` read nothing); the mask is contiguous `[b or 1, s, t]` and `rows` its
-    // `[b or 1 · s, 4]` spans, `lse` `[b, h, s]`; `out` is written at rows below `s` only.
+    let (q, k, v) = (pack::<R, F>(q), pack::<R, F>(k), pack::<R, F>(v));
+    // SAFETY: `applies` held (head size HEAD, planes of 32, bf16 mma); q `[b, h, sp, HEAD]`, k
+    // and v `[b, kv, tp, HEAD]` packed, whole tiles, read at tiles that start below `s` or `t`;
+    // the mask is contiguous `[b or 1, s, t]` and `rows` its `[b or 1 · s, 4]` spans, `lse`
+    // `[b, h, s]`; `out` is written at rows below `s` only.
     unsafe {
         forward_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
             &client,
@@ -798,25 +986,26 @@ pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: Cube
     (out, lse)
 }
 
-/// `(dq, dk, dv)` of [`forward`]; `delta` `[b, h, s]` = rowsum(dO ∘ O). [`applies`] must hold.
+/// `(dq, dk, dv)` of [`forward`] (`out` its output). [`applies`] must hold.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(dout: CubeTensor<R>, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, lse: CubeTensor<R>, delta: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
-    let (dout, q, k, v) = (as_float::<R, F>(dout), as_float::<R, F>(q), as_float::<R, F>(k), as_float::<R, F>(v));
-    let (mask, lse, delta) = (contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse), contiguous_float::<R, F>(delta));
+pub(crate) fn backward<R: CubeRuntime, F: FloatElement>(dout: CubeTensor<R>, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, out: CubeTensor<R>, lse: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let (mask, lse) = (contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse));
     let [b, h, s, d] = q.meta.shape().dims::<4>();
     let [_, kvh, t, _] = k.meta.shape().dims::<4>();
-    let g = h / kvh;
     let client = q.client.clone();
     let empty = |shape: Vec<usize>| empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::from(shape), F::dtype());
     // dQ laid out `[b, s, h, d]`, as rope's backward and the query projection read it.
     let dq = view(&empty(vec![b, s, h, d]), vec![b, h, s, d], vec![s * h * d, d, h * d, 1]);
-    let (dk, dv) = (empty(vec![g, b, kvh, t, d]), empty(vec![g, b, kvh, t, d]));
+    let (dk, dv) = (empty(vec![b, kvh, t, d]), empty(vec![b, kvh, t, d]));
     if b * h * s * t > 0 {
         LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rows = mask_rows::<R, F>(&mask);
-        // SAFETY: as in the forward; `lse` and `delta` contiguous `[b, h, s]`, `dk` and `dv`
-        // contiguous `[g, b, kv, t, HEAD]` written at key rows below `t` only, `dq` at query
-        // rows below `s` only.
+        let (dout, delta) = pack_with::<R, F>(dout, Some(out));
+        let delta = delta.expect("pack_with writes δ when given the output");
+        let (q, k, v) = (pack::<R, F>(q), pack::<R, F>(k), pack::<R, F>(v));
+        // SAFETY: as in the forward (`dout` packed as `q`); `lse` and `delta` contiguous `[b, h,
+        // s]`, `dk` and `dv` contiguous `[b, kv, t, HEAD]` written at key rows below `t` only,
+        // `dq` at query rows below `s` only.
         unsafe {
             dq_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
                 &client,
@@ -836,7 +1025,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
             );
             dkv_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
                 &client,
-                CubeCount::Static(t.div_ceil(BC) as u32, (b * kvh) as u32, g as u32),
+                CubeCount::Static(t.div_ceil(BC) as u32, (b * kvh) as u32, 1),
                 CubeDim { x: 32, y: 4, z: 1 },
                 dout.into_tensor_arg(),
                 q.into_tensor_arg(),
@@ -853,10 +1042,5 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
             );
         }
     }
-    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
-    let total = |x: CubeTensor<R>| match g {
-        1 => B::<R, F, I, BT>::float_reshape(x, Shape::new([b, kvh, t, d])),
-        _ => B::<R, F, I, BT>::float_reshape(B::<R, F, I, BT>::float_sum_dim(x, 0), Shape::new([b, kvh, t, d])),
-    };
-    (dq, total(dk), total(dv))
+    (dq, dk, dv)
 }

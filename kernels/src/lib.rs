@@ -92,7 +92,8 @@ pub fn cuda_total_memory(index: usize) -> Option<u64> {
 }
 
 /// Keeps CubeCL's compiled kernels (CUDA's PTX; NVRTC takes about half a second per kernel,
-/// and a training step needs hundreds) and its autotune results in `dir` between runs, unless a
+/// and a training step needs hundreds) in a folder of `dir` named for this build's kernel
+/// sources, and its autotune results in `dir`, between runs, unless a
 /// `cubecl.toml` or `CUBECL_*` variables say otherwise. Must run before the first GPU client
 /// starts; returns false (changing nothing) once CubeCL's configuration has been read.
 #[cfg(feature = "cubecl")]
@@ -105,7 +106,10 @@ pub fn keep_kernel_cache(dir: &std::path::Path) -> bool {
     }
     let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
     if config.compilation.cache.is_none() {
-        config.compilation.cache = Some(CacheConfig::File(dir.to_path_buf()));
+        // One folder per build of these kernels' sources (kernels/build.rs): CubeCL keys cached
+        // kernels by type and compile-time arguments, not code, and on 2026-11-29 an H200 ran
+        // an older `dK, dV` kernel out of the cache after its code had changed.
+        config.compilation.cache = Some(CacheConfig::File(dir.join(concat!("kernels-", env!("KILN_KERNELS_SOURCE_ID")))));
     }
     // The default keeps autotune results under the nearest Cargo project's `target`.
     if matches!(config.autotune.cache, CacheConfig::Target) {

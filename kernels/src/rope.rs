@@ -114,15 +114,23 @@ pub(crate) mod cube {
     use super::RopeOp;
 
 
-    /// One cube per row of `y` `[b, h, s, d]` (cube position: position, head, batch row), one
-    /// unit per feature, so no thread divides to find its place. `x` and `y` are indexed
-    /// through their strides: either may be a transposed view (the projection's `[b, s, h, d]`).
+    /// Units a cube has at least (while heads last): a cube of one head's `d` units was too
+    /// small to keep the card busy (100 µs a Llama-shape call, ~4× its bandwidth time).
+    const UNITS: usize = 256;
+
+    /// One cube per position and group of heads (`CUBE_DIM_Y` of them) of `y` `[b, h, s, d]` (cube position:
+    /// position, head group, batch row), one unit per feature and head, so no thread divides
+    /// to find its place. `x` and `y` are indexed through their strides: either may be a
+    /// transposed view (the projection's `[b, s, h, d]`).
     #[cube(launch_unchecked)]
     fn rope_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, y: &mut Tensor<F>) {
         let j = UNIT_POS_X as usize;
         let pos = CUBE_POS_X as usize;
-        let head = CUBE_POS_Y as usize;
+        let head = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
         let bi = CUBE_POS_Z as usize;
+        if head >= y.shape(1) {
+            terminate!();
+        }
         let s = y.shape(2);
         let r = cos.shape(2);
         let half = r / 2;
@@ -154,11 +162,12 @@ pub(crate) mod cube {
             return;
         }
         let client = x.client.clone();
-        // SAFETY: the grid is exactly `[b, h, s]` cubes of `d` units, `y`'s shape, which is `x`'s;
-        // tables `[b or 1, s, r]`, `r ≤ d` even, contiguous (above), so the partner index stays
-        // inside the element's row.
+        // SAFETY: the grid covers `[b, h, s]` with `d` units a row, `y`'s shape, which is `x`'s
+        // (units of heads past `h` return first); tables `[b or 1, s, r]`, `r ≤ d` even,
+        // contiguous (above), so the partner index stays inside the element's row.
         unsafe {
-            rope_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(s as u32, h as u32, b as u32), CubeDim { x: d as u32, y: 1, z: 1 }, x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), y.into_tensor_arg());
+            let heads = (UNITS / d).clamp(1, h);
+            rope_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(s as u32, h.div_ceil(heads) as u32, b as u32), CubeDim { x: d as u32, y: heads as u32, z: 1 }, x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), y.into_tensor_arg());
         }
     }
 
