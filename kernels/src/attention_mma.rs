@@ -288,7 +288,7 @@ fn stage_rows<Op: Float>(x: &Tensor<Oct<Op>>, base: usize, first: usize, buf: &m
             let mut pair = Pair::<Op>::new(Op::new(0.0));
             pair[0usize] = v[2 * i];
             pair[1usize] = v[2 * i + 1];
-            buf[(row * stride) / 2 + c * 4 + i] = pair;
+            buf[row * comptime!(stride / 2) + c * 4 + i] = pair;
         }
     }
 }
@@ -310,7 +310,7 @@ fn stage_rows_t<Op: Float>(x: &Tensor<Oct<Op>>, base: usize, first: usize, buf: 
             let mut pair = Pair::<Op>::new(Op::new(0.0));
             pair[0usize] = a[e];
             pair[1usize] = b[e];
-            buf[((c * 8 + e) * VS) / 2 + rp] = pair;
+            buf[(c * 8 + e) * comptime!(VS / 2) + rp] = pair;
         }
     }
 }
@@ -392,7 +392,9 @@ fn pair_rows_a<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, buf: &Shared
         #[unroll]
         for i in 0..4usize {
             let (r, c) = def.position_of_nth(UNIT_POS_X, (i * 2) as u32, MatrixIdent::A);
-            frags[kt * 4 + i] = buf[((row0 + r as usize) * stride + kt * 16 + c as usize) / 2];
+            // Split so that the lane's part is one register and the rest constants (row0 is a
+            // multiple of 16, stride and c even): see `pair_b`.
+            frags[kt * 4 + i] = buf[row0 * comptime!(stride / 2) + kt * 8 + (r as usize * stride + c as usize) / 2];
         }
     }
     frags
@@ -406,7 +408,10 @@ fn pair_b<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, buf: &SharedMemor
     #[unroll]
     for i in 0..2usize {
         let (r, c) = def.position_of_nth(UNIT_POS_X, (i * 2) as u32, MatrixIdent::B);
-        frag[i] = buf[((n0 + c as usize) * stride + k0 + r as usize) / 2];
+        // `(n0·stride + k0) / 2` (constants once the loops are unrolled) plus the lane's part
+        // (the same register for every fragment): written as one quotient, each load cost an
+        // add, a shift, a multiply and a 64-bit add before it in the PTX.
+        frag[i] = buf[(n0 * stride + k0) / 2 + (c as usize * stride + r as usize) / 2];
     }
     frag
 }
@@ -852,8 +857,8 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, 
                 let nt = half * 4 + u;
                 let z = pair_dot::<Op, F>(&def, &ka, &qs, nt * 8, KS);
                 let dp = pair_dot::<Op, F>(&def, &va, &dos, nt * 8, KS);
-                let st = stats[(nt * 8 + col) / 2];
-                let dl = deltas[(nt * 8 + col) / 2];
+                let st = stats[nt * 4 + lane % 4];
+                let dl = deltas[nt * 4 + lane % 4];
                 #[unroll]
                 for x in 0..2usize {
                     let zz = z[x];
