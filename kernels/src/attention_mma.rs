@@ -250,19 +250,6 @@ fn key_end(q0: usize, s: usize, t: usize, #[comptime] causal: bool) -> usize {
     kend
 }
 
-/// Rows `first..first + 64` of `[b, h, s]` statistics at `base` into `buf` (`fill` past `rows`).
-#[cube]
-fn stage_stats<F: Float>(x: &Tensor<F>, base: usize, first: usize, rows: usize, buf: &mut SharedMemory<F>, fill: F) {
-    let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
-    if tid < 64 {
-        let mut value = fill;
-        if first + tid < rows {
-            value = x[base + first + tid];
-        }
-        buf[tid] = value;
-    }
-}
-
 /// A pair of adjacent bf16 elements: what a lane's fragment registers hold, and what the
 /// staged tiles below are read as (one 32-bit shared-memory load per pair).
 type Pair<Op> = Vector<Op, Const<2>>;
@@ -925,32 +912,36 @@ fn mask_rows<R: CubeRuntime, F: FloatElement>(mask: &CubeTensor<R>) -> CubeTenso
 /// rounded up to whole tiles and those past `s` zero: what the kernels stage, a 128-bit load
 /// per eight values and no row checks.
 fn pack<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>) -> CubeTensor<R> {
-    pack_with::<R, F>(x, None).0
+    pack_into::<R, F>(x, None)
 }
 
-/// [`pack`], and with `o` (the forward's output, `x`'s shape) `δ = rowsum(x ∘ o)` `[b, h, s]`.
-fn pack_with<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>, o: Option<CubeTensor<R>>) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
+/// [`pack`] of `dO`, and `δ = rowsum(dO ∘ O)` `[b, h, s]` (`o` the forward's output, `x`'s shape).
+fn pack_delta<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>, o: CubeTensor<R>) -> (CubeTensor<R>, CubeTensor<R>) {
+    let [b, h, s, _] = x.meta.shape().dims::<4>();
+    let delta = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([b, h, s]), F::dtype());
+    (pack_into::<R, F>(x, Some((o, delta.clone()))), delta)
+}
+
+fn pack_into<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>, with_delta: Option<(CubeTensor<R>, CubeTensor<R>)>) -> CubeTensor<R> {
     let x = as_float::<R, F>(x);
     let [b, h, s, d] = x.meta.shape().dims::<4>();
     let sp = s.div_ceil(BR) * BR;
-    let empty = |shape: Vec<usize>, dtype| empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::from(shape), dtype);
-    let y = empty(vec![b, h, sp, d], burn::tensor::DType::BF16);
-    let delta = o.as_ref().map(|_| empty(vec![b, h, s], F::dtype()));
+    let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([b, h, sp, d]), burn::tensor::DType::BF16);
     let n = b * h * sp * d / 8;
     if n == 0 {
-        return (y, delta);
+        return y;
     }
     let (count, dim) = (flat_count(n), CubeDim { x: FLAT_THREADS, y: 1, z: 1 });
     // SAFETY: `d` is HEAD (`applies`), so `y` holds exactly `n` vectors of eight; the kernels
     // check the flat index against that count and read `x` (and `o`, of `x`'s shape) only at
     // rows below `s`, where they write `delta` `[b, h, s]`.
     unsafe {
-        match (o, &delta) {
-            (Some(o), Some(delta)) => pack_delta_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(&x.client, count, dim, x.clone().into_tensor_arg(), as_float::<R, F>(o).into_tensor_arg(), y.clone().into_tensor_arg(), delta.clone().into_tensor_arg()),
-            _ => pack_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(&x.client, count, dim, x.clone().into_tensor_arg(), y.clone().into_tensor_arg()),
+        match with_delta {
+            Some((o, delta)) => pack_delta_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(&x.client, count, dim, x.clone().into_tensor_arg(), as_float::<R, F>(o).into_tensor_arg(), y.clone().into_tensor_arg(), delta.into_tensor_arg()),
+            None => pack_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(&x.client, count, dim, x.clone().into_tensor_arg(), y.clone().into_tensor_arg()),
         }
     }
-    (y, delta)
+    y
 }
 
 /// `(out [b, h, s, d] (a view of `[b, s, h, d]` memory), lse [b, h, s])`; see the module's
@@ -1005,8 +996,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement>(dout: CubeTensor<R>, q: 
     if b * h * s * t > 0 {
         LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rows = mask_rows::<R, F>(&mask);
-        let (dout, delta) = pack_with::<R, F>(dout, Some(out));
-        let delta = delta.expect("pack_with writes δ when given the output");
+        let (dout, delta) = pack_delta::<R, F>(dout, out);
         let (q, k, v) = (pack::<R, F>(q), pack::<R, F>(k), pack::<R, F>(v));
         // SAFETY: as in the forward (`dout` packed as `q`); `lse` and `delta` contiguous `[b, h,
         // s]`, `dk` and `dv` contiguous `[b, kv, t, HEAD]` written at key rows below `t` only,
