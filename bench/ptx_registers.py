@@ -6,11 +6,12 @@ entries whose entry point starts with one of the given names and runs `ptxas -v`
 says how many registers a thread uses (and so how many cubes fit on an SM) and whether any
 spill to local memory.
 
-    python3 bench/ptx_registers.py [--cache .kiln-cache] [--arch sm_90a] forward_kernel dq_kernel
+    python3 bench/ptx_registers.py [--cache .kiln-cache] [--arch sm_90a] mma_forward_kernel mma_dq_kernel
 """
 import argparse
 import glob
 import os
+import re
 import subprocess
 import tempfile
 
@@ -86,7 +87,9 @@ def main():
                 f.flush()
                 run = subprocess.run([args.ptxas, f"-arch={args.arch}", "-v", "-o", "/dev/null", f.name], capture_output=True, text=True)
             info = [l.strip() for l in (run.stdout + run.stderr).splitlines() if "registers" in l or "spill" in l]
-            print(f"{name} (shared {value.get('shared_mem_bytes')} B, PTX {len(ptx)} B): " + "; ".join(info))
+            bound = re.search(rb"\.minnctapersm\s+(\d+)", ptx)
+            cubes = f", at least {bound.group(1).decode()} cubes an SM" if bound else ""
+            print(f"{name} (shared {value.get('shared_mem_bytes')} B, PTX {len(ptx)} B{cubes}): " + "; ".join(info))
 
 
 if __name__ == "__main__":

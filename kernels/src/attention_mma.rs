@@ -89,6 +89,41 @@ pub(crate) fn supported<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
     props.features.matmul.mma.contains(&config) && props.hardware.plane_size_min == 32 && props.hardware.plane_size_max == 32
 }
 
+/// How many cubes of the forward, `dQ` and `dK, dV` kernels an SM must hold at once, which caps
+/// their registers (CUDA `__launch_bounds__`; 65,536 registers an SM, 128 threads a cube). They
+/// are latency-bound: each plane waits on chains of `mma` and shared-memory loads, and a cube
+/// more on an SM hides more of it than the registers it costs buy. Measured on an H200
+/// (bench/RESULTS.md); `KILN_ATTENTION_CUBES="forward,dq,dkv"` sets them for experiments (0: no
+/// bound; the bound is part of a compiled kernel's cache key).
+pub(crate) fn cubes_per_sm() -> [u32; 3] {
+    const DEFAULT: [u32; 3] = [4, 4, 3];
+    let Ok(text) = std::env::var("KILN_ATTENTION_CUBES") else {
+        return DEFAULT;
+    };
+    let parsed: Vec<u32> = text.split(',').filter_map(|v| v.trim().parse().ok()).collect();
+    match parsed[..] {
+        [f, q, kv] => [f, q, kv],
+        _ => {
+            tracing::warn!("KILN_ATTENTION_CUBES={text:?} is not three numbers (forward,dq,dkv); using {DEFAULT:?}");
+            DEFAULT
+        }
+    }
+}
+
+/// [`cubes_per_sm`] for a kernel, from its id (which names the kernel's type, in the module
+/// CubeCL generates for its function).
+#[cfg(feature = "cuda")]
+fn min_cubes(kernel_id: &str) -> Option<u32> {
+    let kernel = ["mma_forward_kernel", "mma_dq_kernel", "mma_dkv_kernel"].iter().position(|k| kernel_id.contains(k))?;
+    Some(cubes_per_sm()[kernel]).filter(|&c| c > 0)
+}
+
+/// Registers [`min_cubes`] with the CUDA runtime before the kernels are first compiled.
+fn bound_registers() {
+    #[cfg(feature = "cuda")]
+    let _ = cubecl::cuda::launch_bounds::MIN_CUBES_FN.set(min_cubes);
+}
+
 /// `HEAD / 8` zeroed accumulator tiles.
 #[cube]
 fn zeros<F: Float>() -> Array<Vector<F, Const<2>>> {
@@ -144,31 +179,36 @@ fn visible<F: Float>(mask: &Tensor<F>, mrow: usize, lo: u32, hi: u32, plain: u32
     (seen, mv)
 }
 
-/// Scales one 16 × 8 score tile (this lane's rows `row0`, `row0 + 8`, keys `j`, `j + 1`) and,
-/// with `check`, applies the mask: [`MASKED`] where a key is hidden, the mask's value added
-/// where it is not plain.
+/// Scales `tiles` 16 × 8 score tiles side by side (this lane's rows `row0`, `row0 + 8`; tile
+/// `u`'s keys `j + 8u`, `j + 8u + 1`; laid out as [`pair_dots`] returns them) and, with
+/// `check`, applies the mask: [`MASKED`] where a key is hidden, the mask's value added where it
+/// is not plain. One branch for all the tiles, after all their products: a branch between two
+/// tiles' `mma` chains would keep the tensor cores from overlapping them.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn scaled_scores<F: Float>(acc: &mut Array<Vector<F, Const<2>>>, scale: F, mask: &Tensor<F>, mrow: usize, lo: &Array<u32>, hi: &Array<u32>, plain: &Array<u32>, row0: usize, j: usize, s: usize, t: usize, check: bool, #[comptime] causal: bool) {
+fn scaled_scores<F: Float>(z: &mut Array<Vector<F, Const<2>>>, scale: F, mask: &Tensor<F>, mrow: usize, lo: &Array<u32>, hi: &Array<u32>, plain: &Array<u32>, row0: usize, j: usize, s: usize, t: usize, check: bool, #[comptime] tiles: usize, #[comptime] causal: bool) {
     #[unroll]
-    for x in 0..2usize {
-        let mut zz = acc[x];
+    for i in 0..comptime!(tiles * 2) {
+        z[i] = z[i] * Vector::<F, Const<2>>::new(scale);
+    }
+    if check {
         #[unroll]
-        for y in 0..2usize {
-            zz[y] = zz[y] * scale;
-        }
-        if check {
+        for u in 0..tiles {
             #[unroll]
-            for y in 0..2usize {
-                let (seen, mv) = visible::<F>(mask, mrow, lo[x], hi[x], plain[x], row0 + x * 8, j + y, s, t, causal);
-                let mut value = F::new(MASKED);
-                if seen {
-                    value = zz[y] + mv;
+            for x in 0..2usize {
+                let mut zz = z[u * 2 + x];
+                #[unroll]
+                for y in 0..2usize {
+                    let (seen, mv) = visible::<F>(mask, mrow, lo[x], hi[x], plain[x], row0 + x * 8, j + u * 8 + y, s, t, causal);
+                    let mut value = F::new(MASKED);
+                    if seen {
+                        value = zz[y] + mv;
+                    }
+                    zz[y] = value;
                 }
-                zz[y] = value;
+                z[u * 2 + x] = zz;
             }
         }
-        acc[x] = zz;
     }
 }
 
@@ -403,22 +443,35 @@ fn pair_b<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, buf: &SharedMemor
     frag
 }
 
-/// One 16 × 8 tile of `rows · tileᵀ` from pairs: this plane's rows (`a`, from
-/// [`pair_rows_a`]) against rows `n0..n0 + 8` of the paired tile `buf`, in f32.
+/// `tiles` 16 × 8 tiles of `rows · tileᵀ` side by side, in f32: this plane's rows (`a`, from
+/// [`pair_rows_a`]) against rows `n0..n0 + 8·tiles` of the paired tile `buf`; tile `u`'s rows
+/// `g` and `g + 8` are vectors `2u` and `2u + 1`. The k-steps run outermost, so the tiles'
+/// accumulations are independent `mma` chains that the tensor cores overlap (one tile's four
+/// k-steps each wait for the previous one).
 #[cube]
-fn pair_dot<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, a: &Array<Pair<Op>>, buf: &SharedMemory<Pair<Op>>, n0: usize, #[comptime] stride: usize) -> Array<Vector<F, Const<2>>> {
-    let mut acc = Array::<Vector<F, Const<2>>>::new(2usize);
-    acc[0usize] = Vector::<F, Const<2>>::new(F::new(0.0));
-    acc[1usize] = Vector::<F, Const<2>>::new(F::new(0.0));
+fn pair_dots<Op: Float, F: Float>(def: &MmaDefinition<Op, Op, F>, a: &Array<Pair<Op>>, buf: &SharedMemory<Pair<Op>>, n0: usize, #[comptime] tiles: usize, #[comptime] stride: usize) -> Array<Vector<F, Const<2>>> {
+    let mut acc = Array::<Vector<F, Const<2>>>::new(comptime!(tiles * 2));
+    #[unroll]
+    for i in 0..comptime!(tiles * 2) {
+        acc[i] = Vector::<F, Const<2>>::new(F::new(0.0));
+    }
     #[unroll]
     for kt in 0..comptime!(HEAD / 16) {
-        let b = pair_b::<Op, F>(def, buf, kt * 16, n0, stride);
         let mut frag = Array::<Pair<Op>>::new(4usize);
         #[unroll]
         for x in 0..4usize {
             frag[x] = a[kt * 4 + x];
         }
-        def.execute_inplace(&frag, &b, &mut acc);
+        #[unroll]
+        for u in 0..tiles {
+            let b = pair_b::<Op, F>(def, buf, kt * 16, n0 + u * 8, stride);
+            let mut part = Array::<Vector<F, Const<2>>>::new(2usize);
+            part[0usize] = acc[u * 2];
+            part[1usize] = acc[u * 2 + 1];
+            def.execute_inplace(&frag, &b, &mut part);
+            acc[u * 2] = part[0usize];
+            acc[u * 2 + 1] = part[1usize];
+        }
     }
     acc
 }
@@ -480,7 +533,7 @@ fn pair_of<F: Float>(x: F) -> Array<F> {
 /// halves of 32 (fewer live registers). `params` = [scale, softcap (unused)].
 #[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
-fn forward_kernel<F: Float, Op: Float>(q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] causal: bool) {
+fn mma_forward_kernel<F: Float, Op: Float>(q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, params: &Tensor<F>, out: &mut Tensor<F>, lse: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let QueryBlock { s, t, bh, bi, hh, q0, mrow, mfirst, qbase, kbase } = query_block::<F, Op>(q, k, mask);
@@ -513,18 +566,15 @@ fn forward_kernel<F: Float, Op: Float>(q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>,
         #[unroll]
         for half in 0..2usize {
             // Scores of 32 keys: tile `u`'s vector 0 is row `row0`, vector 1 row `row0 + 8`.
-            let mut z = Array::<Vector<F, Const<2>>>::new(8usize);
+            let mut z = pair_dots::<Op, F>(&def, &qa, &ks, half * 32, 4usize, KS);
+            scaled_scores::<F>(&mut z, scale, mask, mrow, &lo, &hi, &plain, row0, j0 + half * 32 + col, s, t, check, 4usize, causal);
             let mut top = pair_of::<F>(F::new(MASKED));
             #[unroll]
             for u in 0..4usize {
-                let nt = half * 4 + u;
-                let mut acc = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
-                scaled_scores::<F>(&mut acc, scale, mask, mrow, &lo, &hi, &plain, row0, j0 + nt * 8 + col, s, t, check, causal);
                 #[unroll]
                 for x in 0..2usize {
-                    let zz = acc[x];
+                    let zz = z[u * 2 + x];
                     top[x] = max(top[x], max(zz[0usize], zz[1usize]));
-                    z[u * 2 + x] = zz;
                 }
             }
             // Row maxima over the quad's four lanes, then the online-softmax update.
@@ -656,7 +706,7 @@ fn store_acc<F: Float>(acc: &Array<Vector<F, Const<2>>>, out: &mut Tensor<F>, ba
 /// time, as the forward.
 #[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
-fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] causal: bool) {
+fn mma_dq_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dq: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let QueryBlock { s, t, bh, bi, hh, q0, mrow, mfirst, qbase, kbase } = query_block::<F, Op>(q, k, mask);
@@ -699,17 +749,16 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, k
         #[unroll]
         for half in 0..2usize {
             let mut ga = Array::<Pair<Op>>::new(8usize);
+            let mut z = pair_dots::<Op, F>(&def, &qa, &ks, half * 32, 4usize, KS);
+            let dp = pair_dots::<Op, F>(&def, &da, &vs, half * 32, 4usize, KS);
+            // A hidden key's score is MASKED: its probability, and so its gradient, is 0.
+            scaled_scores::<F>(&mut z, scale, mask, mrow, &lo, &hi, &plain, row0, j0 + half * 32 + col, s, t, check, 4usize, causal);
             #[unroll]
             for u in 0..4usize {
-                let nt = half * 4 + u;
-                let mut z = pair_dot::<Op, F>(&def, &qa, &ks, nt * 8, KS);
-                let dp = pair_dot::<Op, F>(&def, &da, &vs, nt * 8, KS);
-                // A hidden key's score is MASKED: its probability, and so its gradient, is 0.
-                scaled_scores::<F>(&mut z, scale, mask, mrow, &lo, &hi, &plain, row0, j0 + nt * 8 + col, s, t, check, causal);
                 #[unroll]
                 for x in 0..2usize {
-                    let zz = z[x];
-                    let pp = dp[x];
+                    let zz = z[u * 2 + x];
+                    let pp = dp[u * 2 + x];
                     let mut pair = Pair::<Op>::new(Op::new(0.0));
                     #[unroll]
                     for y in 0..2usize {
@@ -734,7 +783,7 @@ fn dq_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, k
 /// values are staged once.
 #[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
-fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] causal: bool) {
+fn mma_dkv_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, v: &Tensor<Oct<Op>>, mask: &Tensor<F>, rows: &Tensor<u32>, lse: &Tensor<F>, delta: &Tensor<F>, params: &Tensor<F>, dk: &mut Tensor<F>, dv: &mut Tensor<F>, #[comptime] causal: bool) {
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let tid = warp * 32 + lane;
@@ -839,38 +888,43 @@ fn dkv_kernel<F: Float, Op: Float>(dout: &Tensor<Oct<Op>>, q: &Tensor<Oct<Op>>, 
         for half in 0..2usize {
             let mut pa = Array::<Pair<Op>>::new(8usize);
             let mut ga = Array::<Pair<Op>>::new(8usize);
+            // Two tiles of 8 queries at a time (four would take more registers than a thread has).
             #[unroll]
-            for u in 0..4usize {
-                let nt = half * 4 + u;
-                let z = pair_dot::<Op, F>(&def, &ka, &qs, nt * 8, KS);
-                let dp = pair_dot::<Op, F>(&def, &va, &dos, nt * 8, KS);
-                let st = stats[nt * 4 + lane % 4];
-                let dl = deltas[nt * 4 + lane % 4];
+            for w in 0..2usize {
+                let z2 = pair_dots::<Op, F>(&def, &ka, &qs, (half * 4 + w * 2) * 8, 2usize, KS);
+                let dp2 = pair_dots::<Op, F>(&def, &va, &dos, (half * 4 + w * 2) * 8, 2usize, KS);
                 #[unroll]
-                for x in 0..2usize {
-                    let zz = z[x];
-                    let pp = dp[x];
-                    let mut p_pair = Pair::<Op>::new(Op::new(0.0));
-                    let mut g_pair = Pair::<Op>::new(Op::new(0.0));
+                for v in 0..2usize {
+                    let u = w * 2 + v;
+                    let nt = half * 4 + u;
+                    let st = stats[nt * 4 + lane % 4];
+                    let dl = deltas[nt * 4 + lane % 4];
                     #[unroll]
-                    for y in 0..2usize {
-                        let qi = nt * 8 + col + y;
-                        let mut z = zz[y] * scale;
-                        if check {
-                            let (seen, mv) = visible::<F>(mask, mrow, spans[qi * 4], spans[qi * 4 + 1], spans[qi * 4 + 2], i0 + qi, key0 + x * 8, s, t, causal);
-                            let mut value = F::new(MASKED);
-                            if seen {
-                                value = z + mv;
+                    for x in 0..2usize {
+                        let zz = z2[v * 2 + x];
+                        let pp = dp2[v * 2 + x];
+                        let mut p_pair = Pair::<Op>::new(Op::new(0.0));
+                        let mut g_pair = Pair::<Op>::new(Op::new(0.0));
+                        #[unroll]
+                        for y in 0..2usize {
+                            let qi = nt * 8 + col + y;
+                            let mut z = zz[y] * scale;
+                            if check {
+                                let (seen, mv) = visible::<F>(mask, mrow, spans[qi * 4], spans[qi * 4 + 1], spans[qi * 4 + 2], i0 + qi, key0 + x * 8, s, t, causal);
+                                let mut value = F::new(MASKED);
+                                if seen {
+                                    value = z + mv;
+                                }
+                                z = value;
                             }
-                            z = value;
+                            // A hidden key's score is MASKED, a query past `s` has lse UNSEEN: p is 0.
+                            let p = F::exp(z - st[y]);
+                            p_pair[y] = Op::cast_from(p);
+                            g_pair[y] = Op::cast_from(p * (pp[y] - dl[y]));
                         }
-                        // A hidden key's score is MASKED, a query past `s` has lse UNSEEN: p is 0.
-                        let p = F::exp(z - st[y]);
-                        p_pair[y] = Op::cast_from(p);
-                        g_pair[y] = Op::cast_from(p * (pp[y] - dl[y]));
+                        pa[(u / 2) * 4 + (u % 2) * 2 + x] = p_pair;
+                        ga[(u / 2) * 4 + (u % 2) * 2 + x] = g_pair;
                     }
-                    pa[(u / 2) * 4 + (u % 2) * 2 + x] = p_pair;
-                    ga[(u / 2) * 4 + (u % 2) * 2 + x] = g_pair;
                 }
             }
             add_products::<Op, F>(&def, &mut dv_acc, &pa, &dot, half * 2, 2usize);
@@ -957,6 +1011,7 @@ pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: Cube
         return (out, lse);
     }
     LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    bound_registers();
     let rows = mask_rows::<R, F>(&mask);
     let (q, k, v) = (pack::<R, F>(q), pack::<R, F>(k), pack::<R, F>(v));
     // SAFETY: `applies` held (head size HEAD, planes of 32, bf16 mma); q `[b, h, sp, HEAD]`, k
@@ -964,7 +1019,7 @@ pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: Cube
     // the mask is contiguous `[b or 1, s, t]` and `rows` its `[b or 1 · s, 4]` spans, `lse`
     // `[b, h, s]`; `out` is written at rows below `s` only.
     unsafe {
-        forward_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
+        mma_forward_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
             &client,
             CubeCount::Static(s.div_ceil(BR) as u32, (b * h) as u32, 1),
             CubeDim { x: 32, y: 4, z: 1 },
@@ -995,6 +1050,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement>(dout: CubeTensor<R>, q: 
     let (dk, dv) = (empty(vec![b, kvh, t, d]), empty(vec![b, kvh, t, d]));
     if b * h * s * t > 0 {
         LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bound_registers();
         let rows = mask_rows::<R, F>(&mask);
         let (dout, delta) = pack_delta::<R, F>(dout, out);
         let (q, k, v) = (pack::<R, F>(q), pack::<R, F>(k), pack::<R, F>(v));
@@ -1002,7 +1058,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement>(dout: CubeTensor<R>, q: 
         // s]`, `dk` and `dv` contiguous `[b, kv, t, HEAD]` written at key rows below `t` only,
         // `dq` at query rows below `s` only.
         unsafe {
-            dq_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
+            mma_dq_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
                 &client,
                 CubeCount::Static(s.div_ceil(BR) as u32, (b * h) as u32, 1),
                 CubeDim { x: 32, y: 4, z: 1 },
@@ -1018,7 +1074,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement>(dout: CubeTensor<R>, q: 
                 dq.clone().into_tensor_arg(),
                 spec.causal,
             );
-            dkv_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
+            mma_dkv_kernel::launch_unchecked::<F, burn::tensor::bf16, R>(
                 &client,
                 CubeCount::Static(t.div_ceil(BC) as u32, (b * kvh) as u32, 1),
                 CubeDim { x: 32, y: 4, z: 1 },

@@ -30,6 +30,33 @@ pub mod host_task {
     pub static HOST_TASK_FN: OnceLock<HostTaskFn> = OnceLock::new();
 }
 
+/// kiln patch: how many cubes of a kernel an SM must be able to hold at once.
+///
+/// CubeCL declares every kernel `__launch_bounds__(threads)`, which lets the compiler take as many
+/// registers as it likes; a kernel whose speed depends on more cubes sharing an SM (to hide the
+/// latency of its tensor-core and shared-memory work) can ask for `__launch_bounds__(threads,
+/// cubes)`, which caps its registers at what that many cubes leave. The bound is part of the
+/// compiled kernel's cache key.
+pub mod launch_bounds {
+    use std::sync::OnceLock;
+
+    /// A kernel's id (`KernelId::stable_format`, which names the kernel's type and so its
+    /// function) -> cubes per SM to leave room for (`None`: no bound).
+    pub type MinCubesFn = fn(&str) -> Option<u32>;
+
+    /// Set once by the program that wants the bounds.
+    pub static MIN_CUBES_FN: OnceLock<MinCubesFn> = OnceLock::new();
+
+    pub(crate) fn min_cubes(kernel_id: &cubecl_runtime::id::KernelId) -> Option<u32> {
+        MIN_CUBES_FN.get().and_then(|f| f(&kernel_id.stable_format()))
+    }
+
+    /// `source` with the kernel's launch bounds given `min_cubes`.
+    pub(crate) fn bounded(source: String, threads: u32, min_cubes: u32) -> String {
+        source.replacen(&format!("__launch_bounds__({threads})"), &format!("__launch_bounds__({threads}, {min_cubes})"), 1)
+    }
+}
+
 #[cfg(feature = "ptx-wmma")]
 pub(crate) type WmmaCompiler = cubecl_cpp::cuda::mma::PtxWmmaCompiler;
 

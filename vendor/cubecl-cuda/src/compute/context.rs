@@ -101,8 +101,13 @@ impl CudaContext {
         mode: ExecutionMode,
         logger: Arc<ServerLogger>,
     ) -> Result<(), LaunchError> {
+        // kiln patch: a register budget where the program asks for one (`launch_bounds`).
+        let min_cubes = crate::launch_bounds::min_cubes(kernel_id);
         let hash = if let Some(cache) = &self.ptx_cache {
-            let hash = kernel_id.stable_hash();
+            let hash = match min_cubes {
+                Some(cubes) => cubecl_common::hash::StableHasher::hash_one(&(kernel_id.stable_hash(), cubes)),
+                None => kernel_id.stable_hash(),
+            };
 
             if let Some(entry) = cache.get(&hash) {
                 log::trace!("Using PTX cache");
@@ -144,6 +149,10 @@ impl CudaContext {
         }
 
         let cube_dim = kernel_compiled.cube_dim;
+        if let Some(min_cubes) = min_cubes {
+            let source = std::mem::take(&mut kernel_compiled.source);
+            kernel_compiled.source = crate::launch_bounds::bounded(source, cube_dim.num_elems(), min_cubes);
+        }
         let arch = if self.arch.version >= 90 {
             format!("--gpu-architecture=sm_{}a", self.arch)
         } else {
