@@ -60,7 +60,8 @@ pub trait FrozenMatmul: Backend {
 
     /// `(dx, dA, dB)` of [`FrozenMatmul::frozen_lora`] for the upstream gradient `dy` `[m, n]`
     /// (`dx` only if `need_dx`): with `g = scale · dy·Bᵀ`, `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`,
-    /// `dB = scale · hᵀ·dy`, all in f32 (`dy` may be in `W`'s half type, as `y` was written).
+    /// `dB = scale · hᵀ·dy`, in f32 (`dy` may be in `W`'s half type, as `y` was written), `dx`
+    /// written in `dx_dtype` (f32, or `dy`'s half type for a reader that takes it so).
     #[allow(clippy::too_many_arguments)]
     fn frozen_lora_bwd(
         dy: FloatTensor<Self>,
@@ -71,8 +72,10 @@ pub trait FrozenMatmul: Backend {
         h: FloatTensor<Self>,
         scale: f64,
         need_dx: bool,
+        dx_dtype: FloatDType,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
-        lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx)
+        let (dx, da, db) = lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
+        (dx.map(|dx| float::<Self, 2>(dx).cast(dx_dtype).into_primitive().tensor()), da, db)
     }
 }
 
@@ -261,11 +264,12 @@ impl<B: FrozenMatmul> Adapter<B> {
         (y, Self { w, a, b, h, scale })
     }
 
-    /// `(dx, dA, dB)` for the upstream gradient `dy` and the input `x` (`dx` if `need_dx`),
-    /// through [`FrozenMatmul::frozen_lora_bwd`], `dy` first cast to a half weight's dtype.
-    pub(crate) fn backward(self, dy: FloatTensor<B>, x: FloatTensor<B>, need_dx: bool) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+    /// `(dx, dA, dB)` for the upstream gradient `dy` and the input `x` (`dx` if `need_dx`, in
+    /// `dx_dtype`), through [`FrozenMatmul::frozen_lora_bwd`], `dy` first cast to a half
+    /// weight's dtype.
+    pub(crate) fn backward(self, dy: FloatTensor<B>, x: FloatTensor<B>, need_dx: bool, dx_dtype: FloatDType) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
         let dy = in_half_of::<B>(dy, &self.w);
-        B::frozen_lora_bwd(dy, x, self.w, self.a, self.b, self.h, self.scale, need_dx)
+        B::frozen_lora_bwd(dy, x, self.w, self.a, self.b, self.h, self.scale, need_dx, dx_dtype)
     }
 }
 
@@ -284,7 +288,7 @@ impl<B: FrozenMatmul> Backward<B, 3> for FrozenLoraBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_x, node_a, node_b] = ops.parents;
         let s = ops.state;
-        let (dx, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), s.x, node_x.is_some());
+        let (dx, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), s.x, node_x.is_some(), FloatDType::F32);
         for (node, grad) in [(node_x, dx), (node_a, Some(da)), (node_b, Some(db))] {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<B>(node.id, grad);
@@ -377,9 +381,12 @@ pub(crate) mod cube {
             h: FloatTensor<Self>,
             scale: f64,
             need_dx: bool,
+            dx_dtype: FloatDType,
         ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
-            if !cublas_ready::<R>() {
-                return lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
+            let dx_out = DType::from(dx_dtype);
+            if !cublas_ready::<R>() || !(dx_out == DType::F32 || dx_out == dy.dtype) {
+                let (dx, da, db) = lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
+                return (dx.map(|dx| as_dtype(dx, dx_out)), da, db);
             }
             let t = Self::float_transpose;
             let dt = dy.dtype;
@@ -388,7 +395,7 @@ pub(crate) mod cube {
             let (a, b) = (as_dtype(a, dt), as_dtype(b, dt));
             let g = gemm_as::<R, F, I, BT>(dy.clone(), t(b), scale, None, dt); // [m, r]
             // `dx`'s adapter term first, for the reason the forward gives.
-            let dx = need_dx.then(|| gemm::<R, F, I, BT>(as_dtype(dy.clone(), w.dtype), t(w), 1.0, Some(gemm::<R, F, I, BT>(g.clone(), t(a), 1.0, None))));
+            let dx = need_dx.then(|| gemm_as::<R, F, I, BT>(as_dtype(dy.clone(), w.dtype), t(w), 1.0, Some(gemm_as::<R, F, I, BT>(g.clone(), t(a), 1.0, None, dx_out)), dx_out));
             let da = gemm::<R, F, I, BT>(t(as_dtype(x, dt)), g, 1.0, None); // [k, r]
             let db = gemm::<R, F, I, BT>(t(as_dtype(h, dt)), dy, scale, None); // [r, n]
             (dx, da, db)

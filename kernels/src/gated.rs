@@ -192,7 +192,10 @@ impl<B: GatedDown> Backward<B, 4> for GatedDownBackward {
         let s = ops.state;
         let hidden = flat_gated_act::<B>(s.gate.clone(), s.up.clone(), s.act);
         let need_dx = node_gate.is_some() || node_up.is_some();
-        let (dhidden, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), hidden, need_dx);
+        // The gradient of `act(gate) · up` only feeds the gated kernel's backward, which reads
+        // it in gate's dtype: written there by the product (as autocast leaves it in PyTorch),
+        // half the bytes of the largest gradient of a layer.
+        let (dhidden, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), hidden, need_dx, s.gate.dtype().into());
         if let Some(dhidden) = dhidden {
             let shape = s.gate.shape();
             let flat = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([shape.num_elements()]));
@@ -246,7 +249,7 @@ pub(crate) mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
-    use crate::cube::contiguous_float;
+    use crate::cube::{as_dtype, contiguous_float};
     use cubecl::{cube, CubeDim};
 
     use super::{GateActivation, GatedActOp, GELU_C, GELU_K};
@@ -307,9 +310,9 @@ pub(crate) mod cube {
         }
     }
 
-    /// `dy` in `F`; `gate`, `up` and both gradients in `G`, as in the forward.
+    /// `dy`, `gate`, `up` and both gradients in `G`, as in the forward (computed in `F`).
     #[cube(launch_unchecked)]
-    fn backward_kernel<F: Float, G: Float, N: Size>(dy: &Tensor<Vector<F, N>>, gate: &Tensor<Vector<G, N>>, up: &Tensor<Vector<G, N>>, dgate: &mut Tensor<Vector<G, N>>, dup: &mut Tensor<Vector<G, N>>, #[comptime] act: u32) {
+    fn backward_kernel<F: Float, G: Float, N: Size>(dy: &Tensor<Vector<G, N>>, gate: &Tensor<Vector<G, N>>, up: &Tensor<Vector<G, N>>, dgate: &mut Tensor<Vector<G, N>>, dup: &mut Tensor<Vector<G, N>>, #[comptime] act: u32) {
         let i = flat_index();
         if i < dy.len() {
             let (d, g, u) = (dy[i], gate[i], up[i]);
@@ -317,8 +320,9 @@ pub(crate) mod cube {
             #[unroll]
             for l in 0..g.vector_size() {
                 let x = F::cast_from(g[l]);
-                dg[l] = G::cast_from(d[l] * F::cast_from(u[l]) * slope::<F>(x, act));
-                du[l] = G::cast_from(d[l] * value::<F>(x, act));
+                let dl = F::cast_from(d[l]);
+                dg[l] = G::cast_from(dl * F::cast_from(u[l]) * slope::<F>(x, act));
+                du[l] = G::cast_from(dl * value::<F>(x, act));
             }
             dgate[i] = dg;
             dup[i] = du;
@@ -355,16 +359,17 @@ pub(crate) mod cube {
         }
 
         fn gated_act_bwd(dy: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let dy = contiguous_float::<R, F>(dy);
             let (gate, up) = operands::<R, F>(gate, up);
+            // `dy` in the operands' dtype, as the gated down projection's backward writes it
+            // (bf16 under bf16 training; cast here where it came in f32).
+            let dy = into_contiguous(as_dtype(dy, gate.dtype));
             let (dgate, dup) = (like(&gate), like(&gate));
             let n = gate.meta.shape().num_elements();
             if n == 0 {
                 return (dgate, dup);
             }
             let (client, dt) = (gate.client.clone(), gate.dtype);
-            // One width for all five: the one that suits `dy`'s wider values.
-            let width = flat_width(n, dy.dtype.size(), &[&dy, &gate, &up, &dgate, &dup]);
+            let width = flat_width(n, dt.size(), &[&dy, &gate, &up, &dgate, &dup]);
             // SAFETY: as in the forward; `dy` has the shape of `gate`.
             launch_typed!(backward_kernel, dt, F, R, &client, flat_count(n / width), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, width, dy.into_tensor_arg(), gate.into_tensor_arg(), up.into_tensor_arg(), dgate.clone().into_tensor_arg(), dup.clone().into_tensor_arg(), act.code());
             (dgate, dup)
