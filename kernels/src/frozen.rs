@@ -33,6 +33,11 @@ pub trait FrozenMatmul: Backend {
         matmul_as(float::<Self, 2>(x), w, dtype).into_primitive().tensor()
     }
 
+    /// [`FrozenMatmul::frozen_matmul`] written in `out` (f32 or `W`'s dtype).
+    fn frozen_matmul_as(x: FloatTensor<Self>, w: FloatTensor<Self>, out: FloatDType) -> FloatTensor<Self> {
+        float::<Self, 2>(Self::frozen_matmul(x, w)).cast(out).into_primitive().tensor()
+    }
+
     /// `dx = cast(dy, W's dtype) · Wᵀ`, in f32.
     fn frozen_matmul_dx(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let w = float::<Self, 2>(w);
@@ -333,6 +338,14 @@ pub(crate) mod cube {
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FrozenMatmul for CubeBackend<R, F, I, BT> {
         fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
             product_f32(x, w)
+        }
+
+        fn frozen_matmul_as(x: FloatTensor<Self>, w: FloatTensor<Self>, out: FloatDType) -> FloatTensor<Self> {
+            let out = DType::from(out);
+            match out == DType::F32 || out == w.dtype {
+                true => product_as(x, w, out),
+                false => as_dtype(product_f32(x, w), out),
+            }
         }
 
         fn frozen_matmul_dx(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -58,15 +58,15 @@ pub trait LmHeadLoss: FrozenMatmul {
         forward::<Self>(h, w, targets, mask, spec, None)
     }
 
-    /// Per row of one chunk's logits `u` `[c, v]` (f32, before the softcap): the log-sum-exp
-    /// of `z = cap(u)` and `z[target]`, each `[c]` in f32. The default is tensor operations; the
+    /// Per row of one chunk's logits `u` `[c, v]` (f32 or the head's half type, before the
+    /// softcap): the log-sum-exp of `z = cap(u)` and `z[target]`, each `[c]` in f32. The default is tensor operations; the
     /// CubeCL backends read each row once in one kernel.
     fn chunk_lse(u: FloatTensor<Self>, targets: IntTensor<Self>, softcap: Option<f64>) -> (FloatTensor<Self>, FloatTensor<Self>) {
         chunk_lse_composition::<Self>(u, targets, softcap)
     }
 
     /// `dz = (exp(z − lse) − onehot(target)) · coef`, times `1 − (z/c)²` under a softcap `c`,
-    /// with `z = cap(u)`, for one chunk: `u` `[c, v]` f32, `lse`, `coef` `[c]` f32, `targets`
+    /// with `z = cap(u)`, for one chunk: `u` `[c, v]` as [`LmHeadLoss::chunk_lse`] takes it, `lse`, `coef` `[c]` f32, `targets`
     /// `[c]`; written in `out` (the dtype the next product multiplies in).
     fn chunk_grad(u: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, coef: FloatTensor<Self>, softcap: Option<f64>, out: DType) -> FloatTensor<Self> {
         chunk_grad_composition::<Self>(u, lse, targets, coef, softcap, out)
@@ -75,7 +75,7 @@ pub trait LmHeadLoss: FrozenMatmul {
 
 /// [`LmHeadLoss::chunk_lse`] as tensor operations.
 fn chunk_lse_composition<B: Backend>(u: FloatTensor<B>, targets: IntTensor<B>, cap: Option<f64>) -> (FloatTensor<B>, FloatTensor<B>) {
-    let z = softcap(float::<B, 2>(u), cap); // [c, v]
+    let z = softcap(float::<B, 2>(u).cast(DType::F32), cap); // [c, v]
     let c = z.dims()[0];
     let max = z.clone().max_dim(1).detach(); // [c, 1]
     let lse = (z.clone() - max.clone()).exp().sum_dim(1).log() + max; // [c, 1]
@@ -85,7 +85,7 @@ fn chunk_lse_composition<B: Backend>(u: FloatTensor<B>, targets: IntTensor<B>, c
 
 /// [`LmHeadLoss::chunk_grad`] as tensor operations.
 fn chunk_grad_composition<B: Backend>(u: FloatTensor<B>, lse: FloatTensor<B>, targets: IntTensor<B>, coef: FloatTensor<B>, cap: Option<f64>, out: DType) -> FloatTensor<B> {
-    let z = softcap(float::<B, 2>(u), cap); // [c, v]
+    let z = softcap(float::<B, 2>(u).cast(DType::F32), cap); // [c, v]
     let c = z.dims()[0];
     let coef = float::<B, 1>(coef).reshape([c, 1]);
     let p = (z.clone() - float::<B, 1>(lse).reshape([c, 1])).exp();
@@ -117,15 +117,17 @@ pub fn lm_head_loss_composition<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, ta
 }
 
 
-/// Logits of one chunk before the softcap, `[c, v]`, in f32. The product runs in `w`'s dtype
-/// (bf16 for a bf16 head) and the matmul writes its f32 accumulator itself
-/// ([`FrozenMatmul`]): casting a `[c, v]` product afterwards took longer than the product.
+/// Logits of one chunk before the softcap, `[c, v]`, in `w`'s dtype. The product runs in that
+/// dtype and the matmul writes its result there itself ([`FrozenMatmul::frozen_matmul_as`]): a
+/// bf16 head gives bf16 logits, as PyTorch's autocast leaves them before the loss reads them in
+/// f32, and the row kernels that read each chunk twice read half the bytes.
 fn chunk_logits<B: FrozenMatmul>(h: Tensor<B, 2>, w: &Tensor<B, 2>, layout: HeadLayout) -> Tensor<B, 2> {
     let w = match layout {
         HeadLayout::InOut => w.clone(),
         HeadLayout::OutIn => w.clone().transpose(), // a view: the matmul reads [v, e] in place
     };
-    float(B::frozen_matmul(h.into_primitive().tensor(), w.into_primitive().tensor())) // [c, e] x [e, v]
+    let out = w.dtype().into();
+    float(B::frozen_matmul_as(h.into_primitive().tensor(), w.into_primitive().tensor(), out)) // [c, e] x [e, v]
 }
 
 fn softcap<B: Backend>(u: Tensor<B, 2>, cap: Option<f64>) -> Tensor<B, 2> {
@@ -301,7 +303,7 @@ mod cube {
     /// row (a running maximum, the sum rescaled when it grows) and `picked[row]` = cap(u)[target].
     /// `params` = [softcap].
     #[cube(launch_unchecked)]
-    fn lse_kernel<F: Float, I: Int>(u: &Tensor<F>, targets: &Tensor<I>, params: &Tensor<F>, lse: &mut Tensor<F>, picked: &mut Tensor<F>, #[comptime] softcap: bool) {
+    fn lse_kernel<F: Float, U: Float, I: Int>(u: &Tensor<U>, targets: &Tensor<I>, params: &Tensor<F>, lse: &mut Tensor<F>, picked: &mut Tensor<F>, #[comptime] softcap: bool) {
         let row = CUBE_POS_X as usize;
         let lane = UNIT_POS_X as usize;
         let v = u.shape(1);
@@ -312,10 +314,10 @@ mod cube {
         let mut sum = F::new(0.0);
         let mut j = lane;
         while j + (UNROLL - 1) * stride < v {
-            let x0 = u[base + j];
-            let x1 = u[base + j + stride];
-            let x2 = u[base + j + 2 * stride];
-            let x3 = u[base + j + 3 * stride];
+            let x0 = F::cast_from(u[base + j]);
+            let x1 = F::cast_from(u[base + j + stride]);
+            let x2 = F::cast_from(u[base + j + 2 * stride]);
+            let x3 = F::cast_from(u[base + j + 3 * stride]);
             fold::<F>(&mut m, &mut sum, capped::<F>(x0, cap, softcap));
             fold::<F>(&mut m, &mut sum, capped::<F>(x1, cap, softcap));
             fold::<F>(&mut m, &mut sum, capped::<F>(x2, cap, softcap));
@@ -323,7 +325,7 @@ mod cube {
             j += UNROLL * stride;
         }
         while j < v {
-            fold::<F>(&mut m, &mut sum, capped::<F>(u[base + j], cap, softcap));
+            fold::<F>(&mut m, &mut sum, capped::<F>(F::cast_from(u[base + j]), cap, softcap));
             j += stride;
         }
         let mut maxes = SharedMemory::<F>::new(LANES as usize);
@@ -347,7 +349,7 @@ mod cube {
             let t = usize::cast_from(targets[row]);
             let mut p = F::new(0.0);
             if t < v {
-                p = capped::<F>(u[base + t], cap, softcap);
+                p = capped::<F>(F::cast_from(u[base + t]), cap, softcap);
             }
             picked[row] = p;
         }
@@ -357,7 +359,7 @@ mod cube {
     /// `z = cap(u)` (no last factor without a softcap), written as `G`. `params` = [softcap].
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    fn grad_kernel<F: Float, I: Int, G: Float>(u: &Tensor<F>, lse: &Tensor<F>, targets: &Tensor<I>, coef: &Tensor<F>, params: &Tensor<F>, dz: &mut Tensor<G>, #[comptime] softcap: bool) {
+    fn grad_kernel<F: Float, U: Float, I: Int, G: Float>(u: &Tensor<U>, lse: &Tensor<F>, targets: &Tensor<I>, coef: &Tensor<F>, params: &Tensor<F>, dz: &mut Tensor<G>, #[comptime] softcap: bool) {
         let row = CUBE_POS_X as usize;
         let lane = UNIT_POS_X as usize;
         let v = u.shape(1);
@@ -368,7 +370,7 @@ mod cube {
         let t = usize::cast_from(targets[row]);
         let mut j = lane;
         while j < v {
-            let z = capped::<F>(u[base + j], cap, softcap);
+            let z = capped::<F>(F::cast_from(u[base + j]), cap, softcap);
             let mut g = F::exp(z - l) * c;
             if j == t {
                 g -= c;
@@ -387,6 +389,14 @@ mod cube {
         contiguous_float::<R, F>(<CubeBackend<R, F, I, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_from_data(data, &like.device))
     }
 
+    /// Logits as the row kernels read them: contiguous, in the head's half type or `F`.
+    fn logits<R: CubeRuntime, F: FloatElement>(u: CubeTensor<R>) -> CubeTensor<R> {
+        match u.dtype {
+            DType::BF16 | DType::F16 => into_contiguous(u),
+            _ => contiguous_float::<R, F>(u),
+        }
+    }
+
     fn ints<R: CubeRuntime, I: IntElement>(t: CubeTensor<R>) -> CubeTensor<R> {
         into_contiguous(as_dtype(t, I::dtype()))
     }
@@ -397,7 +407,7 @@ mod cube {
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LmHeadLoss for CubeBackend<R, F, I, BT> {
         fn chunk_lse(u: FloatTensor<Self>, targets: IntTensor<Self>, softcap: Option<f64>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let (u, targets) = (contiguous_float::<R, F>(u), ints::<R, I>(targets));
+            let (u, targets) = (logits::<R, F>(u), ints::<R, I>(targets));
             let [c, v] = u.meta.shape().dims::<2>();
             let (lse, picked) = (empty(&u, vec![c], F::dtype()), empty(&u, vec![c], F::dtype()));
             if c == 0 || v == 0 {
@@ -407,14 +417,19 @@ mod cube {
             let client = u.client.clone();
             // SAFETY: row `CUBE_POS_X` < c by the launch count, columns below `v`, one target,
             // lse and picked per row (contiguous above); a target outside the row reads nothing.
+            let (count, dim) = (CubeCount::Static(c as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 });
             unsafe {
-                lse_kernel::launch_unchecked::<F, I, R>(&client, CubeCount::Static(c as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, u.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some());
+                match u.dtype {
+                    DType::BF16 => lse_kernel::launch_unchecked::<F, burn::tensor::bf16, I, R>(&client, count, dim, u.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
+                    DType::F16 => lse_kernel::launch_unchecked::<F, burn::tensor::f16, I, R>(&client, count, dim, u.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
+                    _ => lse_kernel::launch_unchecked::<F, F, I, R>(&client, count, dim, u.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
+                }
             }
             (lse, picked)
         }
 
         fn chunk_grad(u: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, coef: FloatTensor<Self>, softcap: Option<f64>, out: DType) -> FloatTensor<Self> {
-            let (u, lse, coef, targets) = (contiguous_float::<R, F>(u), contiguous_float::<R, F>(lse), contiguous_float::<R, F>(coef), ints::<R, I>(targets));
+            let (u, lse, coef, targets) = (logits::<R, F>(u), contiguous_float::<R, F>(lse), contiguous_float::<R, F>(coef), ints::<R, I>(targets));
             let [c, v] = u.meta.shape().dims::<2>();
             let dz = empty(&u, vec![c, v], out);
             if c == 0 || v == 0 {
@@ -424,11 +439,14 @@ mod cube {
             let client = u.client.clone();
             let (count, dim) = (CubeCount::Static(c as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 });
             // SAFETY: as in `chunk_lse`; `dz` has the shape of `u`.
+            // Logits and their gradient share the head's dtype, or the logits are f32.
             unsafe {
-                match out {
-                    DType::BF16 => grad_kernel::launch_unchecked::<F, I, burn::tensor::bf16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
-                    DType::F16 => grad_kernel::launch_unchecked::<F, I, burn::tensor::f16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
-                    _ if out == F::dtype() => grad_kernel::launch_unchecked::<F, I, F, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                match (u.dtype, out) {
+                    (DType::BF16, DType::BF16) => grad_kernel::launch_unchecked::<F, burn::tensor::bf16, I, burn::tensor::bf16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (DType::F16, DType::F16) => grad_kernel::launch_unchecked::<F, burn::tensor::f16, I, burn::tensor::f16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (ud, DType::BF16) if ud == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, burn::tensor::bf16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (ud, DType::F16) if ud == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, burn::tensor::f16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (ud, o) if ud == F::dtype() && o == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, F, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
                     _ => return super::chunk_grad_composition::<Self>(u, lse, targets, coef, softcap, out),
                 }
             }

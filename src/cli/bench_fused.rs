@@ -58,17 +58,23 @@ fn timed<A: AutodiffBackend>(device: &A::Device, f: impl FnOnce() -> Vec<(&'stat
     (t.elapsed().as_secs_f64(), out)
 }
 
-fn lm_head_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, e: usize, v: usize, spec: HeadLoss, runs: usize) -> serde_json::Value {
+/// `half`: a frozen bf16 head (as bf16 training holds it: bf16 logits and gradients) against the
+/// f32 composition over the same rounded weights.
+#[allow(clippy::too_many_arguments)]
+fn lm_head_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, e: usize, v: usize, spec: HeadLoss, half: bool, runs: usize) -> serde_json::Value {
     let wdims = if spec.layout == HeadLayout::InOut { [e, v] } else { [v, e] };
     let h0 = Tensor::<A, 2>::random([n, e], Distribution::Normal(0.0, 1.0), device);
     let w0 = Tensor::<A, 2>::random(wdims, Distribution::Normal(0.0, 0.05), device);
+    let w0 = if half { w0.cast(FloatDType::BF16).cast(FloatDType::F32) } else { w0 };
     let targets = Tensor::<A, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), device);
     let mask: Vec<f32> = (0..n).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
     let mask = Tensor::<A, 1>::from_data(TensorData::new(mask, [n]), device);
     let run = |fused: bool| {
-        let (h, w) = (h0.clone().detach().require_grad(), w0.clone().detach().require_grad());
+        let h = h0.clone().detach().require_grad();
+        let w = if half { w0.clone().detach() } else { w0.clone().detach().require_grad() };
         let t = Instant::now();
         let loss = match fused {
+            true if half => lm_head_loss(h.clone(), w.clone().cast(FloatDType::BF16), targets.clone(), mask.clone(), spec),
             true => lm_head_loss(h.clone(), w.clone(), targets.clone(), mask.clone(), spec),
             false => lm_head_loss_composition(h.clone(), w.clone(), targets.clone(), mask.clone(), spec),
         };
@@ -79,7 +85,7 @@ fn lm_head_case<A: AutodiffBackend + QuantMatmul>(device: &A::Device, n: usize, 
         (secs, vec![("loss", host(loss)), ("dh", dh.map(host).unwrap_or_default()), ("dw", dw.map(host).unwrap_or_default())])
     };
     let softcap = spec.softcap.map_or("none".to_string(), |c| c.to_string());
-    compare("lm_head_loss", format!("n {n} e {e} v {v} chunk {} {:?} softcap {softcap}", spec.chunk, spec.layout), runs, &run)
+    compare("lm_head_loss", format!("n {n} e {e} v {v} chunk {} {:?} softcap {softcap}{}", spec.chunk, spec.layout, if half { " bf16 head" } else { "" }), runs, &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -321,9 +327,12 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
         for &(n, e, v, chunk) in &[(37, 24, 53, 8), (300, 64, 1001, 128)] {
             for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
                 for softcap in [None, Some(30.0)] {
-                    push(lm_head_case::<A>(device, n, e, v, HeadLoss { layout, softcap, chunk }, runs));
+                    push(lm_head_case::<A>(device, n, e, v, HeadLoss { layout, softcap, chunk }, false, runs));
                 }
             }
+        }
+        if A::supports_dtype(device, burn::tensor::DType::BF16) {
+            push(lm_head_case::<A>(device, 300, 64, 1001, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: 128 }, true, runs));
         }
     }
     if want("rope") {
@@ -385,7 +394,7 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
     }
     if want("lm_head_loss") {
         let v = 151_936;
-        push(lm_head_case::<A>(device, 2048, 896, v, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: chunk_rows(v) }, runs));
+        push(lm_head_case::<A>(device, 2048, 896, v, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: chunk_rows(v) }, false, runs));
     }
 
     let worst = rows.iter().flat_map(|r| r["rel_err"].as_object().into_iter().flat_map(|m| m.values().map(|v| v.as_f64().unwrap_or(f64::INFINITY)))).fold(0.0f64, f64::max);

@@ -267,11 +267,11 @@ impl Step<'_> {
         };
         let backward = widest.saturating_mul(tokens).saturating_add(scores);
         let chunk = kiln_kernels::chunk_rows(g.vocab).min(self.batch * self.seq) as u64;
-        // CUDA runs each chunk's softmax as row kernels: the logits and their gradient, written
-        // in the head's dtype. Elsewhere (tensor operations): logits, exponentials, their
-        // gradient, and the gradient's copy in the weight's layout.
+        // CUDA runs each chunk's softmax as row kernels: the logits and their gradient, both
+        // written in the head's dtype. Elsewhere (tensor operations): logits, exponentials,
+        // their gradient, and the gradient's copy in the weight's layout.
         let logits = match device {
-            DeviceSpec::Cuda(_) => chunk * g.vocab as u64 * (F32 + if self.bf16(device) { 2 } else { F32 }),
+            DeviceSpec::Cuda(_) => chunk * g.vocab as u64 * 2 * if self.bf16(device) { 2 } else { F32 },
             _ => 4 * chunk * g.vocab as u64 * F32,
         };
         let weights = self.weight_bytes(device);
