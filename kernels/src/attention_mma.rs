@@ -33,9 +33,12 @@
 //! instructions, where `expf` is ~10): they feed bf16 operands, and every input is finite
 //! (a hidden key's score is [`MASKED`], not −∞), which the fast-math flags assume.
 //!
+//! Each tile's scores are independent `mma` chains over the head's k-steps ([`pair_dots`]), and
+//! each kernel is compiled for a number of cubes an SM ([`cubes_per_sm`]): they are latency-bound.
+//!
 //! Training runs the forward here and the backward on the products (which read the same
-//! `lse`): measured on an H200, the backward kernels are correct but still slower than the
-//! products (bench/RESULTS.md), so they run on request (`KILN_ATTENTION_TENSOR_CORES=all`).
+//! `lse`): measured on an H200, the backward kernels are correct and as fast as the products,
+//! not faster (bench/RESULTS.md), so they run on request (`KILN_ATTENTION_TENSOR_CORES=all`).
 
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
