@@ -34,7 +34,7 @@
 //! (a hidden key's score is [`MASKED`], not −∞), which the fast-math flags assume.
 //!
 //! Each tile's scores are independent `mma` chains over the head's k-steps ([`pair_dots`]), and
-//! each kernel is compiled for a number of cubes an SM ([`cubes_per_sm`]): they are latency-bound.
+//! each kernel is compiled for a number of cubes an SM (`cubes_per_sm`): they are latency-bound.
 //!
 //! Training runs the forward here and the backward on the products (which read the same
 //! `lse`): measured on an H200, the backward kernels are correct and as fast as the products,
@@ -98,7 +98,8 @@ pub(crate) fn supported<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
 /// more on an SM hides more of it than the registers it costs buy. Measured on an H200
 /// (bench/RESULTS.md); `KILN_ATTENTION_CUBES="forward,dq,dkv"` sets them for experiments (0: no
 /// bound; the bound is part of a compiled kernel's cache key).
-pub(crate) fn cubes_per_sm() -> [u32; 3] {
+#[cfg(feature = "cuda")]
+fn cubes_per_sm() -> [u32; 3] {
     const DEFAULT: [u32; 3] = [4, 4, 3];
     let Ok(text) = std::env::var("KILN_ATTENTION_CUBES") else {
         return DEFAULT;

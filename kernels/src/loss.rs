@@ -59,15 +59,16 @@ pub trait LmHeadLoss: FrozenMatmul {
     }
 
     /// Per row of one chunk's logits `u` `[c, v]` (f32 or the head's half type, before the
-    /// softcap): the log-sum-exp of `z = cap(u)` and `z[target]`, each `[c]` in f32. The default is tensor operations; the
-    /// CubeCL backends read each row once in one kernel.
+    /// softcap): the log-sum-exp of `z = cap(u)` and `z[target]`, each `[c]` in f32. The
+    /// default is tensor operations; the CubeCL backends read each row once in one kernel.
     fn chunk_lse(u: FloatTensor<Self>, targets: IntTensor<Self>, softcap: Option<f64>) -> (FloatTensor<Self>, FloatTensor<Self>) {
         chunk_lse_composition::<Self>(u, targets, softcap)
     }
 
     /// `dz = (exp(z − lse) − onehot(target)) · coef`, times `1 − (z/c)²` under a softcap `c`,
-    /// with `z = cap(u)`, for one chunk: `u` `[c, v]` as [`LmHeadLoss::chunk_lse`] takes it, `lse`, `coef` `[c]` f32, `targets`
-    /// `[c]`; written in `out` (the dtype the next product multiplies in).
+    /// with `z = cap(u)`, for one chunk: `u` `[c, v]` as [`LmHeadLoss::chunk_lse`] takes it,
+    /// `lse`, `coef` `[c]` f32, `targets` `[c]`; written in `out` (the dtype the next product
+    /// multiplies in).
     fn chunk_grad(u: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, coef: FloatTensor<Self>, softcap: Option<f64>, out: DType) -> FloatTensor<Self> {
         chunk_grad_composition::<Self>(u, lse, targets, coef, softcap, out)
     }
