@@ -519,7 +519,8 @@ fn query_block<F: Float, Op: Float>(q: &Tensor<Oct<Op>>, k: &Tensor<Oct<Op>>, ma
     let qbase = bh * q.shape(2) * comptime!(HEAD / 8);
     let kbase = (bi * kvh + kh) * k.shape(2) * comptime!(HEAD / 8);
     // The last query blocks first: under a causal mask they see the most keys (see `grid`).
-    let q0 = (CUBE_COUNT_Y - 1 - CUBE_POS_Y) as usize * BR;
+    // (`q.shape(2) / BR` blocks: the grid's second dimension.)
+    let q0 = (q.shape(2) / BR - 1 - CUBE_POS_Y as usize) * BR;
     QueryBlock { s, t, bh, bi, hh, q0, mrow: mb * s * t, mfirst: mb * s, qbase, kbase }
 }
 
