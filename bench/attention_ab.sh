@@ -8,7 +8,7 @@
 set -o pipefail
 source bench/device_env.sh >/dev/null 2>&1
 shape=${1:-llama-3.2-1b}; seq=${2:-1024}; shift 2 2>/dev/null
-[ $# -eq 0 ] && set -- "X=1" "KILN_ATTENTION_TENSOR_CORES=all" "KILN_ATTENTION_TENSOR_CORES=off"
+[ $# -eq 0 ] && set -- "X=1" "KILN_ATTENTION_TENSOR_CORES=forward" "KILN_ATTENTION_TENSOR_CORES=off"
 if [ "${CHECKS:-1}" = 1 ]; then
   timeout ${FUSED_TIMEOUT:-200} $KILN bench fused --device cuda --runs 2 --only ${ONLY:-attention} 2>&1 | tail -${FUSED_LINES:-14} | tee $OUT/fused.txt
 fi

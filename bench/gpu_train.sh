@@ -6,7 +6,7 @@
 # SKIP_TRAIN, SKIP_FUSED, SKIP_DECODE, SKIP_PROFILE=1 leave a part out; ALSO_WITH="VAR=value" reruns
 # kiln's bf16 recipes with that environment (KILN_NO_CUBLAS=1: Burn's matmul in place of cuBLAS;
 # KILN_ATTENTION_KERNELS=1: the flash kernels in place of attention on cuBLAS;
-# KILN_ATTENTION_TENSOR_CORES=all|off: attention's backward on tensor cores too, or neither), for a before/after
+# KILN_ATTENTION_TENSOR_CORES=forward|off: attention's backward on the products, or everything there), for a before/after
 # in one call; STEPS, KILN_TIMEOUT tune the training runs;
 # DTYPES (default bf16,f32) are the run.dtype values kiln trains with, each its own run.
 set -o pipefail

@@ -436,6 +436,8 @@ fn check_frozen<A: AutodiffBackend + kiln_kernels::FrozenMatmul>(device: &A::Dev
 /// A frozen product with its LoRA adapter as one operation against the same sum as plain tensor
 /// operations (autodiff's gradients): output, `dx`, `dA`, `dB`; once with an input that needs no
 /// gradient (backward then skips `dx`). 1024 rows split the adapter's gradients into row slices.
+/// The input is 3-D and read by two such products (as queries, keys and values share theirs):
+/// the second adds its `dx` into the first's.
 fn check_frozen_lora<A: AutodiffBackend + kiln_kernels::FrozenMatmul>(device: &A::Device, name: &str) {
     let mut rng = Rng(0x10_4A ^ name.len() as u64);
     for (n, k, m, r, x_grad) in [(37, 24, 53, 5, true), (5, 130, 7, 3, true), (1024, 40, 24, 4, true), (9, 16, 12, 2, false)] {
@@ -444,11 +446,16 @@ fn check_frozen_lora<A: AutodiffBackend + kiln_kernels::FrozenMatmul>(device: &A
         let scale = 0.7;
         let run = |fused: bool| {
             let t = |v: &Vec<f32>, shape: [usize; 2]| Tensor::<A, 2>::from_data(TensorData::new(v.clone(), shape), device);
-            let x = if x_grad { t(&xv, [n, k]).require_grad() } else { t(&xv, [n, k]) };
+            let x = Tensor::<A, 3>::from_data(TensorData::new(xv.clone(), [1, n, k]), device);
+            let x = if x_grad { x.require_grad() } else { x };
             let (w, a, b, c) = (t(&wv, [k, m]), t(&av, [k, r]).require_grad(), t(&bv, [r, m]).require_grad(), t(&cv, [n, m]));
             let y = match fused {
-                true => kiln_kernels::frozen_lora(x.clone(), w, a.clone(), b.clone(), scale),
-                false => x.clone().matmul(w) + x.clone().matmul(a.clone()).mul_scalar(scale).matmul(b.clone()),
+                true => (kiln_kernels::frozen_lora(x.clone(), w.clone(), a.clone(), b.clone(), scale) + kiln_kernels::frozen_lora(x.clone(), w.mul_scalar(0.5), a.clone(), b.clone(), 2.0 * scale)).reshape([n, m]),
+                false => {
+                    let rows = x.clone().reshape([n, k]);
+                    let one = |w: Tensor<A, 2>, scale: f64| rows.clone().matmul(w) + rows.clone().matmul(a.clone()).mul_scalar(scale).matmul(b.clone());
+                    one(w.clone(), scale) + one(w.mul_scalar(0.5), 2.0 * scale)
+                }
             };
             let grads = (y.clone() * c).sum().backward();
             let dx = if x_grad { host(x.grad(&grads).unwrap()) } else { Vec::new() };

@@ -23,11 +23,9 @@
 //! thread per query row, key/value tiles staged through shared memory, online softmax), `dQ`
 //! (one thread per query row) and `dK, dV` (one thread per key row and slice of the group's
 //! query rows, the slices' partial sums added afterwards), each recomputing scores rather than
-//! reading them. At training shapes on CUDA attention's backward runs as dense products on
-//! cuBLAS instead (`cube::products`), and its forward on tensor cores (`attention_mma.rs`, head
-//! size 64, bf16 operands; the products where that does not apply). `attention_mma.rs` has the
-//! backward on tensor cores too, checked but slower than the products so far, so run on request
-//! ([`AttentionPath::TensorCores`], `KILN_ATTENTION_TENSOR_CORES=all`).
+//! reading them. At training shapes on CUDA attention runs on tensor cores (`attention_mma.rs`,
+//! head size 64, bf16 operands), forward and backward, and as dense products on cuBLAS
+//! (`cube::products`) where those kernels do not apply.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
@@ -66,8 +64,8 @@ pub struct AttentionSpec {
 pub enum AttentionPath {
     /// Dense products on cuBLAS at training shapes (CUDA with `libcublas`, unless the
     /// environment sets `KILN_ATTENTION_KERNELS`), with the forward on tensor cores where
-    /// they apply (`KILN_ATTENTION_TENSOR_CORES`: `off`, or `all` for the backward too); the
-    /// flash kernels otherwise.
+    /// they apply, forward and backward (`KILN_ATTENTION_TENSOR_CORES`: `off`, or `forward`
+    /// for the forward alone); the flash kernels otherwise.
     Auto,
     /// The flash kernels.
     Kernels,
@@ -678,10 +676,10 @@ pub(crate) mod cube {
 
     /// Whether attention's forward (or with `backward`, its backward) runs on tensor cores
     /// ([`crate::attention_mma`]): where it applies, on the `TensorCores` path (the checks),
-    /// and at the training shapes the products would take: the forward by default, the
-    /// backward only when the environment sets `KILN_ATTENTION_TENSOR_CORES=all` (it is slower
-    /// than the products so far; the products read the same `lse`), neither with `=off`
-    /// (bench/RESULTS.md has how each compares).
+    /// and at the training shapes the products would take, forward and backward; for
+    /// comparisons the environment may set `KILN_ATTENTION_TENSOR_CORES=forward` (the backward
+    /// on the products, which read the same `lse`) or `=off` (bench/RESULTS.md has how each
+    /// compares).
     fn tensor_cores_chosen<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, spec: AttentionSpec, backward: bool) -> bool {
         use super::{AttentionPath, PATH};
         match PATH.load(std::sync::atomic::Ordering::Relaxed) {
@@ -689,8 +687,8 @@ pub(crate) mod cube {
             p if p == AttentionPath::Auto as u8 => {
                 let wanted = match std::env::var("KILN_ATTENTION_TENSOR_CORES").as_deref() {
                     Ok("off") => false,
-                    Ok("all") => true,
-                    _ => !backward,
+                    Ok("forward") => !backward,
+                    _ => true,
                 };
                 wanted && products::chosen::<R>(q, k).is_some() && crate::attention_mma::applies(q, spec)
             }

@@ -46,13 +46,15 @@ pub trait FrozenMatmul: Backend {
     }
 
     /// A LoRA adapter beside the frozen product, as one operation: `(y, h)` with `h = x·A`
-    /// `[m, r]` in f32 and `y = x·W + scale · h·B` `[m, n]` written in `out` (`x·W` as
-    /// [`FrozenMatmul::frozen_matmul`] multiplies it). `A` `[k, r]` and `B` `[r, n]` are the
-    /// adapter's f32 matrices; `h` is what backward keeps besides the inputs. `x` may be f32 or
-    /// in `W`'s half type.
+    /// `[m, r]` in f32 and `y = x·W + scale · h·B` `[.., n]` written in `out` (`x·W` as
+    /// [`FrozenMatmul::frozen_matmul`] multiplies it), for `x` `[.., k]` of any rank (its `m`
+    /// rows multiplied as one matrix). `A` `[k, r]` and `B` `[r, n]` are the adapter's f32
+    /// matrices; `h` is what backward keeps besides the inputs. `x` may be f32 or in `W`'s half
+    /// type.
     fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (x, dims) = as_rows::<Self>(x);
         let (y, h) = lora_composition::<Self>(x, w, a, b, scale);
-        (float::<Self, 2>(y).cast(out).into_primitive().tensor(), h)
+        (from_rows::<Self>(float::<Self, 2>(y).cast(out).into_primitive().tensor(), dims), h)
     }
 
     /// An adapter matrix (`A` or `B`, f32) in the dtype [`FrozenMatmul::frozen_lora`] and its
@@ -64,9 +66,11 @@ pub trait FrozenMatmul: Backend {
     }
 
     /// `(dx, dA, dB)` of [`FrozenMatmul::frozen_lora`] for the upstream gradient `dy` `[m, n]`
-    /// (`dx` only if `need_dx`): with `g = scale · dy·Bᵀ`, `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`,
-    /// `dB = scale · hᵀ·dy`, in f32 (`dy` may be in `W`'s half type, as `y` was written), `dx`
-    /// written in `dx_dtype` (f32, or `dy`'s half type for a reader that takes it so).
+    /// and the input's rows `x` `[m, k]` (`dx` only if `need_dx`): with `g = scale · dy·Bᵀ`, `dx
+    /// = acc + dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = scale · hᵀ·dy`, in f32 (`dy` may be in `W`'s
+    /// half type, as `y` was written), `dx` written in `dx_dtype` (f32, or `dy`'s half type for a
+    /// reader that takes it so). `acc` `[m, k]` is the input's gradient so far (from the other
+    /// products that read it), added into in place where the products allow.
     #[allow(clippy::too_many_arguments)]
     fn frozen_lora_bwd(
         dy: FloatTensor<Self>,
@@ -78,9 +82,11 @@ pub trait FrozenMatmul: Backend {
         scale: f64,
         need_dx: bool,
         dx_dtype: FloatDType,
+        acc: Option<FloatTensor<Self>>,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
         let (dx, da, db) = lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
-        (dx.map(|dx| float::<Self, 2>(dx).cast(dx_dtype).into_primitive().tensor()), da, db)
+        let dx = dx.map(|dx| float::<Self, 2>(dx).cast(dx_dtype));
+        (dx.map(|dx| with_acc::<Self>(dx, acc).into_primitive().tensor()), da, db)
     }
 }
 
@@ -185,14 +191,9 @@ pub fn frozen_lora<B: FrozenMatmul, const D: usize>(x: Tensor<B, D>, w: Tensor<B
 /// whose outputs only feed an element-wise operation that reads them in bf16 (the gated MLP's
 /// gate and up) skip the f32 round trip, forward and backward.
 pub fn frozen_lora_as<B: FrozenMatmul, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, out: FloatDType) -> Tensor<B, D> {
-    let dims = x.dims();
-    let [k, n] = w.dims();
-    let m = dims[..D - 1].iter().product::<usize>();
     let prim = |t: Tensor<B, 2>| t.into_primitive().tensor();
-    let (y, _) = B::frozen_lora(prim(x.reshape([m, k])), prim(w), prim(a), prim(b), scale, out);
-    let mut out = dims;
-    out[D - 1] = n;
-    float::<B, 2>(y).reshape(out)
+    let (y, _) = B::frozen_lora(x.into_primitive().tensor(), prim(w), prim(a), prim(b), scale, out);
+    float::<B, D>(y)
 }
 
 #[derive(Debug)]
@@ -226,13 +227,17 @@ impl<B: FrozenMatmul, C: CheckpointStrategy> FrozenMatmul for Autodiff<B, C> {
 
     fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let w = w.primitive;
+        // The rows, so that the parent is `x` itself: projections of one input then add their
+        // `dx` into one gradient (see the backward).
+        let (x_rows, dims) = as_rows::<B>(x.primitive);
         // Cast once for the frozen product and the adapter's (and kept in the half type).
-        let x_in = in_half_of::<B>(x.primitive, &w);
+        let x_in = in_half_of::<B>(x_rows, &w);
         let (y, adapter) = Adapter::<B>::forward(x_in.clone(), w, a.primitive, b.primitive, scale, out);
+        let y = from_rows::<B>(y, dims.clone());
         // `h` leaves as a constant; `x`, `A` and `B` are the parents (the weight is frozen).
         let h_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(adapter.h.clone());
         let y = match FrozenLoraBackward.prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(LoraState { x: x_in, adapter }, y),
+            OpsKind::Tracked(prep) => prep.finish(LoraState { x: x_in, dims, adapter }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, h_out)
@@ -245,6 +250,33 @@ pub(crate) fn in_half_of<B: Backend>(t: FloatTensor<B>, w: &FloatTensor<B>) -> F
     match w.dtype() {
         DType::BF16 | DType::F16 if t.dtype() != w.dtype() => B::float_cast(t, w.dtype().into()),
         _ => t,
+    }
+}
+
+/// `x` `[.., k]` as its rows `[m, k]` (a view), and its shape to put back ([`from_rows`]).
+fn as_rows<B: Backend>(x: FloatTensor<B>) -> (FloatTensor<B>, Vec<usize>) {
+    let dims = x.shape().to_vec();
+    let k = dims.last().copied().unwrap_or(1);
+    let m = dims.iter().product::<usize>() / k.max(1);
+    (B::float_reshape(x, burn::tensor::Shape::new([m, k])), dims)
+}
+
+/// Rows `[m, n]` back in the leading shape of `dims` (`[.., n]`).
+fn from_rows<B: Backend>(y: FloatTensor<B>, mut dims: Vec<usize>) -> FloatTensor<B> {
+    if let (Some(last), Some(&n)) = (dims.last_mut(), y.shape().last()) {
+        *last = n;
+    }
+    B::float_reshape(y, burn::tensor::Shape::from(dims))
+}
+
+/// `dx + acc` (where there is an `acc`), in `dx`'s dtype.
+fn with_acc<B: Backend>(dx: Tensor<B, 2>, acc: Option<FloatTensor<B>>) -> Tensor<B, 2> {
+    match acc {
+        Some(acc) => {
+            let dtype = dx.dtype();
+            dx + float::<B, 2>(acc).cast(FloatDType::from(dtype))
+        }
+        None => dx,
     }
 }
 
@@ -270,19 +302,25 @@ impl<B: FrozenMatmul> Adapter<B> {
     }
 
     /// `(dx, dA, dB)` for the upstream gradient `dy` and the input `x` (`dx` if `need_dx`, in
-    /// `dx_dtype`), through [`FrozenMatmul::frozen_lora_bwd`], `dy` first cast to a half
-    /// weight's dtype.
-    pub(crate) fn backward(self, dy: FloatTensor<B>, x: FloatTensor<B>, need_dx: bool, dx_dtype: FloatDType) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+    /// `dx_dtype`, with `acc` added), through [`FrozenMatmul::frozen_lora_bwd`], `dy` first cast
+    /// to a half weight's dtype.
+    pub(crate) fn backward(self, dy: FloatTensor<B>, x: FloatTensor<B>, need_dx: bool, dx_dtype: FloatDType, acc: Option<FloatTensor<B>>) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
         let dy = in_half_of::<B>(dy, &self.w);
-        B::frozen_lora_bwd(dy, x, self.w, self.a, self.b, self.h, self.scale, need_dx, dx_dtype)
+        B::frozen_lora_bwd(dy, x, self.w, self.a, self.b, self.h, self.scale, need_dx, dx_dtype, acc)
     }
 }
 
 #[derive(Debug, Clone)]
 struct LoraState<B: Backend> {
+    /// The input's rows `[m, k]` (as the products read them) and its shape.
     x: FloatTensor<B>,
+    dims: Vec<usize>,
     adapter: Adapter<B>,
 }
+
+/// A tensor of the autodiff backend (the type is not exported by name), built in backward to
+/// look a parent's gradient up by its node.
+type Probe<B> = FloatTensor<Autodiff<B>>;
 
 #[derive(Debug)]
 struct FrozenLoraBackward;
@@ -293,7 +331,16 @@ impl<B: FrozenMatmul> Backward<B, 3> for FrozenLoraBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_x, node_a, node_b] = ops.parents;
         let s = ops.state;
-        let (dx, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), s.x, node_x.is_some(), FloatDType::F32);
+        let dy = as_rows::<B>(grads.consume::<B>(&ops.node)).0;
+        // The input's gradient so far (projections that share an input: queries, keys and
+        // values; gate and up), taken out so that `dx` is added into it by the product rather
+        // than by the addition `register` makes (a pass over `[m, k]` in f32 each).
+        let acc = node_x.as_ref().and_then(|node| {
+            let probe = Probe::<B> { primitive: dy.clone(), node: node.clone(), rc: std::sync::Arc::new(node.id) };
+            grads.remove::<B>(&probe).map(|g| as_rows::<B>(g).0)
+        });
+        let (dx, da, db) = s.adapter.backward(dy, s.x, node_x.is_some(), FloatDType::F32, acc);
+        let dx = dx.map(|dx| from_rows::<B>(dx, s.dims));
         for (node, grad) in [(node_x, dx), (node_a, Some(da)), (node_b, Some(db))] {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<B>(node.id, grad);
@@ -315,7 +362,8 @@ pub(crate) mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-    use super::{lora_bwd_composition, lora_composition, FrozenMatmul};
+    use super::{as_rows, from_rows, lora_bwd_composition, lora_composition, with_acc, FrozenMatmul};
+    use crate::float;
     use crate::cube::{as_dtype, cublas_ready, gemm, gemm_as};
 
     /// `lhs · rhs` with `lhs` cast to `rhs`'s dtype, written in `out` (f32 or `rhs`'s dtype) by
@@ -360,9 +408,10 @@ pub(crate) mod cube {
         // rows sliced for Burn's matmul).
         fn frozen_lora(x: FloatTensor<Self>, w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
             let out = DType::from(out);
+            let (x, dims) = as_rows::<Self>(x);
             if !cublas_ready::<R>() || !(out == DType::F32 || out == w.dtype) {
                 let (y, h) = lora_composition::<Self>(x, w, a, b, scale);
-                return (as_dtype(y, out), h);
+                return (from_rows::<Self>(as_dtype(y, out), dims), h);
             }
             let (a, b) = (as_dtype(a, x.dtype), as_dtype(b, x.dtype));
             // `h` in `x`'s dtype, as PEFT's `lora_A` leaves it under autocast: the next product
@@ -373,7 +422,7 @@ pub(crate) mod cube {
             // afterwards reads and writes all of `[m, n]` again.
             let y = gemm_as::<R, F, I, BT>(h.clone(), b, scale, None, out);
             let y = gemm_as::<R, F, I, BT>(as_dtype(x, w.dtype), w, 1.0, Some(y), out);
-            (y, h)
+            (from_rows::<Self>(y, dims), h)
         }
 
         // On cuBLAS the adapter multiplies in the input's dtype: its matrices are cast there once
@@ -395,11 +444,13 @@ pub(crate) mod cube {
             scale: f64,
             need_dx: bool,
             dx_dtype: FloatDType,
+            acc: Option<FloatTensor<Self>>,
         ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
             let dx_out = DType::from(dx_dtype);
             if !cublas_ready::<R>() || !(dx_out == DType::F32 || dx_out == dy.dtype) {
                 let (dx, da, db) = lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
-                return (dx.map(|dx| as_dtype(dx, dx_out)), da, db);
+                let dx = dx.map(|dx| with_acc::<Self>(float(as_dtype(dx, dx_out)), acc).into_primitive().tensor());
+                return (dx, da, db);
             }
             let t = Self::float_transpose;
             let dt = dy.dtype;
@@ -407,8 +458,15 @@ pub(crate) mod cube {
             // every product below multiplies in one dtype with no cast between them.
             let (a, b) = (as_dtype(a, dt), as_dtype(b, dt));
             let g = gemm_as::<R, F, I, BT>(dy.clone(), t(b), scale, None, dt); // [m, r]
-            // `dx`'s adapter term first, for the reason the forward gives.
-            let dx = need_dx.then(|| gemm_as::<R, F, I, BT>(as_dtype(dy.clone(), w.dtype), t(w), 1.0, Some(gemm_as::<R, F, I, BT>(g.clone(), t(a), 1.0, None, dx_out)), dx_out));
+            // `dx`'s adapter term first, for the reason the forward gives, added into the
+            // gradient so far where cuBLAS can add into it in place (its dtype, contiguous,
+            // held by nothing else).
+            let (acc, rest) = match acc {
+                Some(acc) if acc.dtype == dx_out && acc.is_contiguous() && acc.can_mut() => (Some(acc), None),
+                other => (None, other),
+            };
+            let dx = need_dx.then(|| gemm_as::<R, F, I, BT>(as_dtype(dy.clone(), w.dtype), t(w), 1.0, Some(gemm_as::<R, F, I, BT>(g.clone(), t(a), 1.0, acc, dx_out)), dx_out));
+            let dx = dx.map(|dx| with_acc::<Self>(float(dx), rest).into_primitive().tensor());
             let da = gemm::<R, F, I, BT>(t(as_dtype(x, dt)), g, 1.0, None); // [k, r]
             let db = gemm::<R, F, I, BT>(t(as_dtype(h, dt)), dy, scale, None); // [r, n]
             (dx, da, db)

@@ -195,7 +195,7 @@ impl<B: GatedDown> Backward<B, 4> for GatedDownBackward {
         // The gradient of `act(gate) · up` only feeds the gated kernel's backward, which reads
         // it in gate's dtype: written there by the product (as autocast leaves it in PyTorch),
         // half the bytes of the largest gradient of a layer.
-        let (dhidden, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), hidden, need_dx, s.gate.dtype().into());
+        let (dhidden, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), hidden, need_dx, s.gate.dtype().into(), None);
         if let Some(dhidden) = dhidden {
             let shape = s.gate.shape();
             let flat = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([shape.num_elements()]));

@@ -114,60 +114,115 @@ pub(crate) mod cube {
     use super::RopeOp;
 
 
-    /// Units a cube has at least (while heads last): a cube of one head's `d` units was too
-    /// small to keep the card busy (100 µs a Llama-shape call, ~4× its bandwidth time).
+    /// Units a cube has at least (while heads last): a cube of one head's units was too small
+    /// to keep the card busy.
     const UNITS: usize = 256;
 
-    /// One cube per position and group of heads (`CUBE_DIM_Y` of them) of `y` `[b, h, s, d]` (cube position:
-    /// position, head group, batch row), one unit per feature and head, so no thread divides
-    /// to find its place. `x` and `y` are indexed through their strides: either may be a
-    /// transposed view (the projection's `[b, s, h, d]`).
+    /// Positions a unit takes. Its loads for all of them are issued before its first store, so
+    /// that enough bytes are in flight to keep memory busy: with one element a unit, a
+    /// Llama-3.2-1B step's 64 calls took 3.4 ms on an H200, ~3× their bandwidth time
+    /// (bench/RESULTS.md).
+    const POSITIONS: usize = 4;
+
+    /// One cube per [`POSITIONS`] positions and group of heads (`CUBE_DIM_Y` of them) of `y`
+    /// `[b, h, s, d]` (cube position: position block, head group, batch row). Unit `j < r/2`
+    /// rotates the pair of features `j`, `j + r/2`; the units past it copy two of the features
+    /// past `r` each. `x` and `y` are indexed through their strides: either may be a transposed
+    /// view (the projection's `[b, s, h, d]`). `inverse` rotates by `−sin` (the backward).
     #[cube(launch_unchecked)]
-    fn rope_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, y: &mut Tensor<F>) {
+    fn rope_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, y: &mut Tensor<F>, #[comptime] inverse: bool) {
         let j = UNIT_POS_X as usize;
-        let pos = CUBE_POS_X as usize;
         let head = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
         let bi = CUBE_POS_Z as usize;
         if head >= y.shape(1) {
             terminate!();
         }
         let s = y.shape(2);
+        let d = y.shape(3);
         let r = cos.shape(2);
         let half = r / 2;
-        let xi = bi * x.stride(0) + head * x.stride(1) + pos * x.stride(2) + j * x.stride(3);
-        let yi = bi * y.stride(0) + head * y.stride(1) + pos * y.stride(2) + j * y.stride(3);
         let mut tb = bi;
         if cos.shape(0) == 1 {
             tb = 0;
         }
-        let mut out = x[xi];
-        if j < r {
-            let at = (tb * s + pos) * r + j;
-            let mut partner = F::new(0.0);
-            if j < half {
-                partner = -x[xi + half * x.stride(3)];
-            } else {
-                partner = x[xi - half * x.stride(3)];
-            }
-            out = x[xi] * cos[at] + partner * sin[at];
+        // The unit's two features: a rotated pair, or two passed through.
+        let mut e0 = j;
+        let mut e1 = j + half;
+        if j >= half {
+            e0 = r + 2 * (j - half);
+            e1 = e0 + 1;
         }
-        y[yi] = out;
+        let (xs, ys) = (x.stride(3), y.stride(3));
+        let xrow = bi * x.stride(0) + head * x.stride(1);
+        let yrow = bi * y.stride(0) + head * y.stride(1);
+        let first = CUBE_POS_X as usize * POSITIONS;
+        let mut a = Array::<F>::new(POSITIONS);
+        let mut b = Array::<F>::new(POSITIONS);
+        let mut c0 = Array::<F>::new(POSITIONS);
+        let mut c1 = Array::<F>::new(POSITIONS);
+        let mut s0 = Array::<F>::new(POSITIONS);
+        let mut s1 = Array::<F>::new(POSITIONS);
+        #[unroll]
+        for p in 0..POSITIONS {
+            let pos = first + p;
+            a[p] = F::new(0.0);
+            b[p] = F::new(0.0);
+            c0[p] = F::new(1.0);
+            c1[p] = F::new(1.0);
+            s0[p] = F::new(0.0);
+            s1[p] = F::new(0.0);
+            if pos < s && e0 < d {
+                let xi = xrow + pos * x.stride(2);
+                a[p] = x[xi + e0 * xs];
+                if e1 < d {
+                    b[p] = x[xi + e1 * xs];
+                }
+                if j < half {
+                    let at = (tb * s + pos) * r + j;
+                    c0[p] = cos[at];
+                    c1[p] = cos[at + half];
+                    s0[p] = sin[at];
+                    s1[p] = sin[at + half];
+                }
+            }
+        }
+        #[unroll]
+        for p in 0..POSITIONS {
+            let pos = first + p;
+            if pos < s && e0 < d {
+                let (mut sa, mut sb) = (s0[p], s1[p]);
+                if inverse {
+                    sa = -sa;
+                    sb = -sb;
+                }
+                // y[j] = x[j]·cos − x[j + r/2]·sin, y[j + r/2] = x[j + r/2]·cos + x[j]·sin;
+                // outside the rotation cos = 1 and sin = 0.
+                let yi = yrow + pos * y.stride(2);
+                y[yi + e0 * ys] = a[p] * c0[p] - b[p] * sa;
+                if e1 < d {
+                    y[yi + e1 * ys] = b[p] * c1[p] + a[p] * sb;
+                }
+            }
+        }
     }
 
-    /// Rope of `x` (any layout) into `y` (same logical shape, any layout).
-    fn launch<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>, cos: CubeTensor<R>, sin: CubeTensor<R>, y: CubeTensor<R>) {
+    /// Rope of `x` (any layout) into `y` (same logical shape, any layout); `inverse` by `−sin`.
+    fn launch<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>, cos: CubeTensor<R>, sin: CubeTensor<R>, y: CubeTensor<R>, inverse: bool) {
         let (x, cos, sin) = (as_float::<R, F>(x), contiguous_float::<R, F>(cos), contiguous_float::<R, F>(sin));
         let [b, h, s, d] = y.meta.shape().dims::<4>();
         if b * h * s * d == 0 {
             return;
         }
         let client = x.client.clone();
-        // SAFETY: the grid covers `[b, h, s]` with `d` units a row, `y`'s shape, which is `x`'s
-        // (units of heads past `h` return first); tables `[b or 1, s, r]`, `r ≤ d` even,
-        // contiguous (above), so the partner index stays inside the element's row.
+        // Units a row: r/2 pairs and (d − r)/2 pairs of passed features, d/2 rounded up.
+        let units = d.div_ceil(2);
+        // SAFETY: the grid covers `[b, h, s]` (positions past `s` and heads past `h` touch
+        // nothing), `units` a row, each unit two features below `d`; `y` has `x`'s shape; the
+        // tables `[b or 1, s, r]`, `r ≤ d` even, contiguous (above), read at `j, j + r/2 < r`.
         unsafe {
-            let heads = (UNITS / d).clamp(1, h);
-            rope_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(s as u32, h.div_ceil(heads) as u32, b as u32), CubeDim { x: d as u32, y: heads as u32, z: 1 }, x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), y.into_tensor_arg());
+            let heads = (UNITS / units).clamp(1, h);
+            let count = CubeCount::Static(s.div_ceil(POSITIONS) as u32, h.div_ceil(heads) as u32, b as u32);
+            rope_kernel::launch_unchecked::<F, R>(&client, count, CubeDim { x: units as u32, y: heads as u32, z: 1 }, x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), y.into_tensor_arg(), inverse);
         }
     }
 
@@ -177,7 +232,7 @@ pub(crate) mod cube {
         fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
             let [b, h, s, d] = x.meta.shape().dims::<4>();
             let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([b, h, s, d]), F::dtype());
-            launch::<R, F>(x, cos, sin, y.clone());
+            launch::<R, F>(x, cos, sin, y.clone(), false);
             y
         }
 
@@ -186,15 +241,15 @@ pub(crate) mod cube {
             strides[1] < strides[2]
         }
 
+        // The inverse rotation in the kernel: no `−sin` table is made each call.
         fn rope_bwd(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, positions_first: bool) -> FloatTensor<Self> {
-            let minus_sin = Self::float_neg(sin);
-            if !positions_first {
-                return Self::rope(dy, cos, minus_sin);
-            }
             let [b, h, s, d] = dy.meta.shape().dims::<4>();
-            let dx = empty_device_contiguous_dtype(dy.client.clone(), dy.device.clone(), Shape::new([b, s, h, d]), F::dtype());
-            let dx = Self::float_swap_dims(dx, 1, 2); // [b, s, h, d] seen as [b, h, s, d]
-            launch::<R, F>(dy, cos, minus_sin, dx.clone());
+            let dx = match positions_first {
+                // [b, s, h, d] seen as [b, h, s, d]
+                true => Self::float_swap_dims(empty_device_contiguous_dtype(dy.client.clone(), dy.device.clone(), Shape::new([b, s, h, d]), F::dtype()), 1, 2),
+                false => empty_device_contiguous_dtype(dy.client.clone(), dy.device.clone(), Shape::new([b, h, s, d]), F::dtype()),
+            };
+            launch::<R, F>(dy, cos, sin, dx.clone(), true);
             dx
         }
     }

@@ -47,10 +47,10 @@ impl<B: Backend> Lora<B> {
         self.a.dims()[1]
     }
 
-    /// Whether [`Lora::forward`] applies dropout to `x` (training, with a dropout rate): the
-    /// adapter then sees other inputs than the base layer.
-    pub fn drops(&self, x: &Tensor<B, 2>) -> bool {
-        self.dropout > 0.0 && B::ad_enabled(&x.device())
+    /// Whether [`Lora::forward`] applies dropout to its input on `device` (training, with a
+    /// dropout rate): the adapter then sees other inputs than the base layer.
+    pub fn drops(&self, device: &B::Device) -> bool {
+        self.dropout > 0.0 && B::ad_enabled(device)
     }
 
     /// `x` `[n, in]` -> `scale · x·A·B` `[n, out]`.
@@ -63,7 +63,7 @@ impl<B: Backend> Lora<B> {
     /// output.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         // Dropout only while training (autodiff on), as nn.Dropout in train mode.
-        let x = if self.drops(&x) {
+        let x = if self.drops(&x.device()) {
             let keep = Tensor::<B, 2>::random(x.shape(), Distribution::Bernoulli(1.0 - self.dropout), &x.device());
             x * keep.div_scalar(1.0 - self.dropout)
         } else {

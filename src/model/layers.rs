@@ -170,14 +170,18 @@ impl<B: QuantMatmul> Linear<B> {
         // One 2-D product over every row: against a weight broadcast over a batch dimension,
         // backward would sum each adapter's gradient over the batch (a reduction per matrix).
         let dims = x.dims();
-        let x = x.reshape([dims[..D - 1].iter().product::<usize>(), dims[D - 1]]); // [n, in]
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let input = x.clone();
+        let x = x.reshape([rows, dims[D - 1]]); // [n, in]
         let mut lora = self.lora.as_ref();
         let y = match &self.weight {
             // A bf16 weight is frozen ([`to_bf16_matmuls`]): multiplied in bf16 with f32
             // accumulation, as under PyTorch's autocast, the matmul writing the f32 result;
-            // with its adapter in the same operation when both see the same input.
-            LinearWeight::Dense(w) if w.dtype() == burn::tensor::DType::BF16 => match lora.take_if(|l| !l.drops(&x)) {
-                Some(l) => kiln_kernels::frozen_lora(x.clone(), w.val(), l.a.val(), l.b.val(), l.scale),
+            // with its adapter in the same operation when both see the same input. That
+            // operation takes the input as it is (not its rows' view), so that projections of
+            // one input (queries, keys, values) add their gradients into one tensor.
+            LinearWeight::Dense(w) if w.dtype() == burn::tensor::DType::BF16 => match lora.take_if(|l| !l.drops(&x.device())) {
+                Some(l) => kiln_kernels::frozen_lora(input, w.val(), l.a.val(), l.b.val(), l.scale).reshape([rows, self.d_out()]),
                 None => kiln_kernels::frozen_matmul(x.clone(), w.val()),
             },
             LinearWeight::Dense(w) => x.clone().matmul(w.val()),
@@ -232,14 +236,11 @@ impl<B: QuantMatmul> Linear<B> {
         let (LinearWeight::Dense(w), Some(l)) = (&self.weight, &self.lora) else {
             return self.forward(x);
         };
-        let dims = x.dims();
-        let rows = x.clone().reshape([dims[..D - 1].iter().product::<usize>(), dims[D - 1]]); // [n, in]
-        if !self.writes_bf16() || l.drops(&rows) {
+        if !self.writes_bf16() || l.drops(&x.device()) {
             return self.forward(x);
         }
-        let mut out = dims;
-        out[D - 1] = self.d_out();
-        kiln_kernels::frozen::frozen_lora_as(rows, w.val(), l.a.val(), l.b.val(), l.scale, FloatDType::BF16).reshape(out)
+        // The input as it is, as in `forward`: gate and up add their gradients into one tensor.
+        kiln_kernels::frozen::frozen_lora_as(x, w.val(), l.a.val(), l.b.val(), l.scale, FloatDType::BF16)
     }
 }
 
