@@ -213,6 +213,25 @@ fn check_rms_norm<A: AutodiffBackend + kiln_kernels::RmsNormOp>(device: &A::Devi
             }
         }
     }
+    // A residual stream: the norm's input is also added to its output, as a decoder layer
+    // reads it twice. The norm's backward then adds its `dx` into the addition's gradient.
+    let (n, d) = (6, 40);
+    let xv: Vec<f32> = (0..2 * n * d).map(|_| rng.normal()).collect();
+    let wv: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+    let cv: Vec<f32> = (0..2 * n * d).map(|_| rng.normal()).collect();
+    let run = |fused: bool| {
+        let x = Tensor::<A, 3>::from_data(TensorData::new(xv.clone(), [2, n, d]), device).require_grad();
+        let w = Tensor::<A, 1>::from_data(TensorData::new(wv.clone(), [d]), device);
+        let c = Tensor::<A, 3>::from_data(TensorData::new(cv.clone(), [2, n, d]), device);
+        let y = match fused {
+            true => kiln_kernels::rms_norm(x.clone(), w, 1e-6, 0.0),
+            false => kiln_kernels::norm::rms_norm_composition(x.clone().reshape([2 * n, d]), w, 1e-6, 0.0).reshape([2, n, d]),
+        };
+        let grads = ((x.clone() + y) * c).sum().backward();
+        host(x.grad(&grads).unwrap())
+    };
+    let err = rel(&run(true), &run(false));
+    assert!(err < 1e-4, "{name} rms_norm on a residual stream: dx relative error {err}");
 }
 
 /// One attention case: batch, query heads, key/value heads, queries, head size, mask, softcap.

@@ -21,7 +21,7 @@ use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, Nd
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{backend::Backend, DType, FloatDType, Tensor, TensorMetadata};
 
-use crate::float;
+use crate::{as_rows, float, from_rows, take_grad};
 
 /// Backend extension: `x [m, k] · W [k, n] -> [m, n]` in f32, multiplied in `W`'s dtype.
 /// The default methods are the composition, [`matmul_as`] (the reference).
@@ -253,22 +253,6 @@ pub(crate) fn in_half_of<B: Backend>(t: FloatTensor<B>, w: &FloatTensor<B>) -> F
     }
 }
 
-/// `x` `[.., k]` as its rows `[m, k]` (a view), and its shape to put back ([`from_rows`]).
-fn as_rows<B: Backend>(x: FloatTensor<B>) -> (FloatTensor<B>, Vec<usize>) {
-    let dims = x.shape().to_vec();
-    let k = dims.last().copied().unwrap_or(1);
-    let m = dims.iter().product::<usize>() / k.max(1);
-    (B::float_reshape(x, burn::tensor::Shape::new([m, k])), dims)
-}
-
-/// Rows `[m, n]` back in the leading shape of `dims` (`[.., n]`).
-fn from_rows<B: Backend>(y: FloatTensor<B>, mut dims: Vec<usize>) -> FloatTensor<B> {
-    if let (Some(last), Some(&n)) = (dims.last_mut(), y.shape().last()) {
-        *last = n;
-    }
-    B::float_reshape(y, burn::tensor::Shape::from(dims))
-}
-
 /// `dx + acc` (where there is an `acc`), in `dx`'s dtype.
 fn with_acc<B: Backend>(dx: Tensor<B, 2>, acc: Option<FloatTensor<B>>) -> Tensor<B, 2> {
     match acc {
@@ -318,10 +302,6 @@ struct LoraState<B: Backend> {
     adapter: Adapter<B>,
 }
 
-/// A tensor of the autodiff backend (the type is not exported by name), built in backward to
-/// look a parent's gradient up by its node.
-type Probe<B> = FloatTensor<Autodiff<B>>;
-
 #[derive(Debug)]
 struct FrozenLoraBackward;
 
@@ -335,10 +315,7 @@ impl<B: FrozenMatmul> Backward<B, 3> for FrozenLoraBackward {
         // The input's gradient so far (projections that share an input: queries, keys and
         // values; gate and up), taken out so that `dx` is added into it by the product rather
         // than by the addition `register` makes (a pass over `[m, k]` in f32 each).
-        let acc = node_x.as_ref().and_then(|node| {
-            let probe = Probe::<B> { primitive: dy.clone(), node: node.clone(), rc: std::sync::Arc::new(node.id) };
-            grads.remove::<B>(&probe).map(|g| as_rows::<B>(g).0)
-        });
+        let acc = node_x.as_ref().and_then(|node| take_grad!(B, grads, node, dy.clone())).map(|g| as_rows::<B>(g).0);
         let (dx, da, db) = s.adapter.backward(dy, s.x, node_x.is_some(), FloatDType::F32, acc);
         let dx = dx.map(|dx| from_rows::<B>(dx, s.dims));
         for (node, grad) in [(node_x, dx), (node_a, Some(da)), (node_b, Some(db))] {
@@ -362,8 +339,8 @@ pub(crate) mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-    use super::{as_rows, from_rows, lora_bwd_composition, lora_composition, with_acc, FrozenMatmul};
-    use crate::float;
+    use super::{lora_bwd_composition, lora_composition, with_acc, FrozenMatmul};
+    use crate::{as_rows, float, from_rows};
     use crate::cube::{as_dtype, cublas_ready, gemm, gemm_as};
 
     /// `lhs · rhs` with `lhs` cast to `rhs`'s dtype, written in `out` (f32 or `rhs`'s dtype) by

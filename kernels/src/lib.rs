@@ -120,7 +120,7 @@ pub fn keep_kernel_cache(dir: &std::path::Path) -> bool {
 }
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorMetadata, TensorPrimitive};
 
 /// Bits per weight and weights per (scale, bias) group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -164,6 +164,40 @@ pub trait QuantMatmul: Backend + FrozenMatmul + LmHeadLoss + RmsNormOp + RopeOp 
 pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
+
+/// `x` `[.., k]` as its rows `[m, k]` (a view), and its shape to put back ([`from_rows`]). An
+/// operation that takes its input whole rather than a view of its rows is that input's own
+/// child in the autodiff graph, which lets its backward add into the input's gradient
+/// ([`take_grad`]).
+pub(crate) fn as_rows<B: Backend>(x: FloatTensor<B>) -> (FloatTensor<B>, Vec<usize>) {
+    let dims = x.shape().to_vec();
+    let k = dims.last().copied().unwrap_or(1);
+    let m = dims.iter().product::<usize>() / k.max(1);
+    (B::float_reshape(x, burn::tensor::Shape::new([m, k])), dims)
+}
+
+/// Rows `[m, n]` back in the leading shape of `dims` (`[.., n]`).
+pub(crate) fn from_rows<B: Backend>(y: FloatTensor<B>, mut dims: Vec<usize>) -> FloatTensor<B> {
+    if let (Some(last), Some(&n)) = (dims.last_mut(), y.shape().last()) {
+        *last = n;
+    }
+    B::float_reshape(y, burn::tensor::Shape::from(dims))
+}
+
+/// In a backward: the gradient registered so far for the parent `node` (an `Option`'s content
+/// from `Ops::parents`), taken out of `grads` (`Option<FloatTensor<B>>`). An operation whose
+/// input has other readers (a residual stream, one input to several projections) then adds its
+/// own gradient into it as it writes it, where `register` would add the two in a separate pass
+/// over the tensor. `like` is any tensor of the inner backend: Burn finds gradients by node,
+/// through a tensor of the autodiff backend, whose type it does not export by name.
+macro_rules! take_grad {
+    ($B:ty, $grads:expr, $node:expr, $like:expr) => {{
+        let node = $node;
+        let probe = burn::tensor::ops::FloatTensor::<burn::backend::autodiff::Autodiff<$B>> { primitive: $like, node: node.clone(), rc: std::sync::Arc::new(node.id) };
+        $grads.remove::<$B>(&probe)
+    }};
+}
+pub(crate) use take_grad;
 
 /// The float weight `[n, k]`, with plain tensor ops: the reference the kernels are checked
 /// against, and what fusing an adapter into a quantised base uses.

@@ -6,7 +6,10 @@
 //! scaled output for backward; here it keeps `x` and one float per row (`rstd`), and the
 //! CubeCL backends run the forward and the input gradient as one kernel each, a cube per row:
 //! `dx = rstd · w'·dy − x · rstd³ · mean(w'·dy·x)` with `w' = offset + w`. The weight's
-//! gradient (`Σ_rows dy · x · rstd`) is a column sum, left to Burn's reduction.
+//! gradient (`Σ_rows dy · x · rstd`) is a column sum, left to Burn's reduction. The norm takes
+//! its input whole (not a view of its rows), so its backward adds `dx` into the gradient the
+//! residual stream's other reader left (the residual addition after the block), in the same
+//! kernel, rather than a separate f32 addition over the stream.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
@@ -16,14 +19,15 @@ use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, Nd
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{backend::Backend, FloatDType, Tensor};
 
-use crate::float;
+use crate::{as_rows, float, from_rows, take_grad};
 
-/// Backend extension: RMSNorm over the last dimension of `x` `[n, d]` with weight `w` `[d]`.
-/// The default methods are the plain tensor composition (the reference).
+/// Backend extension: RMSNorm over the last dimension of `x` `[.., d]` (its `n` rows) with
+/// weight `w` `[d]`. The default methods are the plain tensor composition (the reference).
 pub trait RmsNormOp: Backend {
-    /// `(y [n, d], rstd [n])`, `y` written in `out` (f32, or a half type where every reader of
+    /// `(y [.., d], rstd [n])`, `y` written in `out` (f32, or a half type where every reader of
     /// `y` multiplies in it).
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (x, dims) = as_rows::<Self>(x);
         let x = float::<Self, 2>(x);
         let [n, _] = x.dims();
         let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt(); // [n, 1]
@@ -34,17 +38,22 @@ pub trait RmsNormOp: Backend {
         // to 4e-5 relative, on whichever elements the buffer's alignment puts in SIMD lanes), which
         // made `dx` inexact and training on the CPU differ from run to run.
         let rstd = rms.ones_like() / rms;
-        (y.cast(out).into_primitive().tensor(), rstd.reshape([n]).into_primitive().tensor())
+        (from_rows::<Self>(y.cast(out).into_primitive().tensor(), dims), rstd.reshape([n]).into_primitive().tensor())
     }
 
-    /// `dx [n, d]` for the upstream gradient `dy` `[n, d]`.
-    fn rms_norm_dx(dy: FloatTensor<Self>, x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, offset: f64) -> FloatTensor<Self> {
+    /// `acc + dx` `[n, d]` for the upstream gradient `dy` `[n, d]` (f32; `acc` the input's
+    /// gradient so far, `[n, d]` f32, if any).
+    fn rms_norm_dx(dy: FloatTensor<Self>, x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, offset: f64, acc: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
         let (dy, x) = (float::<Self, 2>(dy), float::<Self, 2>(x));
         let [n, d] = x.dims();
         let r = float::<Self, 1>(rstd).reshape([n, 1]);
         let g = dy * float::<Self, 1>(w).add_scalar(offset).unsqueeze::<2>(); // w'·dy
         let s = (g.clone() * x.clone()).sum_dim(1).div_scalar(d as f64); // [n, 1]
-        (g * r.clone() - x * r.clone().powi_scalar(3) * s).into_primitive().tensor()
+        let dx = g * r.clone() - x * r.clone().powi_scalar(3) * s;
+        match acc {
+            Some(acc) => (float::<Self, 2>(acc) + dx).into_primitive().tensor(),
+            None => dx.into_primitive().tensor(),
+        }
     }
 }
 
@@ -64,17 +73,16 @@ pub fn rms_norm<B: RmsNormOp, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, 
 /// projections after a norm, under bf16 training), which then need no cast of their own, and
 /// the tape keeps half the bytes.
 pub fn rms_norm_as<B: RmsNormOp, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64, offset: f64, out: FloatDType) -> Tensor<B, D> {
-    let dims = x.dims();
-    let d = dims[D - 1];
-    let n = dims[..D - 1].iter().product::<usize>();
-    let (y, _) = B::rms_norm(x.reshape([n, d]).into_primitive().tensor(), w.into_primitive().tensor(), eps, offset, out);
-    float::<B, 2>(y).reshape(dims)
+    let (y, _) = B::rms_norm(x.into_primitive().tensor(), w.into_primitive().tensor(), eps, offset, out);
+    float::<B, D>(y)
 }
 
 
 #[derive(Debug, Clone)]
 struct State<B: Backend> {
+    /// The input's rows `[n, d]`, and its shape.
     x: FloatTensor<B>,
+    dims: Vec<usize>,
     w: FloatTensor<B>,
     rstd: FloatTensor<B>,
     offset: f64,
@@ -89,7 +97,7 @@ impl<B: RmsNormOp> Backward<B, 2> for RmsNormBackward {
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_x, node_w] = ops.parents;
         // The readers of a bf16 output hand back f32 gradients; f32 in any case.
-        let dy = float::<B, 2>(grads.consume::<B>(&ops.node)).cast(FloatDType::F32).into_primitive().tensor();
+        let dy = float::<B, 2>(as_rows::<B>(grads.consume::<B>(&ops.node)).0).cast(FloatDType::F32).into_primitive().tensor();
         let s = ops.state;
         if let Some(node) = node_w {
             let [n, d] = float::<B, 2>(s.x.clone()).dims();
@@ -98,18 +106,22 @@ impl<B: RmsNormOp> Backward<B, 2> for RmsNormBackward {
             grads.register::<B>(node.id, dw.into_primitive().tensor());
         }
         if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::rms_norm_dx(dy, s.x, s.w, s.rstd, s.offset));
+            let acc = take_grad!(B, grads, &node, dy.clone()).map(|g| float::<B, 2>(as_rows::<B>(g).0).cast(FloatDType::F32).into_primitive().tensor());
+            let dx = B::rms_norm_dx(dy, s.x, s.w, s.rstd, s.offset, acc);
+            grads.register::<B>(node.id, from_rows::<B>(dx, s.dims));
         }
     }
 }
 
 impl<B: RmsNormOp, C: CheckpointStrategy> RmsNormOp for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, rstd) = B::rms_norm(x.primitive.clone(), w.primitive.clone(), eps, offset, out);
+        let (rows, dims) = as_rows::<B>(x.primitive);
+        let (y, rstd) = B::rms_norm(rows.clone(), w.primitive.clone(), eps, offset, out);
+        let y = from_rows::<B>(y, dims.clone());
         // `rstd` leaves as a constant: only `y` is differentiable.
         let rstd_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(rstd.clone());
         let y = match RmsNormBackward.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(State { x: x.primitive, w: w.primitive, rstd, offset }, y),
+            OpsKind::Tracked(prep) => prep.finish(State { x: rows, dims, w: w.primitive, rstd, offset }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, rstd_out)
@@ -130,6 +142,7 @@ pub(crate) mod cube {
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use cubecl::prelude::*;
     use crate::cube::{contiguous_float, launch_typed};
+    use crate::{as_rows, from_rows};
     use cubecl::{cube, CubeCount, CubeDim};
 
     use super::RmsNormOp;
@@ -183,9 +196,11 @@ pub(crate) mod cube {
         }
     }
 
-    /// `dx = r·w'·dy − x·r³·mean(w'·dy·x)`, one cube per row. `params` = [eps, offset].
+    /// `dx = r·w'·dy − x·r³·mean(w'·dy·x)` (`+ plus` with `with_plus`), one cube per row.
+    /// `params` = [eps, offset].
     #[cube(launch_unchecked)]
-    fn rms_norm_dx_kernel<F: Float>(dy: &Tensor<F>, x: &Tensor<F>, w: &Tensor<F>, rstd: &Tensor<F>, params: &Tensor<F>, dx: &mut Tensor<F>) {
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_dx_kernel<F: Float>(dy: &Tensor<F>, x: &Tensor<F>, w: &Tensor<F>, rstd: &Tensor<F>, params: &Tensor<F>, plus: &Tensor<F>, dx: &mut Tensor<F>, #[comptime] with_plus: bool) {
         let row = CUBE_POS_X as usize;
         let lane = UNIT_POS_X as usize;
         let d = x.shape(1);
@@ -205,7 +220,11 @@ pub(crate) mod cube {
         let c = r * r * r * partial[0] / F::cast_from(d);
         j = lane;
         while j < d {
-            dx[base + j] = r * (w[j] + offset) * dy[base + j] - x[base + j] * c;
+            let mut g = r * (w[j] + offset) * dy[base + j] - x[base + j] * c;
+            if with_plus {
+                g += plus[base + j];
+            }
+            dx[base + j] = g;
             j += LANES as usize;
         }
     }
@@ -218,6 +237,7 @@ pub(crate) mod cube {
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RmsNormOp for CubeBackend<R, F, I, BT> {
         fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64, offset: f64, out: FloatDType) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let (x, dims) = as_rows::<Self>(x);
             let (x, w) = (contiguous_float::<R, F>(x), contiguous_float::<R, F>(w));
             let p = params::<R, F, I, BT>(&x, eps, offset);
             let [n, d] = x.meta.shape().dims::<2>();
@@ -228,16 +248,16 @@ pub(crate) mod cube {
             let y = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, d]), out);
             let rstd = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n]), F::dtype());
             if n == 0 || d == 0 {
-                return (y, rstd);
+                return (from_rows::<Self>(y, dims), rstd);
             }
             let client = x.client.clone();
             // SAFETY: row `CUBE_POS_X` < n by the launch count; columns below `d`; `w` has `d`
             // values and `params` two (all contiguous above); `y` is written in `out`.
             launch_typed!(rms_norm_kernel, out, F, R, &client, CubeCount::Static(n as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, x.into_tensor_arg(), w.into_tensor_arg(), p.into_tensor_arg(), y.clone().into_tensor_arg(), rstd.clone().into_tensor_arg());
-            (y, rstd)
+            (from_rows::<Self>(y, dims), rstd)
         }
 
-        fn rms_norm_dx(dy: FloatTensor<Self>, x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, offset: f64) -> FloatTensor<Self> {
+        fn rms_norm_dx(dy: FloatTensor<Self>, x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, offset: f64, acc: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
             let (dy, x, w, rstd) = (contiguous_float::<R, F>(dy), contiguous_float::<R, F>(x), contiguous_float::<R, F>(w), contiguous_float::<R, F>(rstd));
             let p = params::<R, F, I, BT>(&x, 0.0, offset);
             let [n, d] = x.meta.shape().dims::<2>();
@@ -246,9 +266,15 @@ pub(crate) mod cube {
                 return dx;
             }
             let client = x.client.clone();
-            // SAFETY: as in the forward; `dy` has the shape of `x`, `rstd` one value per row.
+            // Without `acc` the kernel reads none: `dy` stands in for the argument.
+            let (acc, with_acc) = match acc {
+                Some(acc) => (contiguous_float::<R, F>(acc), true),
+                None => (dy.clone(), false),
+            };
+            // SAFETY: as in the forward; `dy` and `acc` have the shape of `x` (contiguous
+            // above), `rstd` one value per row.
             unsafe {
-                rms_norm_dx_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(n as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, dy.into_tensor_arg(), x.into_tensor_arg(), w.into_tensor_arg(), rstd.into_tensor_arg(), p.into_tensor_arg(), dx.clone().into_tensor_arg());
+                rms_norm_dx_kernel::launch_unchecked::<F, R>(&client, CubeCount::Static(n as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 }, dy.into_tensor_arg(), x.into_tensor_arg(), w.into_tensor_arg(), rstd.into_tensor_arg(), p.into_tensor_arg(), acc.into_tensor_arg(), dx.clone().into_tensor_arg(), with_acc);
             }
             dx
         }
