@@ -39,7 +39,7 @@
 //! each kernel is compiled for a number of cubes an SM (`cubes_per_sm`): they are latency-bound.
 //!
 //! Training runs forward and backward here (bench/RESULTS.md: on an H200, with `ldmatrix` and
-//! the heaviest blocks first, the backward kernels beat the products' backward by 5 ms a
+//! the heaviest blocks first, the backward kernels beat the products' backward by ~6 ms a
 //! Llama-3.2-1B step; `KILN_ATTENTION_TENSOR_CORES=forward` runs the backward on the products
 //! again, for comparisons).
 
