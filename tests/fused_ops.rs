@@ -632,14 +632,15 @@ fn wgpu_chunked_head_loss_matches_the_plain_composition() {
     // Fewer cases than on the CPU: lavapipe compiles every new shape's kernels on 2 cores.
     check_head_loss::<Autodiff<kiln::backend::Wgpu>>(&Default::default(), "wgpu", &SHAPES[..1], 1e-4);
     check_model_loss::<Autodiff<kiln::backend::Wgpu>>(&Default::default(), "wgpu", &["qwen3"]);
-    // Without Burn's fusion stream the chunks' row kernels run (as on CUDA): a vocabulary past
-    // one pass of the kernel's unrolled loads (4 × 512), and one that is not a multiple of it.
+    // Without Burn's fusion stream the chunks' row kernels run (as on CUDA), reading a row one
+    // element at a time (53), as vectors of two (4098) and as the widest vectors (5000); the last
+    // two past one pass of the loads (two vectors × 512 threads) and not a multiple of it.
     check_head_loss::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu direct", &SHAPES[..1], 1e-4);
     // At a vocabulary of 5000, `dh` of the `[e, v]` head layout differs by up to 3e-4 between
     // the two sides on lavapipe while `dW`, from the same `dz`, agrees to 1e-7 and so does `dh`
     // of the `[v, e]` layout: the difference is Burn's wgpu matmul of a transposed
     // `[5000, e]` view (per chunk here, over all rows there), not the row kernels.
-    check_head_loss::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu direct", &[(6, 8, 5000, 4)], 1e-3);
+    check_head_loss::<Autodiff<kiln_kernels::WgpuDirect>>(&Default::default(), "wgpu direct", &[(6, 8, 4098, 4), (6, 8, 5000, 4)], 1e-3);
 }
 
 /// The quickstart recipe (full fine-tuning of a Llama-style model from scratch) for 40 steps,

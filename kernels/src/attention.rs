@@ -79,6 +79,34 @@ pub enum AttentionPath {
 
 static PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(AttentionPath::Auto as u8);
 
+/// The head size the tensor-core kernels take.
+pub const TENSOR_CORE_HEAD: usize = 64;
+
+/// Whether the environment leaves the forward (or the `backward`) to the tensor-core kernels
+/// where they apply under [`AttentionPath::Auto`] (`KILN_ATTENTION_TENSOR_CORES`: `off`, or
+/// `forward` for the forward alone).
+fn tensor_cores_wanted(backward: bool) -> bool {
+    match std::env::var("KILN_ATTENTION_TENSOR_CORES").as_deref() {
+        Ok("off") => false,
+        Ok("forward") => !backward,
+        _ => true,
+    }
+}
+
+/// Whether training on CUDA runs attention on the tensor-core kernels both ways, for heads of
+/// `head_dim` with `query_rows` query rows per key/value head (`g·s`), a softcap or not, bf16
+/// products or not: then the forward keeps packed bf16 inputs for the backward and neither
+/// pass forms scores. What `kiln plan` counts; the device itself is assumed to have bf16
+/// `mma` (any CUDA GPU kiln trains on in bf16).
+pub fn tensor_cores_planned(head_dim: usize, query_rows: usize, softcap: bool, bf16_products: bool) -> bool {
+    let auto = PATH.load(std::sync::atomic::Ordering::Relaxed) == AttentionPath::Auto as u8;
+    auto && tensor_cores_wanted(false) && tensor_cores_wanted(true) && std::env::var_os("KILN_ATTENTION_KERNELS").is_none() && head_dim == TENSOR_CORE_HEAD && !softcap && bf16_products && query_rows >= PRODUCT_ROWS
+}
+
+/// Query rows per key/value head (`g·s`) from which attention runs as dense products (or on
+/// tensor cores) on CUDA: below it (decoding) the one flash kernel beats several launches.
+const PRODUCT_ROWS: usize = 128;
+
 /// Sets the [`AttentionPath`] for the whole process.
 pub fn set_attention_path(path: AttentionPath) {
     PATH.store(path as u8, std::sync::atomic::Ordering::Relaxed);
@@ -101,18 +129,17 @@ pub trait FlashAttention: Backend {
         (out.into_primitive().tensor(), lse.into_primitive().tensor())
     }
 
-    /// `(dq, dk, dv)` for the upstream gradient `dout` `[b, h, s, d]`.
-    #[allow(clippy::too_many_arguments)]
-    fn flash_attention_bwd(
-        dout: FloatTensor<Self>,
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        out: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        spec: AttentionSpec,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    /// [`FlashAttention::flash_attention`] and what its backward reads of the inputs
+    /// ([`Saved`]): the inputs themselves unless a backend's kernels read another form of them.
+    fn flash_attention_saved(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>, Saved<Self>) {
+        let (out, lse) = Self::flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), spec);
+        (out, lse, Saved { q, k, v, mask, packed: None })
+    }
+
+    /// `(dq, dk, dv)` for the upstream gradient `dout` `[b, h, s, d]`, from what
+    /// [`FlashAttention::flash_attention_saved`] kept.
+    fn flash_attention_bwd(dout: FloatTensor<Self>, saved: Saved<Self>, out: FloatTensor<Self>, lse: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let Saved { q, k, v, mask, .. } = saved;
         let (q, k, v, mask) = (float::<Self, 4>(q), float::<Self, 4>(k), float::<Self, 4>(v), float::<Self, 3>(mask));
         let [b, h, s, d] = q.dims();
         let kv = k.dims()[1];
@@ -218,12 +245,32 @@ fn grouped_mask<B: Backend>(mask: Tensor<B, 3>, b: usize, h: usize, kv: usize) -
 }
 
 
+/// What attention's backward reads of its inputs. `q`, `k`, `v` and `mask` as they came in,
+/// or, where `packed` is set, the forms the tensor-core kernels read, made once by the forward
+/// rather than again by the backward: `q`, `k`, `v` packed in bf16 (`[b, h, sp, d]`, rows
+/// rounded up to whole tiles, half the bytes of the f32 inputs) and the mask with its rows'
+/// key spans.
+#[derive(Debug, Clone)]
+pub struct Saved<B: Backend> {
+    pub q: FloatTensor<B>,
+    pub k: FloatTensor<B>,
+    pub v: FloatTensor<B>,
+    pub mask: FloatTensor<B>,
+    pub packed: Option<Packed<B>>,
+}
+
+/// What [`Saved`] holds besides packed inputs: the mask's row spans (a u32 tensor, held in the
+/// backend's tensor type) and the inputs' shapes, `q` `[b, h, s, d]` and `k` `[b, kv, t, d]`.
+#[derive(Debug, Clone)]
+pub struct Packed<B: Backend> {
+    pub rows: FloatTensor<B>,
+    pub q_dims: [usize; 4],
+    pub k_dims: [usize; 4],
+}
+
 #[derive(Debug, Clone)]
 struct State<B: Backend> {
-    q: FloatTensor<B>,
-    k: FloatTensor<B>,
-    v: FloatTensor<B>,
-    mask: FloatTensor<B>,
+    saved: Saved<B>,
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
     spec: AttentionSpec,
@@ -239,7 +286,7 @@ impl<B: FlashAttention> Backward<B, 3> for AttentionBackward {
         let [node_q, node_k, node_v] = ops.parents;
         let dout = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let (dq, dk, dv) = B::flash_attention_bwd(dout, s.q, s.k, s.v, s.mask, s.out, s.lse, s.spec);
+        let (dq, dk, dv) = B::flash_attention_bwd(dout, s.saved, s.out, s.lse, s.spec);
         for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -250,14 +297,19 @@ impl<B: FlashAttention> Backward<B, 3> for AttentionBackward {
 
 impl<B: FlashAttention, C: CheckpointStrategy> FlashAttention for Autodiff<B, C> {
     fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (out, lse) = B::flash_attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.primitive.clone(), spec);
         // `lse` leaves as a constant and the mask is not differentiated: only `out` is tracked.
-        let lse_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(lse.clone());
         let out = match AttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(State { q: q.primitive, k: k.primitive, v: v.primitive, mask: mask.primitive, out: out.clone(), lse, spec }, out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
+            OpsKind::Tracked(prep) => {
+                let (out, lse, saved) = B::flash_attention_saved(q.primitive, k.primitive, v.primitive, mask.primitive, spec);
+                let lse_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(lse.clone());
+                (prep.finish(State { saved, out: out.clone(), lse, spec }, out), lse_out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, lse) = B::flash_attention(q.primitive, k.primitive, v.primitive, mask.primitive, spec);
+                (prep.finish(out), <Self as burn::tensor::backend::AutodiffBackend>::from_inner(lse))
+            }
         };
-        (out, lse_out)
+        out
     }
 }
 
@@ -277,7 +329,7 @@ pub(crate) mod cube {
     use crate::cube::{as_float, contiguous_float};
     use cubecl::{cube, CubeCount, CubeDim};
 
-    use super::{AttentionSpec, FlashAttention};
+    use super::{AttentionSpec, FlashAttention, Packed, Saved};
 
     /// Threads per cube: query rows (forward, `dQ`) or key rows (`dK, dV`) per cube.
     const ROWS: u32 = 32;
@@ -684,14 +736,7 @@ pub(crate) mod cube {
         use super::{AttentionPath, PATH};
         match PATH.load(std::sync::atomic::Ordering::Relaxed) {
             p if p == AttentionPath::TensorCores as u8 => crate::attention_mma::applies(q, spec),
-            p if p == AttentionPath::Auto as u8 => {
-                let wanted = match std::env::var("KILN_ATTENTION_TENSOR_CORES").as_deref() {
-                    Ok("off") => false,
-                    Ok("forward") => !backward,
-                    _ => true,
-                };
-                wanted && products::chosen::<R>(q, k).is_some() && crate::attention_mma::applies(q, spec)
-            }
+            p if p == AttentionPath::Auto as u8 => super::tensor_cores_wanted(backward) && products::chosen::<R>(q, k).is_some() && crate::attention_mma::applies(q, spec),
             _ => false,
         }
     }
@@ -762,17 +807,31 @@ pub(crate) mod cube {
             (out, lse)
         }
 
-        fn flash_attention_bwd(
-            dout: FloatTensor<Self>,
-            q: FloatTensor<Self>,
-            k: FloatTensor<Self>,
-            v: FloatTensor<Self>,
-            mask: FloatTensor<Self>,
-            out: FloatTensor<Self>,
-            lse: FloatTensor<Self>,
-            spec: AttentionSpec,
-        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        fn flash_attention_saved(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>, Saved<Self>) {
+            // Where both passes run on tensor cores, the backward reads the forward's packed
+            // inputs and mask spans (and the f32 inputs are not kept).
+            if tensor_cores_chosen::<R>(&q, &k, spec, false) && tensor_cores_chosen::<R>(&q, &k, spec, true) {
+                let p = params::<R, F, I, BT>(&q, spec);
+                let (q0, k0, v0, mask0) = (q.clone(), k.clone(), v.clone(), mask.clone());
+                let (out, lse, inputs) = crate::attention_mma::forward_inputs::<R, F>(q, k, v, mask, p, spec);
+                let saved = match inputs {
+                    Some(i) => Saved { q: i.q, k: i.k, v: i.v, mask: i.mask, packed: Some(Packed { rows: i.rows, q_dims: i.q_dims, k_dims: i.k_dims }) },
+                    None => Saved { q: q0, k: k0, v: v0, mask: mask0, packed: None },
+                };
+                return (out, lse, saved);
+            }
+            let (out, lse) = Self::flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), spec);
+            (out, lse, Saved { q, k, v, mask, packed: None })
+        }
+
+        fn flash_attention_bwd(dout: FloatTensor<Self>, saved: Saved<Self>, out: FloatTensor<Self>, lse: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             use burn::tensor::ops::FloatTensorOps;
+            let Saved { q, k, v, mask, packed } = saved;
+            if let Some(Packed { rows, q_dims, k_dims }) = packed {
+                let p = params::<R, F, I, BT>(&q, spec);
+                let inputs = crate::attention_mma::Inputs { q, k, v, mask, rows, q_dims, k_dims };
+                return crate::attention_mma::backward_inputs::<R, F>(dout, inputs, out, lse, p, spec);
+            }
             let [b, h, s, d] = q.meta.shape().dims::<4>();
             if tensor_cores_chosen::<R>(&q, &k, spec, true) {
                 let p = params::<R, F, I, BT>(&q, spec);
@@ -1086,8 +1145,7 @@ pub(crate) mod cube {
             match PATH.load(std::sync::atomic::Ordering::Relaxed) {
                 p if p == AttentionPath::Kernels as u8 => None,
                 p if p == AttentionPath::Products as u8 => Some(1),
-                // At a handful of query rows (decoding) the one flash kernel beats five launches.
-                _ => (cublas_ready::<R>() && g * s >= 128 && std::env::var_os("KILN_ATTENTION_KERNELS").is_none()).then_some(usize::MAX),
+                _ => (cublas_ready::<R>() && g * s >= super::super::PRODUCT_ROWS && std::env::var_os("KILN_ATTENTION_KERNELS").is_none()).then_some(usize::MAX),
             }
         }
 

@@ -59,7 +59,7 @@ use crate::cube::{as_float, contiguous_float, flat_count, flat_index, view, FLAT
 const BR: usize = 64;
 const BC: usize = 64;
 /// The head size these kernels are compiled for.
-pub(crate) const HEAD: usize = 64;
+pub(crate) const HEAD: usize = crate::attention::TENSOR_CORE_HEAD;
 /// Row stride (in elements) of a staged tile `[64, HEAD]`: 144 bytes, so that the eight 16-byte
 /// rows an `ldmatrix` reads at once fall in different shared-memory banks, and every row starts
 /// on the 16 bytes `ldmatrix` needs.
@@ -1012,22 +1012,49 @@ fn pack_into<R: CubeRuntime, F: FloatElement>(x: CubeTensor<R>, with_delta: Opti
     y
 }
 
+/// What the kernels read of attention's inputs: `q`, `k`, `v` packed ([`pack`]), the mask
+/// contiguous and its rows' key spans ([`mask_rows`]), with the inputs' shapes `q_dims`
+/// `[b, h, s, HEAD]` and `k_dims` `[b, kv, t, HEAD]`. The forward makes them; the backward takes
+/// them from it or makes them again.
+pub(crate) struct Inputs<R: CubeRuntime> {
+    pub(crate) q: CubeTensor<R>,
+    pub(crate) k: CubeTensor<R>,
+    pub(crate) v: CubeTensor<R>,
+    pub(crate) mask: CubeTensor<R>,
+    pub(crate) rows: CubeTensor<R>,
+    pub(crate) q_dims: [usize; 4],
+    pub(crate) k_dims: [usize; 4],
+}
+
+impl<R: CubeRuntime> Inputs<R> {
+    fn new<F: FloatElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>) -> Self {
+        let mask = contiguous_float::<R, F>(mask);
+        let rows = mask_rows::<R, F>(&mask);
+        let (q_dims, k_dims) = (q.meta.shape().dims::<4>(), k.meta.shape().dims::<4>());
+        Self { q: pack::<R, F>(q), k: pack::<R, F>(k), v: pack::<R, F>(v), mask, rows, q_dims, k_dims }
+    }
+}
+
 /// `(out [b, h, s, d] (a view of `[b, s, h, d]` memory), lse [b, h, s])`; see the module's
 /// comment. [`applies`] must hold.
 pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>) {
-    let mask = contiguous_float::<R, F>(mask);
+    let (out, lse, _) = forward_inputs::<R, F>(q, k, v, mask, params, spec);
+    (out, lse)
+}
+
+/// [`forward`] and the [`Inputs`] it made (none for an empty input), for [`backward_inputs`].
+pub(crate) fn forward_inputs<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>, Option<Inputs<R>>) {
     let [b, h, s, d] = q.meta.shape().dims::<4>();
     let client = q.client.clone();
     let memory = empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::new([b, s, h, d]), F::dtype());
     let out = view(&memory, vec![b, h, s, d], vec![s * h * d, d, h * d, 1]);
     let lse = empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::new([b, h, s]), F::dtype());
     if b * h * s == 0 {
-        return (out, lse);
+        return (out, lse, None);
     }
     LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     bound_registers();
-    let rows = mask_rows::<R, F>(&mask);
-    let (q, k, v) = (pack::<R, F>(q), pack::<R, F>(k), pack::<R, F>(v));
+    let inputs = Inputs::new::<F>(q, k, v, mask);
     // SAFETY: `applies` held (head size HEAD, planes of 32, bf16 mma); q `[b, h, sp, HEAD]`, k
     // and v `[b, kv, tp, HEAD]` packed, whole tiles, read at tiles that start below `s` or `t`;
     // the mask is contiguous `[b or 1, s, t]` and `rows` its `[b or 1 · s, 4]` spans, `lse`
@@ -1037,26 +1064,30 @@ pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: Cube
             &client,
             grid(b * h, s.div_ceil(BR)),
             CubeDim { x: 32, y: 4, z: 1 },
-            q.into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            mask.into_tensor_arg(),
-            rows.into_tensor_arg(),
+            inputs.q.clone().into_tensor_arg(),
+            inputs.k.clone().into_tensor_arg(),
+            inputs.v.clone().into_tensor_arg(),
+            inputs.mask.clone().into_tensor_arg(),
+            inputs.rows.clone().into_tensor_arg(),
             params.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             spec.causal,
         );
     }
-    (out, lse)
+    (out, lse, Some(inputs))
 }
 
 /// `(dq, dk, dv)` of [`forward`] (`out` its output). [`applies`] must hold.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<R: CubeRuntime, F: FloatElement>(dout: CubeTensor<R>, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, out: CubeTensor<R>, lse: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
-    let (mask, lse) = (contiguous_float::<R, F>(mask), contiguous_float::<R, F>(lse));
-    let [b, h, s, d] = q.meta.shape().dims::<4>();
-    let [_, kvh, t, _] = k.meta.shape().dims::<4>();
+    backward_inputs::<R, F>(dout, Inputs::new::<F>(q, k, v, mask), out, lse, params, spec)
+}
+
+/// [`backward`] from the forward's [`Inputs`].
+pub(crate) fn backward_inputs<R: CubeRuntime, F: FloatElement>(dout: CubeTensor<R>, inputs: Inputs<R>, out: CubeTensor<R>, lse: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let lse = contiguous_float::<R, F>(lse);
+    let Inputs { q, k, v, mask, rows, q_dims: [b, h, s, d], k_dims: [_, kvh, t, _] } = inputs;
     let client = q.client.clone();
     let empty = |shape: Vec<usize>| empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::from(shape), F::dtype());
     // dQ laid out `[b, s, h, d]`, as rope's backward and the query projection read it.
@@ -1065,9 +1096,7 @@ pub(crate) fn backward<R: CubeRuntime, F: FloatElement>(dout: CubeTensor<R>, q: 
     if b * h * s * t > 0 {
         LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         bound_registers();
-        let rows = mask_rows::<R, F>(&mask);
         let (dout, delta) = pack_delta::<R, F>(dout, out);
-        let (q, k, v) = (pack::<R, F>(q), pack::<R, F>(k), pack::<R, F>(v));
         // SAFETY: as in the forward (`dout` packed as `q`); `lse` and `delta` contiguous `[b, h,
         // s]`, `dk` and `dv` contiguous `[b, kv, t, HEAD]` written at key rows below `t` only,
         // `dq` at query rows below `s` only.

@@ -84,9 +84,35 @@ pub trait FrozenMatmul: Backend {
         dx_dtype: FloatDType,
         acc: Option<FloatTensor<Self>>,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (dx, da, db) = lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
+        let (dx, g, db) = Self::frozen_lora_bwd_dx(dy, w, a, b, h, scale, need_dx, dx_dtype, acc);
+        (dx, Self::lora_da(x, g), db)
+    }
+
+    /// The part of [`FrozenMatmul::frozen_lora_bwd`] that does not read the input: `(dx, g, dB)`,
+    /// `g` in the dtype [`FrozenMatmul::lora_da`] multiplies it in. An input that is cheaper to
+    /// recompute than to keep (the gated MLP's `act(gate) · up`) is then formed after `dx`, by
+    /// the kernel that reads `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn frozen_lora_bwd_dx(
+        dy: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        scale: f64,
+        need_dx: bool,
+        dx_dtype: FloatDType,
+        acc: Option<FloatTensor<Self>>,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, g, db) = lora_bwd_composition::<Self>(dy, w, a, b, h, scale, need_dx);
         let dx = dx.map(|dx| float::<Self, 2>(dx).cast(dx_dtype));
-        (dx.map(|dx| with_acc::<Self>(dx, acc).into_primitive().tensor()), da, db)
+        (dx.map(|dx| with_acc::<Self>(dx, acc).into_primitive().tensor()), g, db)
+    }
+
+    /// `dA = xᵀ·g` for the input's rows `x` `[m, k]` and `g` `[m, r]` of
+    /// [`FrozenMatmul::frozen_lora_bwd_dx`], in f32.
+    fn lora_da(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
+        t_matmul(float::<Self, 2>(x).cast(FloatDType::F32), float(g)).into_primitive().tensor()
     }
 }
 
@@ -99,11 +125,9 @@ pub(crate) fn lora_composition<B: FrozenMatmul>(x: FloatTensor<B>, w: FloatTenso
     (y.into_primitive().tensor(), h.into_primitive().tensor())
 }
 
-/// [`FrozenMatmul::frozen_lora_bwd`] as tensor operations.
-#[allow(clippy::too_many_arguments)]
+/// [`FrozenMatmul::frozen_lora_bwd_dx`] as tensor operations: `(dx, g, dB)` in f32.
 pub(crate) fn lora_bwd_composition<B: FrozenMatmul>(
     dy: FloatTensor<B>,
-    x: FloatTensor<B>,
     w: FloatTensor<B>,
     a: FloatTensor<B>,
     b: FloatTensor<B>,
@@ -111,14 +135,11 @@ pub(crate) fn lora_bwd_composition<B: FrozenMatmul>(
     scale: f64,
     need_dx: bool,
 ) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
-    let f32 = |t: FloatTensor<B>| float::<B, 2>(t).cast(FloatDType::F32);
-    let (dy, x) = (f32(dy).into_primitive().tensor(), f32(x).into_primitive().tensor());
-    let dy_t = float::<B, 2>(dy.clone());
-    let g = dy_t.clone().matmul(float::<B, 2>(b).transpose()).mul_scalar(scale); // [m, r]
-    let dx = need_dx.then(|| (float::<B, 2>(B::frozen_matmul_dx(dy, w)) + g.clone().matmul(float::<B, 2>(a).transpose())).into_primitive().tensor());
-    let da = t_matmul(float(x), g);
-    let db = t_matmul(float::<B, 2>(h).mul_scalar(scale), dy_t);
-    (dx, da.into_primitive().tensor(), db.into_primitive().tensor())
+    let dy = float::<B, 2>(dy).cast(FloatDType::F32);
+    let g = dy.clone().matmul(float::<B, 2>(b).transpose()).mul_scalar(scale); // [m, r]
+    let dx = need_dx.then(|| (float::<B, 2>(B::frozen_matmul_dx(dy.clone().into_primitive().tensor(), w)) + g.clone().matmul(float::<B, 2>(a).transpose())).into_primitive().tensor());
+    let db = t_matmul(float::<B, 2>(h).mul_scalar(scale), dy);
+    (dx, g.into_primitive().tensor(), db.into_primitive().tensor())
 }
 
 /// Rows per slice in [`t_matmul`]: enough for each partial product to stay efficient, few
@@ -292,6 +313,14 @@ impl<B: FrozenMatmul> Adapter<B> {
         let dy = in_half_of::<B>(dy, &self.w);
         B::frozen_lora_bwd(dy, x, self.w, self.a, self.b, self.h, self.scale, need_dx, dx_dtype, acc)
     }
+
+    /// [`Adapter::backward`] before the input is needed: `(dx, g, dB)` through
+    /// [`FrozenMatmul::frozen_lora_bwd_dx`], `dA` then [`FrozenMatmul::lora_da`] of the input and
+    /// `g`.
+    pub(crate) fn backward_dx(self, dy: FloatTensor<B>, need_dx: bool, dx_dtype: FloatDType) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+        let dy = in_half_of::<B>(dy, &self.w);
+        B::frozen_lora_bwd_dx(dy, self.w, self.a, self.b, self.h, self.scale, need_dx, dx_dtype, None)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -339,7 +368,7 @@ pub(crate) mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-    use super::{lora_bwd_composition, lora_composition, with_acc, FrozenMatmul};
+    use super::{lora_bwd_composition, lora_composition, t_matmul, with_acc, FrozenMatmul};
     use crate::{as_rows, float, from_rows};
     use crate::cube::{as_dtype, cublas_ready, gemm, gemm_as};
 
@@ -411,9 +440,8 @@ pub(crate) mod cube {
             }
         }
 
-        fn frozen_lora_bwd(
+        fn frozen_lora_bwd_dx(
             dy: FloatTensor<Self>,
-            x: FloatTensor<Self>,
             w: FloatTensor<Self>,
             a: FloatTensor<Self>,
             b: FloatTensor<Self>,
@@ -425,9 +453,9 @@ pub(crate) mod cube {
         ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
             let dx_out = DType::from(dx_dtype);
             if !cublas_ready::<R>() || !(dx_out == DType::F32 || dx_out == dy.dtype) {
-                let (dx, da, db) = lora_bwd_composition::<Self>(dy, x, w, a, b, h, scale, need_dx);
+                let (dx, g, db) = lora_bwd_composition::<Self>(dy, w, a, b, h, scale, need_dx);
                 let dx = dx.map(|dx| with_acc::<Self>(float(as_dtype(dx, dx_out)), acc).into_primitive().tensor());
-                return (dx, da, db);
+                return (dx, g, db);
             }
             let t = Self::float_transpose;
             let dt = dy.dtype;
@@ -444,9 +472,16 @@ pub(crate) mod cube {
             };
             let dx = need_dx.then(|| gemm_as::<R, F, I, BT>(as_dtype(dy.clone(), w.dtype), t(w), 1.0, Some(gemm_as::<R, F, I, BT>(g.clone(), t(a), 1.0, acc, dx_out)), dx_out));
             let dx = dx.map(|dx| with_acc::<Self>(float(dx), rest).into_primitive().tensor());
-            let da = gemm::<R, F, I, BT>(t(as_dtype(x, dt)), g, 1.0, None); // [k, r]
             let db = gemm::<R, F, I, BT>(t(as_dtype(h, dt)), dy, scale, None); // [r, n]
-            (dx, da, db)
+            (dx, g, db)
+        }
+
+        fn lora_da(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
+            match cublas_ready::<R>() {
+                // One product over all rows, multiplied in `g`'s dtype, f32 out.
+                true => gemm::<R, F, I, BT>(Self::float_transpose(as_dtype(x, g.dtype)), g, 1.0, None), // [k, r]
+                false => t_matmul(float::<Self, 2>(as_dtype(x, DType::F32)), float(g)).into_primitive().tensor(),
+            }
         }
     }
 }

@@ -75,6 +75,15 @@ pub trait GatedActOp: Backend {
         let dgate = dy.clone() * up * slope;
         (dgate.into_primitive().tensor(), (dy * a).into_primitive().tensor())
     }
+
+    /// [`GatedActOp::gated_act_bwd`] that also returns `act(gate) · up` as
+    /// [`GatedActOp::gated_act`] writes it: for a backward that recomputes the value rather than
+    /// keeping it, one pass over `gate` and `up` serves both.
+    fn gated_act_bwd_value(dy: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let y = Self::gated_act(gate.clone(), up.clone(), act);
+        let (dgate, dup) = Self::gated_act_bwd(dy, gate, up, act);
+        (dgate, dup, y)
+    }
 }
 
 /// `act(gate) · up` through [`GatedActOp`]: the typed entry point (the operation itself sees
@@ -190,22 +199,28 @@ impl<B: GatedDown> Backward<B, 4> for GatedDownBackward {
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_gate, node_up, node_a, node_b] = ops.parents;
         let s = ops.state;
-        let hidden = flat_gated_act::<B>(s.gate.clone(), s.up.clone(), s.act);
         let need_dx = node_gate.is_some() || node_up.is_some();
         // The gradient of `act(gate) · up` only feeds the gated kernel's backward, which reads
         // it in gate's dtype: written there by the product (as autocast leaves it in PyTorch),
         // half the bytes of the largest gradient of a layer.
-        let (dhidden, da, db) = s.adapter.backward(grads.consume::<B>(&ops.node), hidden, need_dx, s.gate.dtype().into(), None);
-        if let Some(dhidden) = dhidden {
-            let shape = s.gate.shape();
-            let flat = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([shape.num_elements()]));
-            let (dgate, dup) = B::gated_act_bwd(flat(dhidden), flat(s.gate), flat(s.up), s.act);
-            for (node, grad) in [(node_gate, dgate), (node_up, dup)] {
-                if let Some(node) = node {
-                    grads.register::<B>(node.id, B::float_reshape(grad, shape.clone()));
+        let (dhidden, g, db) = s.adapter.backward_dx(grads.consume::<B>(&ops.node), need_dx, s.gate.dtype().into());
+        // `act(gate) · up` again, for `dA`: formed by the pass that reads gate and up for their
+        // gradients where there is one.
+        let shape = s.gate.shape();
+        let flat = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([shape.num_elements()]));
+        let hidden = match dhidden {
+            Some(dhidden) => {
+                let (dgate, dup, hidden) = B::gated_act_bwd_value(flat(dhidden), flat(s.gate), flat(s.up), s.act);
+                for (node, grad) in [(node_gate, dgate), (node_up, dup)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, B::float_reshape(grad, shape.clone()));
+                    }
                 }
+                B::float_reshape(hidden, shape.clone())
             }
-        }
+            None => flat_gated_act::<B>(s.gate, s.up, s.act),
+        };
+        let da = B::lora_da(hidden, g);
         for (node, grad) in [(node_a, da), (node_b, db)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -310,22 +325,30 @@ pub(crate) mod cube {
         }
     }
 
-    /// `dy`, `gate`, `up` and both gradients in `G`, as in the forward (computed in `F`).
+    /// `dy`, `gate`, `up` and both gradients in `G`, as in the forward (computed in `F`); with
+    /// `with_value` also the forward's `y` (which the caller then does not keep).
     #[cube(launch_unchecked)]
-    fn backward_kernel<F: Float, G: Float, N: Size>(dy: &Tensor<Vector<G, N>>, gate: &Tensor<Vector<G, N>>, up: &Tensor<Vector<G, N>>, dgate: &mut Tensor<Vector<G, N>>, dup: &mut Tensor<Vector<G, N>>, #[comptime] act: u32) {
+    #[allow(clippy::too_many_arguments)]
+    fn backward_kernel<F: Float, G: Float, N: Size>(dy: &Tensor<Vector<G, N>>, gate: &Tensor<Vector<G, N>>, up: &Tensor<Vector<G, N>>, dgate: &mut Tensor<Vector<G, N>>, dup: &mut Tensor<Vector<G, N>>, y: &mut Tensor<Vector<G, N>>, #[comptime] act: u32, #[comptime] with_value: bool) {
         let i = flat_index();
         if i < dy.len() {
             let (d, g, u) = (dy[i], gate[i], up[i]);
-            let (mut dg, mut du) = (Vector::<G, N>::new(G::new(0.0)), Vector::<G, N>::new(G::new(0.0)));
+            let (mut dg, mut du, mut v) = (Vector::<G, N>::new(G::new(0.0)), Vector::<G, N>::new(G::new(0.0)), Vector::<G, N>::new(G::new(0.0)));
             #[unroll]
             for l in 0..g.vector_size() {
                 let x = F::cast_from(g[l]);
                 let dl = F::cast_from(d[l]);
+                let a = value::<F>(x, act);
                 dg[l] = G::cast_from(dl * F::cast_from(u[l]) * slope::<F>(x, act));
-                du[l] = G::cast_from(dl * value::<F>(x, act));
+                du[l] = G::cast_from(dl * a);
+                // As the forward rounds it: `act(gate) · up` in `F`, then `G`.
+                v[l] = G::cast_from(a * F::cast_from(u[l]));
             }
             dgate[i] = dg;
             dup[i] = du;
+            if with_value {
+                y[i] = v;
+            }
         }
     }
 
@@ -359,20 +382,36 @@ pub(crate) mod cube {
         }
 
         fn gated_act_bwd(dy: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let (gate, up) = operands::<R, F>(gate, up);
-            // `dy` in the operands' dtype, as the gated down projection's backward writes it
-            // (bf16 under bf16 training; cast here where it came in f32).
-            let dy = into_contiguous(as_dtype(dy, gate.dtype));
-            let (dgate, dup) = (like(&gate), like(&gate));
-            let n = gate.meta.shape().num_elements();
-            if n == 0 {
-                return (dgate, dup);
-            }
-            let (client, dt) = (gate.client.clone(), gate.dtype);
-            let width = flat_width(n, dt.size(), &[&dy, &gate, &up, &dgate, &dup]);
-            // SAFETY: as in the forward; `dy` has the shape of `gate`.
-            launch_typed!(backward_kernel, dt, F, R, &client, flat_count(n / width), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, width, dy.into_tensor_arg(), gate.into_tensor_arg(), up.into_tensor_arg(), dgate.clone().into_tensor_arg(), dup.clone().into_tensor_arg(), act.code());
+            let (dgate, dup, _) = backward::<R, F>(dy, gate, up, act, false);
             (dgate, dup)
         }
+
+        fn gated_act_bwd_value(dy: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GateActivation) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            backward::<R, F>(dy, gate, up, act, true)
+        }
+    }
+
+    /// `(d_gate, d_up, y)` through `backward_kernel`; `y` (the forward's value) only written
+    /// `with_value` (else `d_gate` stands in for it).
+    fn backward<R: CubeRuntime, F: FloatElement>(dy: CubeTensor<R>, gate: CubeTensor<R>, up: CubeTensor<R>, act: GateActivation, with_value: bool) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        let (gate, up) = operands::<R, F>(gate, up);
+        // `dy` in the operands' dtype, as the gated down projection's backward writes it
+        // (bf16 under bf16 training; cast here where it came in f32).
+        let dy = into_contiguous(as_dtype(dy, gate.dtype));
+        let (dgate, dup) = (like(&gate), like(&gate));
+        let y = match with_value {
+            true => like(&gate),
+            false => dgate.clone(),
+        };
+        let n = gate.meta.shape().num_elements();
+        if n == 0 {
+            return (dgate, dup, y);
+        }
+        let (client, dt) = (gate.client.clone(), gate.dtype);
+        let width = flat_width(n, dt.size(), &[&dy, &gate, &up, &dgate, &dup, &y]);
+        // SAFETY: as in the forward; `dy` and `y` have the shape of `gate`; `y` is written only
+        // `with_value`, when it is its own tensor.
+        launch_typed!(backward_kernel, dt, F, R, &client, flat_count(n / width), CubeDim { x: FLAT_THREADS, y: 1, z: 1 }, width, dy.into_tensor_arg(), gate.into_tensor_arg(), up.into_tensor_arg(), dgate.clone().into_tensor_arg(), dup.clone().into_tensor_arg(), y.clone().into_tensor_arg(), act.code(), with_value);
+        (dgate, dup, y)
     }
 }

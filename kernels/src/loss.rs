@@ -277,57 +277,61 @@ mod cube {
     use cubecl::{cube, CubeCount, CubeDim};
 
     use super::LmHeadLoss;
-    use crate::cube::{as_dtype, capped, contiguous_float};
+    use crate::cube::{as_dtype, capped, contiguous_float, flat_width};
 
     /// Threads per row. A chunk holds a few hundred rows of the whole vocabulary (see
     /// [`super::chunk_rows`]): 512 threads each keep an H100 full in one wave.
     const LANES: u32 = 512;
     const LOG_LANES: u32 = 9;
-    /// Loads each thread has in flight per pass (independent, `LANES` apart: still coalesced);
-    /// `lse_kernel`'s loop spells out that many.
-    const UNROLL: usize = 4;
     /// Below any logit: the running maximum starts here, so that a lane with no element adds 0.
     const FLOOR: f32 = -1.0e30;
 
-    /// Folds `x` into a running `(max, Σ exp(· − max))`.
+    /// Folds the vector `x` (`cap` applied to each element) into a running
+    /// `(max, Σ exp(· − max))`: one rescale per vector whose maximum is new, not one per element.
     #[cube]
-    fn fold<F: Float>(m: &mut F, sum: &mut F, x: F) {
-        if x > *m {
-            *sum = *sum * F::exp(*m - x) + F::new(1.0);
-            *m = x;
-        } else {
-            *sum += F::exp(x - *m);
+    fn fold<F: Float, U: Float, N: Size>(m: &mut F, sum: &mut F, x: Vector<U, N>, cap: F, #[comptime] softcap: bool) {
+        let mut z = Array::<F>::new(N::value());
+        let mut top = *m;
+        #[unroll]
+        for l in 0..x.vector_size() {
+            z[l] = capped::<F>(F::cast_from(x[l]), cap, softcap);
+            top = F::max(top, z[l]);
         }
+        let mut add = *sum * F::exp(*m - top);
+        #[unroll]
+        for l in 0..x.vector_size() {
+            add += F::exp(z[l] - top);
+        }
+        *sum = add;
+        *m = top;
     }
 
-    /// One cube per row of `u` `[c, v]`: `lse[row]` = logsumexp(cap(u)) in one pass over the
-    /// row (a running maximum, the sum rescaled when it grows) and `picked[row]` = cap(u)[target].
-    /// `params` = [softcap].
+    /// One cube per row of `u` `[c, v]`, read as vectors of `N` (`N` divides `v`):
+    /// `lse[row]` = logsumexp(cap(u)) in one pass over the row (a running maximum, the sum
+    /// rescaled when it grows) and `picked[row]` = cap(u)[target], read through `scalar`, the same
+    /// memory as `u` one element at a time. `params` = [softcap].
     #[cube(launch_unchecked)]
-    fn lse_kernel<F: Float, U: Float, I: Int>(u: &Tensor<U>, targets: &Tensor<I>, params: &Tensor<F>, lse: &mut Tensor<F>, picked: &mut Tensor<F>, #[comptime] softcap: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn lse_kernel<F: Float, U: Float, I: Int, N: Size>(u: &Tensor<Vector<U, N>>, scalar: &Tensor<U>, targets: &Tensor<I>, params: &Tensor<F>, lse: &mut Tensor<F>, picked: &mut Tensor<F>, #[comptime] softcap: bool) {
         let row = CUBE_POS_X as usize;
         let lane = UNIT_POS_X as usize;
-        let v = u.shape(1);
-        let base = row * v;
+        let v = scalar.shape(1);
+        let vectors = v / N::value();
+        let base = row * vectors;
         let cap = params[0];
         let stride = LANES as usize;
         let mut m = F::new(FLOOR);
         let mut sum = F::new(0.0);
         let mut j = lane;
-        while j + (UNROLL - 1) * stride < v {
-            let x0 = F::cast_from(u[base + j]);
-            let x1 = F::cast_from(u[base + j + stride]);
-            let x2 = F::cast_from(u[base + j + 2 * stride]);
-            let x3 = F::cast_from(u[base + j + 3 * stride]);
-            fold::<F>(&mut m, &mut sum, capped::<F>(x0, cap, softcap));
-            fold::<F>(&mut m, &mut sum, capped::<F>(x1, cap, softcap));
-            fold::<F>(&mut m, &mut sum, capped::<F>(x2, cap, softcap));
-            fold::<F>(&mut m, &mut sum, capped::<F>(x3, cap, softcap));
-            j += UNROLL * stride;
+        // Two independent loads in flight per pass, `LANES` vectors apart (still coalesced).
+        while j + stride < vectors {
+            let (x0, x1) = (u[base + j], u[base + j + stride]);
+            fold::<F, U, N>(&mut m, &mut sum, x0, cap, softcap);
+            fold::<F, U, N>(&mut m, &mut sum, x1, cap, softcap);
+            j += 2 * stride;
         }
-        while j < v {
-            fold::<F>(&mut m, &mut sum, capped::<F>(F::cast_from(u[base + j]), cap, softcap));
-            j += stride;
+        if j < vectors {
+            fold::<F, U, N>(&mut m, &mut sum, u[base + j], cap, softcap);
         }
         let mut maxes = SharedMemory::<F>::new(LANES as usize);
         let mut sums = SharedMemory::<F>::new(LANES as usize);
@@ -350,37 +354,45 @@ mod cube {
             let t = usize::cast_from(targets[row]);
             let mut p = F::new(0.0);
             if t < v {
-                p = capped::<F>(F::cast_from(u[base + t]), cap, softcap);
+                p = capped::<F>(F::cast_from(scalar[row * v + t]), cap, softcap);
             }
             picked[row] = p;
         }
     }
 
-    /// One cube per row: `dz = (exp(z − lse) − [j = target]) · coef · (1 − (z/c)²)` with
-    /// `z = cap(u)` (no last factor without a softcap), written as `G`. `params` = [softcap].
+    /// One cube per row, vectors of `N` as [`lse_kernel`] reads them:
+    /// `dz = (exp(z − lse) − [j = target]) · coef · (1 − (z/c)²)` with `z = cap(u)` (no last
+    /// factor without a softcap), written as `G`. `params` = [softcap].
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    fn grad_kernel<F: Float, U: Float, I: Int, G: Float>(u: &Tensor<U>, lse: &Tensor<F>, targets: &Tensor<I>, coef: &Tensor<F>, params: &Tensor<F>, dz: &mut Tensor<G>, #[comptime] softcap: bool) {
+    fn grad_kernel<F: Float, U: Float, I: Int, G: Float, N: Size>(u: &Tensor<Vector<U, N>>, lse: &Tensor<F>, targets: &Tensor<I>, coef: &Tensor<F>, params: &Tensor<F>, dz: &mut Tensor<Vector<G, N>>, #[comptime] softcap: bool) {
         let row = CUBE_POS_X as usize;
         let lane = UNIT_POS_X as usize;
-        let v = u.shape(1);
-        let base = row * v;
+        let width = N::value();
+        let vectors = u.shape(1) / width;
+        let base = row * vectors;
         let cap = params[0];
         let l = lse[row];
         let c = coef[row];
         let t = usize::cast_from(targets[row]);
         let mut j = lane;
-        while j < v {
-            let z = capped::<F>(F::cast_from(u[base + j]), cap, softcap);
-            let mut g = F::exp(z - l) * c;
-            if j == t {
-                g -= c;
+        while j < vectors {
+            let x = u[base + j];
+            let mut out = Vector::<G, N>::new(G::new(0.0));
+            #[unroll]
+            for e in 0..x.vector_size() {
+                let z = capped::<F>(F::cast_from(x[e]), cap, softcap);
+                let mut g = F::exp(z - l) * c;
+                if j * width + e == t {
+                    g -= c;
+                }
+                if softcap {
+                    let y = z / cap;
+                    g *= F::new(1.0) - y * y;
+                }
+                out[e] = G::cast_from(g);
             }
-            if softcap {
-                let y = z / cap;
-                g *= F::new(1.0) - y * y;
-            }
-            dz[base + j] = G::cast_from(g);
+            dz[base + j] = out;
             j += LANES as usize;
         }
     }
@@ -416,14 +428,17 @@ mod cube {
             }
             let p = params::<R, F, I, BT>(&u, softcap);
             let client = u.client.clone();
-            // SAFETY: row `CUBE_POS_X` < c by the launch count, columns below `v`, one target,
-            // lse and picked per row (contiguous above); a target outside the row reads nothing.
+            let width = flat_width(v, u.dtype.size(), &[&u]);
+            // SAFETY: row `CUBE_POS_X` < c by the launch count, columns below `v`, read as
+            // vectors of `width` (which divides `v` and the start); one target, lse and picked
+            // per row (contiguous above); a target outside the row reads nothing.
             let (count, dim) = (CubeCount::Static(c as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 });
+            let scalar = u.clone();
             unsafe {
                 match u.dtype {
-                    DType::BF16 => lse_kernel::launch_unchecked::<F, burn::tensor::bf16, I, R>(&client, count, dim, u.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
-                    DType::F16 => lse_kernel::launch_unchecked::<F, burn::tensor::f16, I, R>(&client, count, dim, u.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
-                    _ => lse_kernel::launch_unchecked::<F, F, I, R>(&client, count, dim, u.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
+                    DType::BF16 => lse_kernel::launch_unchecked::<F, burn::tensor::bf16, I, R>(&client, count, dim, width, u.into_tensor_arg(), scalar.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
+                    DType::F16 => lse_kernel::launch_unchecked::<F, burn::tensor::f16, I, R>(&client, count, dim, width, u.into_tensor_arg(), scalar.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
+                    _ => lse_kernel::launch_unchecked::<F, F, I, R>(&client, count, dim, width, u.into_tensor_arg(), scalar.into_tensor_arg(), targets.into_tensor_arg(), p.into_tensor_arg(), lse.clone().into_tensor_arg(), picked.clone().into_tensor_arg(), softcap.is_some()),
                 }
             }
             (lse, picked)
@@ -439,15 +454,17 @@ mod cube {
             let p = params::<R, F, I, BT>(&u, softcap);
             let client = u.client.clone();
             let (count, dim) = (CubeCount::Static(c as u32, 1, 1), CubeDim { x: LANES, y: 1, z: 1 });
-            // SAFETY: as in `chunk_lse`; `dz` has the shape of `u`.
+            let width = flat_width(v, u.dtype.size().max(out.size()), &[&u, &dz]);
+            // SAFETY: as in `chunk_lse`; `dz` has the shape of `u` and is read as vectors of the
+            // same `width`.
             // Logits and their gradient share the head's dtype, or the logits are f32.
             unsafe {
                 match (u.dtype, out) {
-                    (DType::BF16, DType::BF16) => grad_kernel::launch_unchecked::<F, burn::tensor::bf16, I, burn::tensor::bf16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
-                    (DType::F16, DType::F16) => grad_kernel::launch_unchecked::<F, burn::tensor::f16, I, burn::tensor::f16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
-                    (ud, DType::BF16) if ud == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, burn::tensor::bf16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
-                    (ud, DType::F16) if ud == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, burn::tensor::f16, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
-                    (ud, o) if ud == F::dtype() && o == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, F, R>(&client, count, dim, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (DType::BF16, DType::BF16) => grad_kernel::launch_unchecked::<F, burn::tensor::bf16, I, burn::tensor::bf16, R>(&client, count, dim, width, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (DType::F16, DType::F16) => grad_kernel::launch_unchecked::<F, burn::tensor::f16, I, burn::tensor::f16, R>(&client, count, dim, width, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (ud, DType::BF16) if ud == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, burn::tensor::bf16, R>(&client, count, dim, width, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (ud, DType::F16) if ud == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, burn::tensor::f16, R>(&client, count, dim, width, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
+                    (ud, o) if ud == F::dtype() && o == F::dtype() => grad_kernel::launch_unchecked::<F, F, I, F, R>(&client, count, dim, width, u.into_tensor_arg(), lse.into_tensor_arg(), targets.into_tensor_arg(), coef.into_tensor_arg(), p.into_tensor_arg(), dz.clone().into_tensor_arg(), softcap.is_some()),
                     _ => return super::chunk_grad_composition::<Self>(u, lse, targets, coef, softcap, out),
                 }
             }

@@ -324,7 +324,9 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
         }
     }
     if want("lm_head_loss") {
-        for &(n, e, v, chunk) in &[(37, 24, 53, 8), (300, 64, 1001, 128)] {
+        // Vocabularies the row kernels read one element at a time (53, 1001) and as vectors of
+        // two (4098) and of four or eight (5000, as every real vocabulary).
+        for &(n, e, v, chunk) in &[(37, 24, 53, 8), (300, 64, 1001, 128), (64, 32, 4098, 16), (300, 64, 5000, 128)] {
             for layout in [HeadLayout::InOut, HeadLayout::OutIn] {
                 for softcap in [None, Some(30.0)] {
                     push(lm_head_case::<A>(device, n, e, v, HeadLoss { layout, softcap, chunk }, false, runs));
@@ -332,7 +334,9 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
             }
         }
         if A::supports_dtype(device, burn::tensor::DType::BF16) {
-            push(lm_head_case::<A>(device, 300, 64, 1001, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: 128 }, true, runs));
+            for v in [1001, 4098, 5000] {
+                push(lm_head_case::<A>(device, 300, 64, v, HeadLoss { layout: HeadLayout::OutIn, softcap: None, chunk: 128 }, true, runs));
+            }
         }
     }
     if want("rope") {

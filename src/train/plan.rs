@@ -7,13 +7,15 @@
 //! - the trainable parameters' gradients (twice with gradient accumulation) and AdamW's two
 //!   moments;
 //! - the activations the autodiff tape holds for backward, counted per token and layer from the
-//!   decoder's operations (see `Step::layer_bytes`): attention (fused) keeps its inputs, output
-//!   and one log-sum-exp per head, never a `[heads, seq]` row per token; the gated MLP (fused)
+//!   decoder's operations (see `Step::layer_bytes`): attention (fused) keeps its inputs (packed
+//!   in bf16 where the tensor-core kernels run both ways), output and one log-sum-exp per head,
+//!   never a `[heads, seq]` row per token; the gated MLP (fused)
 //!   gate and up (in bf16 under bf16 training, their product then recomputed in backward,
 //!   three f32 `[intermediate]` rows otherwise); the (fused) norms their inputs, and the
 //!   projections after them the norms' outputs (bf16 under bf16 training); (fused) rope none;
-//! - one layer's worth of gradients in flight during backward (plus, where attention runs as
-//!   the composition rather than kiln's kernels, that layer's `[b, h, s, t]` scores);
+//! - one layer's worth of gradients in flight during backward, plus the scores attention's
+//!   backward forms for a moment: a chunk of them where it runs as dense products (CUDA, but
+//!   none on the tensor-core kernels), whole `[b, h, s, t]` matrices as the composition;
 //! - one chunk of the LM-head loss (the full logits are never formed): its logits and their
 //!   gradient where row kernels compute the softmax (CUDA), four such tensors elsewhere; the
 //!   loss's gradient with respect to its input, taken in the forward, takes the place of that
@@ -41,6 +43,8 @@ pub struct Geometry {
     pub hidden: usize,
     pub tied: bool,
     pub qk_norm: bool,
+    /// Attention scores pass through a softcap (Gemma 2).
+    pub attn_softcap: bool,
     pub layers: Vec<LayerGeometry>,
 }
 
@@ -59,12 +63,12 @@ impl Geometry {
             .iter()
             .map(|l| LayerGeometry { heads: c.num_heads, kv_heads: l.num_kv_heads, head_dim: l.head_dim, mlp: l.mlp_width.unwrap_or(0) })
             .collect();
-        Self { vocab: c.vocab_size, hidden: c.hidden_size, tied: c.tie_word_embeddings, qk_norm: c.qk_norm, layers }
+        Self { vocab: c.vocab_size, hidden: c.hidden_size, tied: c.tie_word_embeddings, qk_norm: c.qk_norm, attn_softcap: c.attn_logit_softcap.is_some(), layers }
     }
 
     fn from_init(i: &crate::recipe::InitSection) -> Self {
         let l = LayerGeometry { heads: i.num_heads, kv_heads: i.num_kv_heads, head_dim: i.hidden_size / i.num_heads.max(1), mlp: i.intermediate_size };
-        Self { vocab: i.vocab_size, hidden: i.hidden_size, tied: i.tie_word_embeddings, qk_norm: i.arch == "qwen3" || i.arch == "gemma3", layers: vec![l; i.num_layers] }
+        Self { vocab: i.vocab_size, hidden: i.hidden_size, tied: i.tie_word_embeddings, qk_norm: i.arch == "qwen3" || i.arch == "gemma3", attn_softcap: false, layers: vec![l; i.num_layers] }
     }
 
     /// The seven projections of a layer as (name, in, out).
@@ -211,16 +215,24 @@ impl Step<'_> {
         self.half_inputs(device) && ["gate_proj", "up_proj", "down_proj"].iter().all(|p| self.adapted(p, i))
     }
 
+    /// Whether layer `l`'s attention runs on the tensor-core kernels forward and backward
+    /// ([`kiln_kernels::attention::tensor_cores_planned`]): CUDA, bf16 training, their head size.
+    fn tensor_cores(&self, device: DeviceSpec, l: &LayerGeometry) -> bool {
+        matches!(device, DeviceSpec::Cuda(_)) && kiln_kernels::attention::tensor_cores_planned(l.head_dim, l.heads / l.kv_heads.max(1) * self.seq, self.geom.attn_softcap, self.bf16(device))
+    }
+
     /// Bytes the tape keeps per token for layer `l` (see the module docs).
-    fn layer_bytes(&self, l: &LayerGeometry, half_inputs: bool, half_mlp: bool) -> u64 {
+    fn layer_bytes(&self, l: &LayerGeometry, half_inputs: bool, half_mlp: bool, tensor_cores: bool) -> u64 {
         let (e, q, kv, f) = (self.geom.hidden as u64, (l.heads * l.head_dim) as u64, (l.kv_heads * l.head_dim) as u64, l.mlp as u64);
         let input = if half_inputs { 2 } else { F32 };
         // Two norms (fused), each keeping its input (the residual stream, f32); the projections
         // after each keep the norm's output.
         let norms = 2 * e * F32 + 2 * e * input;
-        // Attention (fused): queries and keys after rope (which keeps nothing of its own),
-        // values, its output and one log-sum-exp per head; o_proj keeps its input.
-        let attention = (2 * q + 2 * kv + l.heads as u64) * F32 + q * input;
+        // Attention (fused): queries and keys after rope (which keeps nothing of its own), values
+        // (packed in bf16 for the tensor-core kernels, f32 otherwise), its output and one
+        // log-sum-exp per head; o_proj keeps its input.
+        let inputs = (q + 2 * kv) * if tensor_cores { 2 } else { F32 };
+        let attention = inputs + (q + l.heads as u64) * F32 + q * input;
         // MLP (fused gate): gate and up, and their product (down_proj's input) unless down_proj
         // recomputes it in backward.
         let mlp = if half_mlp { 2 * f * 2 } else { 3 * f * F32 };
@@ -243,7 +255,7 @@ impl Step<'_> {
         let accum = self.recipe.train.grad_accum.max(1);
         let gradients = trainable * F32 * if accum > 1 { 2 } else { 1 };
         let optimizer = trainable * F32 * 2;
-        let bytes: Vec<u64> = g.layers.iter().enumerate().map(|(i, l)| self.layer_bytes(l, self.half_inputs(device), self.half_mlp(device, i))).collect();
+        let bytes: Vec<u64> = g.layers.iter().enumerate().map(|(i, l)| self.layer_bytes(l, self.half_inputs(device), self.half_mlp(device, i), self.tensor_cores(device, l))).collect();
         let per_token: u64 = bytes.iter().sum::<u64>() + 4 * g.hidden as u64 * F32;
         // Saturating: a recipe at its limits (2^24 rows of 2^24 tokens) asks for more bytes than
         // u64 counts, and the plan should say "does not fit", not overflow.
@@ -256,7 +268,8 @@ impl Step<'_> {
         // beside them did not show). Where it runs as the composition (no kernels of kiln's
         // own on that backend), a few whole `[b, h, s, t]` matrices: scores, their softcap,
         // probabilities, their gradient.
-        let heads = g.layers.iter().map(|l| l.heads).max().unwrap_or(0);
+        // The tensor-core kernels form no scores.
+        let heads = g.layers.iter().filter(|l| !self.tensor_cores(device, l)).map(|l| l.heads).max().unwrap_or(0);
         let scores = match device {
             DeviceSpec::Cuda(_) => {
                 // The decoder's masks are causal: the largest chunk is the last queries' over every key.
