@@ -4,7 +4,7 @@
 # the first setting given. For A/B work on the attention kernels, without PyTorch.
 #   bash bench/attention_ab.sh [SHAPE=llama-3.2-1b] [SEQ=1024] ["ENV1" "ENV2" ...]
 # Each ENV is one run's environment ("X=1" for none); TRACE=0 skips the timeline, CHECKS=0 the checks;
-# NCU="kernel regex" profiles three launches of those kernels (Nsight Compute, first ENV) into ncu.txt.
+# ONLY="attention,lm_head_loss" picks the checks (comma-separated); NCU="kernel regex" profiles three launches of those kernels (Nsight Compute, first ENV) into ncu.txt.
 set -o pipefail
 source bench/device_env.sh >/dev/null 2>&1
 shape=${1:-llama-3.2-1b}; seq=${2:-1024}; shift 2 2>/dev/null

@@ -304,3 +304,15 @@ fn plan_and_bench_train_print_their_json_contract() {
     let (code, _, err) = common::kiln(&["bench", "train", "--recipe", rocm.to_str().unwrap(), "--steps", "3", "--json"]);
     assert_clean_error(code, &err, &["`rocm` feature"]);
 }
+
+#[test]
+fn bench_fused_checks_the_listed_operations_and_rejects_unknown_ones() {
+    let (code, stdout, stderr) = kiln(&["bench", "fused", "--device", "cpu", "--runs", "1", "--only", "rope, rms_norm", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    let ops: std::collections::BTreeSet<&str> = report["cases"].as_array().unwrap().iter().map(|c| c["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["rms_norm", "rope"].into_iter().collect());
+    assert_eq!(report["pass"], true, "{stdout}");
+    let (code, _, stderr) = kiln(&["bench", "fused", "--device", "cpu", "--only", "rope,ropes"]);
+    assert_clean_error(code, &stderr, &["--only ropes", "rms_norm"]);
+}

@@ -52,8 +52,8 @@ pub struct Args {
     /// The recipe to time (train).
     #[arg(long)]
     recipe: Option<PathBuf>,
-    /// fused: only the cases of this operation (attention, lm_head_loss, rope, gated_act,
-    /// gated_down, rms_norm, frozen_matmul, frozen_lora).
+    /// fused: only the cases of these operations, separated by commas (attention,
+    /// lm_head_loss, rope, gated_act, gated_down, rms_norm, frozen_matmul, frozen_lora).
     #[arg(long)]
     only: Option<String>,
     /// Training steps to time (train); the first two are warm-up and not counted.

@@ -279,8 +279,11 @@ pub fn run(device: DeviceSpec, runs: usize, json_out: bool, only: Option<&str>) 
 
 fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec, runs: usize, json_out: bool, only: Option<&str>) -> anyhow::Result<()> {
     const OPS: [&str; 8] = ["attention", "lm_head_loss", "rope", "gated_act", "gated_down", "rms_norm", "frozen_matmul", "frozen_lora"];
-    if let Some(op) = only.filter(|op| !OPS.contains(op)) {
-        anyhow::bail!("--only {op}: not one of kiln's fused operations (expected one of {})", OPS.join(", "));
+    // A comma-separated list: one call on a GPU checks several operations, their kernels
+    // compiled once.
+    let only: Option<Vec<&str>> = only.map(|o| o.split(',').map(str::trim).collect());
+    if let Some(op) = only.iter().flatten().find(|op| !OPS.contains(op)) {
+        anyhow::bail!("--only {op}: not one of kiln's fused operations (expected one or more of {}, separated by commas)", OPS.join(", "));
     }
     // Each row prints as soon as it is measured: on a GPU the first run of a shape waits for its
     // kernels to compile, and a cut-short run should still show what it checked.
@@ -296,7 +299,7 @@ fn run_on<A: AutodiffBackend + QuantMatmul>(device: &A::Device, spec: DeviceSpec
         }
         rows.push(r);
     };
-    let want = |op: &str| only.is_none_or(|o| o == op);
+    let want = |op: &str| only.as_ref().is_none_or(|o| o.contains(&op));
     // Small shapes that do not fill the kernels' tiles, then the sizes of a Qwen2.5-0.5B
     // training step at 4 × 1024 tokens (14 query heads over 2 key/value heads of 64).
     // Attention both ways: the flash kernels and the dense products (cuBLAS on CUDA), these
