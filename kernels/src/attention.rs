@@ -298,7 +298,7 @@ impl<B: FlashAttention> Backward<B, 3> for AttentionBackward {
 impl<B: FlashAttention, C: CheckpointStrategy> FlashAttention for Autodiff<B, C> {
     fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: FloatTensor<Self>, spec: AttentionSpec) -> (FloatTensor<Self>, FloatTensor<Self>) {
         // `lse` leaves as a constant and the mask is not differentiated: only `out` is tracked.
-        let out = match AttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+        match AttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (out, lse, saved) = B::flash_attention_saved(q.primitive, k.primitive, v.primitive, mask.primitive, spec);
                 let lse_out = <Self as burn::tensor::backend::AutodiffBackend>::from_inner(lse.clone());
@@ -308,8 +308,7 @@ impl<B: FlashAttention, C: CheckpointStrategy> FlashAttention for Autodiff<B, C>
                 let (out, lse) = B::flash_attention(q.primitive, k.primitive, v.primitive, mask.primitive, spec);
                 (prep.finish(out), <Self as burn::tensor::backend::AutodiffBackend>::from_inner(lse))
             }
-        };
-        out
+        }
     }
 }
 
@@ -812,13 +811,9 @@ pub(crate) mod cube {
             // inputs and mask spans (and the f32 inputs are not kept).
             if tensor_cores_chosen::<R>(&q, &k, spec, false) && tensor_cores_chosen::<R>(&q, &k, spec, true) {
                 let p = params::<R, F, I, BT>(&q, spec);
-                let (q0, k0, v0, mask0) = (q.clone(), k.clone(), v.clone(), mask.clone());
-                let (out, lse, inputs) = crate::attention_mma::forward_inputs::<R, F>(q, k, v, mask, p, spec);
-                let saved = match inputs {
-                    Some(i) => Saved { q: i.q, k: i.k, v: i.v, mask: i.mask, packed: Some(Packed { rows: i.rows, q_dims: i.q_dims, k_dims: i.k_dims }) },
-                    None => Saved { q: q0, k: k0, v: v0, mask: mask0, packed: None },
-                };
-                return (out, lse, saved);
+                let (out, lse, i) = crate::attention_mma::forward_inputs::<R, F>(q, k, v, mask, p, spec);
+                let packed = Packed { rows: i.rows, q_dims: i.q_dims, k_dims: i.k_dims };
+                return (out, lse, Saved { q: i.q, k: i.k, v: i.v, mask: i.mask, packed: Some(packed) });
             }
             let (out, lse) = Self::flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), spec);
             (out, lse, Saved { q, k, v, mask, packed: None })

@@ -1042,19 +1042,19 @@ pub(crate) fn forward<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: Cube
     (out, lse)
 }
 
-/// [`forward`] and the [`Inputs`] it made (none for an empty input), for [`backward_inputs`].
-pub(crate) fn forward_inputs<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>, Option<Inputs<R>>) {
+/// [`forward`] and the [`Inputs`] it made, for [`backward_inputs`].
+pub(crate) fn forward_inputs<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, mask: CubeTensor<R>, params: CubeTensor<R>, spec: AttentionSpec) -> (CubeTensor<R>, CubeTensor<R>, Inputs<R>) {
     let [b, h, s, d] = q.meta.shape().dims::<4>();
     let client = q.client.clone();
     let memory = empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::new([b, s, h, d]), F::dtype());
     let out = view(&memory, vec![b, h, s, d], vec![s * h * d, d, h * d, 1]);
     let lse = empty_device_contiguous_dtype(client.clone(), q.device.clone(), Shape::new([b, h, s]), F::dtype());
+    let inputs = Inputs::new::<F>(q, k, v, mask);
     if b * h * s == 0 {
-        return (out, lse, None);
+        return (out, lse, inputs);
     }
     LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     bound_registers();
-    let inputs = Inputs::new::<F>(q, k, v, mask);
     // SAFETY: `applies` held (head size HEAD, planes of 32, bf16 mma); q `[b, h, sp, HEAD]`, k
     // and v `[b, kv, tp, HEAD]` packed, whole tiles, read at tiles that start below `s` or `t`;
     // the mask is contiguous `[b or 1, s, t]` and `rows` its `[b or 1 · s, 4]` spans, `lse`
@@ -1075,7 +1075,7 @@ pub(crate) fn forward_inputs<R: CubeRuntime, F: FloatElement>(q: CubeTensor<R>, 
             spec.causal,
         );
     }
-    (out, lse, Some(inputs))
+    (out, lse, inputs)
 }
 
 /// `(dq, dk, dv)` of [`forward`] (`out` its output). [`applies`] must hold.

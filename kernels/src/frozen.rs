@@ -65,33 +65,14 @@ pub trait FrozenMatmul: Backend {
         t
     }
 
-    /// `(dx, dA, dB)` of [`FrozenMatmul::frozen_lora`] for the upstream gradient `dy` `[m, n]`
-    /// and the input's rows `x` `[m, k]` (`dx` only if `need_dx`): with `g = scale · dy·Bᵀ`, `dx
-    /// = acc + dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = scale · hᵀ·dy`, in f32 (`dy` may be in `W`'s
-    /// half type, as `y` was written), `dx` written in `dx_dtype` (f32, or `dy`'s half type for a
-    /// reader that takes it so). `acc` `[m, k]` is the input's gradient so far (from the other
-    /// products that read it), added into in place where the products allow.
-    #[allow(clippy::too_many_arguments)]
-    fn frozen_lora_bwd(
-        dy: FloatTensor<Self>,
-        x: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        h: FloatTensor<Self>,
-        scale: f64,
-        need_dx: bool,
-        dx_dtype: FloatDType,
-        acc: Option<FloatTensor<Self>>,
-    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (dx, g, db) = Self::frozen_lora_bwd_dx(dy, w, a, b, h, scale, need_dx, dx_dtype, acc);
-        (dx, Self::lora_da(x, g), db)
-    }
-
-    /// The part of [`FrozenMatmul::frozen_lora_bwd`] that does not read the input: `(dx, g, dB)`,
-    /// `g` in the dtype [`FrozenMatmul::lora_da`] multiplies it in. An input that is cheaper to
-    /// recompute than to keep (the gated MLP's `act(gate) · up`) is then formed after `dx`, by
-    /// the kernel that reads `dx`.
+    /// The gradients of [`FrozenMatmul::frozen_lora`] for the upstream gradient `dy` `[m, n]`,
+    /// all but `dA`: with `g = scale · dy·Bᵀ`, `(dx, g, dB)`, `dx = acc + dy·Wᵀ + g·Aᵀ` (only if
+    /// `need_dx`) and `dB = scale · hᵀ·dy` in f32 (`dy` may be in `W`'s half type, as `y` was
+    /// written), `dx` written in `dx_dtype` (f32, or `dy`'s half type for a reader that takes it
+    /// so), `g` in the dtype [`FrozenMatmul::lora_da`] multiplies it in. `acc` `[m, k]` is the
+    /// input's gradient so far (from the other products that read it), added into in place where
+    /// the products allow. None of it reads the input: one that is cheaper to recompute than to
+    /// keep (the gated MLP's `act(gate) · up`) is formed after `dx`, by the kernel that reads `dx`.
     #[allow(clippy::too_many_arguments)]
     fn frozen_lora_bwd_dx(
         dy: FloatTensor<Self>,
@@ -306,20 +287,18 @@ impl<B: FrozenMatmul> Adapter<B> {
         (y, Self { w, a, b, h, scale })
     }
 
-    /// `(dx, dA, dB)` for the upstream gradient `dy` and the input `x` (`dx` if `need_dx`, in
-    /// `dx_dtype`, with `acc` added), through [`FrozenMatmul::frozen_lora_bwd`], `dy` first cast
-    /// to a half weight's dtype.
+    /// `(dx, dA, dB)` for the upstream gradient `dy` and the input's rows `x` (`dx` if
+    /// `need_dx`, in `dx_dtype`, with `acc` added): [`Adapter::backward_dx`], then `dA`.
     pub(crate) fn backward(self, dy: FloatTensor<B>, x: FloatTensor<B>, need_dx: bool, dx_dtype: FloatDType, acc: Option<FloatTensor<B>>) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
-        let dy = in_half_of::<B>(dy, &self.w);
-        B::frozen_lora_bwd(dy, x, self.w, self.a, self.b, self.h, self.scale, need_dx, dx_dtype, acc)
+        let (dx, g, db) = self.backward_dx(dy, need_dx, dx_dtype, acc);
+        (dx, B::lora_da(x, g), db)
     }
 
-    /// [`Adapter::backward`] before the input is needed: `(dx, g, dB)` through
-    /// [`FrozenMatmul::frozen_lora_bwd_dx`], `dA` then [`FrozenMatmul::lora_da`] of the input and
-    /// `g`.
-    pub(crate) fn backward_dx(self, dy: FloatTensor<B>, need_dx: bool, dx_dtype: FloatDType) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+    /// `(dx, g, dB)` through [`FrozenMatmul::frozen_lora_bwd_dx`], `dy` first cast to a half
+    /// weight's dtype; `dA` is then [`FrozenMatmul::lora_da`] of the input and `g`.
+    pub(crate) fn backward_dx(self, dy: FloatTensor<B>, need_dx: bool, dx_dtype: FloatDType, acc: Option<FloatTensor<B>>) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
         let dy = in_half_of::<B>(dy, &self.w);
-        B::frozen_lora_bwd_dx(dy, self.w, self.a, self.b, self.h, self.scale, need_dx, dx_dtype, None)
+        B::frozen_lora_bwd_dx(dy, self.w, self.a, self.b, self.h, self.scale, need_dx, dx_dtype, acc)
     }
 }
 

@@ -203,7 +203,7 @@ impl<B: GatedDown> Backward<B, 4> for GatedDownBackward {
         // The gradient of `act(gate) · up` only feeds the gated kernel's backward, which reads
         // it in gate's dtype: written there by the product (as autocast leaves it in PyTorch),
         // half the bytes of the largest gradient of a layer.
-        let (dhidden, g, db) = s.adapter.backward_dx(grads.consume::<B>(&ops.node), need_dx, s.gate.dtype().into());
+        let (dhidden, g, db) = s.adapter.backward_dx(grads.consume::<B>(&ops.node), need_dx, s.gate.dtype().into(), None);
         // `act(gate) · up` again, for `dA`: formed by the pass that reads gate and up for their
         // gradients where there is one.
         let shape = s.gate.shape();
